@@ -1,0 +1,36 @@
+"""Stage `simulate`: write the embedded default's production logs (a noisy prompt-only agent)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+from tracetune.environments.base import load_environment
+from tracetune.trajectories.simulator import write_logs
+
+
+def run(params: Params, clean: bool = True) -> dict[str, Any]:
+    env_params = params.environment
+    # Production agents are not capped at our evaluation step limit: runaway logs must exist.
+    env = load_environment(env_params.class_path, max_steps=60, **env_params.kwargs)
+    out = params.paths.raw_logs
+    if clean and out.exists():
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    summary = write_logs(env, params.simulate, out).as_dict()
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(params.paths.metrics / "simulate.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tracetune.reporting import print_simulation_summary
+
+    print_simulation_summary(run(stage_params(argv)))
+
+
+if __name__ == "__main__":
+    main()

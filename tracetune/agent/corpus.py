@@ -1,0 +1,624 @@
+"""A synthetic, task-agnostic chat corpus that gives the embedded base model general skills.
+
+A real instruct model arrives knowing the chat format, how to call *a* tool with JSON arguments
+and how to copy strings exactly; it knows nothing of our environment. This corpus gives the tiny
+default the same starting point, so the prompt-only baseline stays honest and SFT has something
+to build on (STACK.md: from random weights SFT never learned to copy unseen ids, ~5%).
+
+Every conversation invents its own world: random entity kinds (`shipment`, `sensor`, ...), tool
+names (`fetch_shipment`, `lookup_sensor_by_email`, ...), argument names, id formats (`X-48213`,
+`KQ_0093`), emails, decimals, dates and enum values. What it teaches:
+
+- (a) copying ids, numbers, emails and enum values from the user's text into tool arguments,
+  under the argument name the schema gives;
+- (b) copying values *out of a tool response* into the next call's arguments and into the final
+  answer (the skill STACK.md found missing: ~0% on 2-step tasks without it);
+- (c) chains of 2-4 calls, parallel calls in one turn, tool errors, and answering without tools
+  (small talk, facts given in the system prompt) when the question needs none;
+- (d) ending every assistant turn with `<|im_end|>` (the chat template puts it in the loss).
+
+It must never contain the environment's tools or tasks: the entity vocabulary leaves out the
+support desk's nouns (customer, order, product, currency) and `tests/unit/test_corpus.py`
+asserts that no tool name and no task goal is shared with `SupportDesk`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Conversation = dict[str, Any]  # {"messages": [...OpenAI messages...], "tools": [...schemas...]}
+
+ENTITY_NOUNS = (
+    "record", "item", "ticket", "shipment", "invoice", "device", "sensor", "booking", "flight",
+    "room", "package", "employee", "asset", "contract", "vehicle", "station", "project",
+    "document", "account", "parcel", "course", "student", "member", "supplier", "warehouse",
+    "recipe", "album", "book", "lease", "claim", "job", "server", "team", "event", "venue",
+    "payment", "subscription", "license", "machine", "route", "trip", "hotel", "repair",
+    "report", "loan", "meter", "crate", "pallet", "batch", "sample", "plant", "patient",
+    "vendor", "contact", "tenant", "unit", "cargo", "permit", "badge", "locker", "container",
+)  # fmt: skip
+LOOKUP_VERBS = ("get", "fetch", "lookup", "retrieve", "read", "load", "query", "show", "describe",
+                "inspect", "resolve", "pull", "view", "check")  # fmt: skip
+FIND_VERBS = ("find", "search", "locate", "match", "lookup", "resolve")
+LIST_VERBS = ("list", "enumerate", "browse", "get_all", "fetch_all")
+SET_VERBS = ("set", "update", "change", "modify", "assign", "edit")
+TRANSFORM_VERBS = ("estimate", "compute", "apply", "project", "adjust", "quote", "derive")
+TRANSFORM_NOUNS = ("fee", "tax", "discount", "shipping_cost", "interest", "tip", "duty",
+                   "penalty", "bonus", "deposit", "surcharge", "refund_estimate")  # fmt: skip
+FIRST_NAMES = ("amir", "bea", "carlos", "dina", "emil", "freya", "goran", "hiro", "ines", "jonas",
+               "kira", "lars", "maya", "nils", "olga", "pavel", "quinn", "rosa", "sami", "tara",
+               "umar", "vera", "wen", "xena", "yusuf", "zoe", "aiko", "bruno", "cleo", "dev")  # fmt: skip
+LAST_NAMES = ("adler", "brandt", "costa", "duarte", "eriksen", "fischer", "garcia", "horvat",
+              "ito", "jensen", "kowalski", "lopez", "moreau", "nakamura", "olsen", "patel",
+              "quist", "reyes", "sato", "tanaka", "usman", "vogel", "wagner", "yilmaz", "zhang")  # fmt: skip
+DOMAINS = ("example.org", "mail.test", "corp.example", "inbox.dev", "example.net", "post.io",
+           "acme.test", "lab.example", "example.com", "home.test")  # fmt: skip
+CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Tallinn", "Porto", "Quito", "Dakar",
+          "Hanoi", "Perth", "Bergen", "Cusco", "Leeds", "Turin", "Gdansk", "Austin", "Kyoto")  # fmt: skip
+CODES = ("USD", "EUR", "GBP", "JPY", "CHF", "SEK", "NOK", "AUD", "CAD", "INR", "BRL", "ZAR")
+ENUMS = {
+    "status": (
+        ("active", "inactive", "suspended"),
+        ("open", "closed", "in_progress", "on_hold"),
+        ("scheduled", "completed", "cancelled", "delayed"),
+        ("approved", "rejected", "under_review"),
+        ("in_transit", "arrived", "lost", "returned"),
+        ("draft", "published", "archived"),
+    ),
+    "priority": (("low", "medium", "high", "urgent"),),
+    "color": (("red", "blue", "green", "black", "white", "orange"),),
+    "category": (("tools", "garden", "music", "sports", "office", "kitchen", "travel"),),
+    "size": (("small", "medium", "large", "xl"),),
+    "level": (("basic", "plus", "premium", "enterprise"),),
+    "zone": (("north", "south", "east", "west", "central"),),
+}
+# field name -> value kind
+FIELDS = {
+    "status": "enum", "priority": "enum", "color": "enum", "category": "enum", "size": "enum",
+    "level": "enum", "zone": "enum", "city": "city", "owner": "person", "contact_email": "email",
+    "amount": "decimal", "balance": "decimal", "price": "decimal", "weight_kg": "decimal",
+    "cost": "decimal", "score": "decimal", "quantity": "int", "capacity": "int", "count": "int",
+    "created": "date", "due_date": "date", "updated": "date", "currency": "code",
+    "serial": "code_id", "label": "label",
+}  # fmt: skip
+LABEL_ADJ = ("Swift", "Quiet", "Bright", "Northern", "Golden", "Silver", "Rapid", "Hidden", "Royal")
+LABEL_NOUN = ("Falcon", "Harbor", "Maple", "Orbit", "Canyon", "Meadow", "Comet", "Summit", "Delta")
+SYSTEM_ORGS = ("a logistics company", "a city library", "a hotel chain", "a bike rental shop",
+               "a research lab", "an IT help desk", "a music school", "a property manager",
+               "a clinic", "a travel agency", "a warehouse", "a film archive")  # fmt: skip
+FACT_SUBJECTS = ("check-in time", "late fee", "pet fee", "max guests", "parking fee",
+                 "opening hour", "closing hour", "deposit", "minimum age", "wifi password",
+                 "loan period", "trial length", "office floor", "help line")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Random values
+# ---------------------------------------------------------------------------------------------
+def random_id(rng: random.Random, prefix: str, digits: int, sep: str) -> str:
+    return f"{prefix}{sep}{rng.randrange(10**digits):0{digits}d}"
+
+
+def random_email(rng: random.Random) -> str:
+    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+    local = rng.choice((f"{first}.{last}", f"{first}{rng.randint(1, 999)}", f"{first[0]}{last}"))
+    if rng.random() < 0.5:
+        local += str(rng.randint(1, 99))
+    return f"{local}@{rng.choice(DOMAINS)}"
+
+
+def random_person(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST_NAMES).title()} {rng.choice(LAST_NAMES).title()}"
+
+
+def random_decimal(rng: random.Random) -> float:
+    return round(rng.uniform(0.5, 2000.0) if rng.random() < 0.8 else rng.uniform(1, 60), 2)
+
+
+def random_date(rng: random.Random) -> str:
+    return f"20{rng.randint(19, 29)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An entity kind invented for one conversation: `shipment` with ids like `SH-04821`."""
+
+    noun: str
+    prefix: str
+    digits: int
+    sep: str
+    id_arg: str
+    fields: tuple[str, ...]
+    enums: dict[str, tuple[str, ...]]
+
+    def new_id(self, rng: random.Random) -> str:
+        return random_id(rng, self.prefix, self.digits, self.sep)
+
+    def value(self, rng: random.Random, field: str) -> Any:
+        kind = FIELDS[field]
+        makers: dict[str, Callable[[], Any]] = {
+            "enum": lambda: rng.choice(self.enums[field]),
+            "city": lambda: rng.choice(CITIES),
+            "person": lambda: random_person(rng),
+            "email": lambda: random_email(rng),
+            "decimal": lambda: random_decimal(rng),
+            "int": lambda: rng.randint(1, 500),
+            "date": lambda: random_date(rng),
+            "code": lambda: rng.choice(CODES),
+            "code_id": lambda: random_id(rng, _prefix(rng), rng.randint(4, 7), ""),
+            "label": lambda: f"{rng.choice(LABEL_ADJ)} {rng.choice(LABEL_NOUN)}",
+        }
+        return makers[kind]()
+
+    def record(self, rng: random.Random, entity_id: str | None = None) -> dict[str, Any]:
+        rec: dict[str, Any] = {self.id_arg: entity_id or self.new_id(rng)}
+        for field in self.fields:
+            rec[field] = self.value(rng, field)
+        return rec
+
+
+def _prefix(rng: random.Random) -> str:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return "".join(rng.choice(letters) for _ in range(rng.choice((1, 1, 2, 2, 3))))
+
+
+def random_kind(rng: random.Random, exclude: set[str] | None = None) -> Kind:
+    noun = rng.choice([n for n in ENTITY_NOUNS if n not in (exclude or set())])
+    fields = tuple(rng.sample(sorted(FIELDS), rng.randint(2, 5)))
+    enums = {f: rng.choice(ENUMS[f]) for f in fields if FIELDS[f] == "enum"}
+    id_arg = rng.choice((f"{noun}_id", f"{noun}_id", f"{noun}_id", "id", f"{noun}_ref", "key"))
+    return Kind(
+        noun=noun,
+        prefix=_prefix(rng),
+        digits=rng.randint(3, 6),
+        sep=rng.choice(("-", "-", "-", "_", "")),
+        id_arg=id_arg,
+        fields=fields,
+        enums=enums,
+    )
+
+
+def distinct_kinds(rng: random.Random, n: int) -> list[Kind]:
+    kinds: list[Kind] = []
+    for _ in range(n):
+        kinds.append(random_kind(rng, exclude={k.noun for k in kinds}))
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool schemas (OpenAI function format, as environments give them)
+# ---------------------------------------------------------------------------------------------
+def prop_schema(kind: Kind | None, field: str) -> dict[str, Any]:
+    if kind is not None and FIELDS.get(field) == "enum":
+        return {"type": "string", "enum": list(kind.enums[field])}
+    if FIELDS.get(field) == "decimal":
+        return {"type": "number"}
+    if FIELDS.get(field) == "int":
+        return {"type": "integer"}
+    return {"type": "string"}
+
+
+def tool_schema(
+    name: str, description: str, props: dict[str, dict[str, Any]], rng: random.Random
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"type": "object", "properties": props, "required": list(props)}
+    if rng.random() < 0.5:
+        params["additionalProperties"] = False
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": params},
+    }
+
+
+def get_tool(kind: Kind, rng: random.Random) -> dict[str, Any]:
+    name = f"{rng.choice(LOOKUP_VERBS)}_{kind.noun}"
+    desc = rng.choice((f"Get a {kind.noun} by id.", f"Look up one {kind.noun}.",
+                       f"Fetch a {kind.noun} record by its id."))  # fmt: skip
+    return tool_schema(name, desc, {kind.id_arg: {"type": "string"}}, rng)
+
+
+def find_tool(kind: Kind, key: str, rng: random.Random) -> dict[str, Any]:
+    name = f"{rng.choice(FIND_VERBS)}_{kind.noun}_by_{key}"
+    desc = f"Find a {kind.noun} by {key.replace('_', ' ')}."
+    return tool_schema(name, desc, {key: {"type": "string"}}, rng)
+
+
+def list_tool(parent: Kind, child: Kind, rng: random.Random) -> dict[str, Any]:
+    name = f"{rng.choice(LIST_VERBS)}_{child.noun}s"
+    desc = f"List the {child.noun}s of a {parent.noun}."
+    return tool_schema(name, desc, {parent.id_arg: {"type": "string"}}, rng)
+
+
+def set_tool(kind: Kind, field: str, rng: random.Random) -> dict[str, Any]:
+    name = rng.choice((f"{rng.choice(SET_VERBS)}_{kind.noun}_{field}",
+                       f"{rng.choice(SET_VERBS)}_{kind.noun}"))  # fmt: skip
+    desc = f"Set the {field.replace('_', ' ')} of a {kind.noun}."
+    props = {kind.id_arg: {"type": "string"}, field: prop_schema(kind, field)}
+    return tool_schema(name, desc, props, rng)
+
+
+def distractor_tools(rng: random.Random, n: int, avoid: set[str]) -> list[dict[str, Any]]:
+    tools: list[dict[str, Any]] = []
+    while len(tools) < n:
+        kind = random_kind(rng, exclude=avoid)
+        maker = rng.choice((get_tool, get_tool, None))
+        if maker is None:
+            tool = set_tool(kind, rng.choice(kind.fields), rng)
+        else:
+            tool = maker(kind, rng)
+        if tool["function"]["name"] not in {t["function"]["name"] for t in tools}:
+            tools.append(tool)
+    return tools
+
+
+def name_of(tool: dict[str, Any]) -> str:
+    return str(tool["function"]["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of conversations
+# ---------------------------------------------------------------------------------------------
+class Builder:
+    """Accumulates one conversation's messages; call ids follow OpenAI's `call_*` style."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.messages: list[dict[str, Any]] = []
+        self.n_calls = 0
+
+    def system(self, text: str) -> None:
+        self.messages.append({"role": "system", "content": text})
+
+    def user(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+
+    def calls(self, calls: list[tuple[str, dict[str, Any]]], results: list[Any]) -> None:
+        """One assistant turn with these calls, then one tool message per call."""
+        ids = [f"call_{self.n_calls + i}" for i in range(len(calls))]
+        self.n_calls += len(calls)
+        self.messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": cid,
+                        "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(args)},
+                    }
+                    for cid, (name, args) in zip(ids, calls, strict=True)
+                ],
+            }
+        )
+        for cid, result in zip(ids, results, strict=True):
+            self.messages.append({"role": "tool", "tool_call_id": cid, "content": dump(result, self.rng)})
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+
+def dump(result: Any, rng: random.Random) -> str:
+    """Tool results as environments print them: JSON, usually with sorted keys."""
+    return json.dumps(result, ensure_ascii=False, sort_keys=rng.random() < 0.8)
+
+
+def human(field: str) -> str:
+    return field.replace("_", " ")
+
+
+def show(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def system_prompt(rng: random.Random, extra: str = "") -> str:
+    org = rng.choice(SYSTEM_ORGS)
+    base = rng.choice(
+        (
+            f"You are the assistant of {org}. Use the tools to answer.",
+            f"You help the staff of {org}. Call tools when you need data, then answer briefly.",
+            "You are a helpful assistant with tools.",
+            f"You are an operations assistant for {org}. Be concise.",
+            f"Assistant for {org}. If a record does not exist, say so. Answer in one sentence.",
+        )
+    )
+    return f"{base} {extra}".strip()
+
+
+def finish(
+    rng: random.Random, b: Builder, tools: list[dict[str, Any]], n_distractors: int, avoid: set[str]
+) -> Conversation:
+    extra = distractor_tools(rng, n_distractors, avoid)
+    taken = {name_of(t) for t in tools}
+    all_tools = tools + [t for t in extra if name_of(t) not in taken]
+    rng.shuffle(all_tools)
+    return {"messages": b.messages, "tools": all_tools}
+
+
+def ask_field(rng: random.Random, noun: str, entity_id: str, field: str) -> str:
+    f = human(field)
+    return rng.choice(
+        (
+            f"What is the {f} of {noun} {entity_id}?",
+            f"Can you tell me the {f} for {noun} {entity_id}?",
+            f"{f.capitalize()} of {noun} {entity_id}?",
+            f"I need the {f} of {noun} {entity_id}.",
+            f"Look up {noun} {entity_id} and tell me its {f}.",
+            f"Hi, which {f} does {noun} {entity_id} have?",
+            f"{entity_id}: what {f} is that {noun}?",
+        )
+    )
+
+
+def say_field(rng: random.Random, noun: str, entity_id: str, field: str, value: Any) -> str:
+    f, v = human(field), show(value)
+    return rng.choice(
+        (
+            f"The {f} of {noun} {entity_id} is {v}.",
+            f"{noun.capitalize()} {entity_id} has {f} {v}.",
+            f"{noun.capitalize()} {entity_id}: {f} is {v}.",
+            f"It is {v}.",
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversation families
+# ---------------------------------------------------------------------------------------------
+def conv_lookup(rng: random.Random) -> Conversation:
+    """(a) copy an id from the user text into a call; (b) copy a field into the answer."""
+    (kind,) = distinct_kinds(rng, 1)
+    tool = get_tool(kind, rng)
+    rec = kind.record(rng)
+    field = rng.choice(kind.fields)
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(ask_field(rng, kind.noun, rec[kind.id_arg], field))
+    b.calls([(name_of(tool), {kind.id_arg: rec[kind.id_arg]})], [rec])
+    b.answer(say_field(rng, kind.noun, rec[kind.id_arg], field, rec[field]))
+    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
+
+
+def conv_find_by_key(rng: random.Random) -> Conversation:
+    """Find by email / label / serial, copying the key from the user text."""
+    (kind,) = distinct_kinds(rng, 1)
+    key = rng.choice(("email", "contact_email", "serial", "label"))
+    key_value = kind.value(rng, key) if key in FIELDS else random_email(rng)
+    if key == "email":
+        key_value = random_email(rng)
+    tool = find_tool(kind, key, rng)
+    rec = kind.record(rng)
+    rec[key] = key_value
+    field = rng.choice(kind.fields)
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    if key in ("email", "contact_email"):
+        q = rng.choice((f"I'm {key_value}. What is the {human(field)} of my {kind.noun}?",
+                        f"My email is {key_value}; which {human(field)} does my {kind.noun} have?"))  # fmt: skip
+    else:
+        q = f"What is the {human(field)} of the {kind.noun} with {human(key)} {key_value}?"
+    b.user(q)
+    b.calls([(name_of(tool), {key: key_value})], [rec])
+    b.answer(say_field(rng, kind.noun, rec[kind.id_arg], field, rec[field]))
+    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
+
+
+def conv_chain(rng: random.Random) -> Conversation:
+    """(b)+(c) follow references through 2-4 tools: each call copies an id from the last result."""
+    depth = rng.randint(2, 4)
+    kinds = distinct_kinds(rng, depth)
+    tools = [get_tool(k, rng) for k in kinds]
+    ids = [k.new_id(rng) for k in kinds]
+    records = []
+    for i, kind in enumerate(kinds):
+        rec = kind.record(rng, ids[i])
+        if i + 1 < depth:  # the reference is named after the next kind, whatever its id_arg
+            rec[f"{kinds[i + 1].noun}_id"] = ids[i + 1]
+        records.append(rec)
+    field = rng.choice(kinds[-1].fields)
+    path = " of the ".join(k.noun for k in reversed(kinds[1:]))
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(rng.choice((f"What is the {human(field)} of the {path} of {kinds[0].noun} {ids[0]}?",
+                       f"For {kinds[0].noun} {ids[0]}, find the {path} and tell me its {human(field)}.")))  # fmt: skip
+    for kind, tool, entity_id, rec in zip(kinds, tools, ids, records, strict=True):
+        b.calls([(name_of(tool), {kind.id_arg: entity_id})], [rec])
+    b.answer(say_field(rng, kinds[-1].noun, ids[-1], field, records[-1][field]))
+    return finish(rng, b, tools, rng.randint(0, 5), {k.noun for k in kinds})
+
+
+def conv_list_pick(rng: random.Random) -> Conversation:
+    """Find a parent by email, list its children, pick the latest / first / largest one."""
+    parent, child = distinct_kinds(rng, 2)
+    email = random_email(rng)
+    find = find_tool(parent, "email", rng)
+    lister = list_tool(parent, child, rng)
+    parent_rec = {parent.id_arg: parent.new_id(rng), "name": random_person(rng)}
+    n = rng.randint(1, 4)
+    children = sorted(
+        ({child.id_arg: child.new_id(rng), "created": random_date(rng),
+          "amount": random_decimal(rng), "status": rng.choice(ENUMS["status"][0])} for _ in range(n)),
+        key=lambda r: r["created"],
+    )  # fmt: skip
+    how = rng.choice(("latest", "first", "largest"))
+    if how == "latest":
+        pick = children[-1]
+    elif how == "first":
+        pick = children[0]
+    else:
+        pick = max(children, key=lambda r: r["amount"])
+    field = rng.choice(("status", "amount", "created"))
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(f"I'm {email}. What is the {human(field)} of my {how} {child.noun}?")
+    b.calls([(name_of(find), {"email": email})], [parent_rec])
+    b.calls([(name_of(lister), {parent.id_arg: parent_rec[parent.id_arg]})],
+            [{parent.id_arg: parent_rec[parent.id_arg], f"{child.noun}s": children}])  # fmt: skip
+    b.answer(rng.choice((f"Your {how} {child.noun} {pick[child.id_arg]} has {human(field)} {show(pick[field])}.",
+                         f"The {human(field)} of {child.noun} {pick[child.id_arg]} is {show(pick[field])}.")))  # fmt: skip
+    return finish(rng, b, [find, lister], rng.randint(0, 5), {parent.noun, child.noun})
+
+
+def conv_numeric_pipe(rng: random.Random) -> Conversation:
+    """(b) pass a decimal from one result into the next call, with a code from the user text."""
+    (kind,) = distinct_kinds(rng, 1)
+    value_field = rng.choice(("amount", "balance", "price", "cost", "weight_kg"))
+    getter = get_tool(kind, rng)
+    qty = rng.choice(TRANSFORM_NOUNS)
+    code_arg = rng.choice(("code", "region", "plan", "rate_code", "unit"))
+    code = rng.choice(CODES) if code_arg == "code" else random_id(rng, _prefix(rng), 2, "")
+    transformer = tool_schema(
+        f"{rng.choice(TRANSFORM_VERBS)}_{qty}",
+        f"Compute the {human(qty)} for an amount.",
+        {"amount": {"type": "number"}, code_arg: {"type": "string"}},
+        rng,
+    )
+    rec = kind.record(rng)
+    rec[value_field] = random_decimal(rng)
+    out = round(rec[value_field] * rng.uniform(0.01, 1.5), 2)
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(f"What is the {human(qty)} on the {human(value_field)} of {kind.noun} "
+           f"{rec[kind.id_arg]} with {human(code_arg)} {code}?")  # fmt: skip
+    b.calls([(name_of(getter), {kind.id_arg: rec[kind.id_arg]})], [rec])
+    b.calls([(name_of(transformer), {"amount": rec[value_field], code_arg: code})],
+            [{human(qty).replace(" ", "_"): out, code_arg: code}])  # fmt: skip
+    b.answer(rng.choice((f"The {human(qty)} is {show(out)} ({code}).",
+                         f"{show(out)} {code} is the {human(qty)} for {kind.noun} {rec[kind.id_arg]}.")))  # fmt: skip
+    return finish(rng, b, [getter, transformer], rng.randint(0, 5), {kind.noun})
+
+
+def conv_action(rng: random.Random) -> Conversation:
+    """(a) copy an id and a value (enum, number, email) from the user text into a write call."""
+    (kind,) = distinct_kinds(rng, 1)
+    field = rng.choice(kind.fields)
+    setter = set_tool(kind, field, rng)
+    rec = kind.record(rng)
+    new = kind.value(rng, field)
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(rng.choice((f"Please set the {human(field)} of {kind.noun} {rec[kind.id_arg]} to {show(new)}.",
+                       f"Change {kind.noun} {rec[kind.id_arg]}: {human(field)} should be {show(new)}.",
+                       f"Update the {human(field)} for {kind.noun} {rec[kind.id_arg]} to {show(new)}, thanks.")))  # fmt: skip
+    result = {kind.id_arg: rec[kind.id_arg], f"old_{field}": rec[field], field: new}
+    b.calls([(name_of(setter), {kind.id_arg: rec[kind.id_arg], field: new})], [result])
+    b.answer(rng.choice((f"Done: {kind.noun} {rec[kind.id_arg]} now has {human(field)} {show(new)}.",
+                         f"{kind.noun.capitalize()} {rec[kind.id_arg]} has been updated to {show(new)}.")))  # fmt: skip
+    return finish(rng, b, [setter], rng.randint(0, 6), {kind.noun})
+
+
+def conv_parallel(rng: random.Random) -> Conversation:
+    """Two lookups in one turn; both results come back in one grouped user turn."""
+    (kind,) = distinct_kinds(rng, 1)
+    tool = get_tool(kind, rng)
+    recs = [kind.record(rng), kind.record(rng)]
+    field = rng.choice(kind.fields)
+    a, c = recs[0][kind.id_arg], recs[1][kind.id_arg]
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(f"What is the {human(field)} of {kind.noun}s {a} and {c}?")
+    b.calls([(name_of(tool), {kind.id_arg: a}), (name_of(tool), {kind.id_arg: c})], recs)
+    b.answer(f"{kind.noun.capitalize()} {a}: {show(recs[0][field])}; {kind.noun} {c}: {show(recs[1][field])}.")
+    return finish(rng, b, [tool], rng.randint(0, 5), {kind.noun})
+
+
+def conv_not_found(rng: random.Random) -> Conversation:
+    """A tool error: report it instead of inventing an answer."""
+    (kind,) = distinct_kinds(rng, 1)
+    tool = get_tool(kind, rng)
+    missing = kind.new_id(rng)
+    field = rng.choice(kind.fields)
+    b = Builder(rng)
+    b.system(system_prompt(rng))
+    b.user(ask_field(rng, kind.noun, missing, field))
+    error = rng.choice((f"{kind.noun} {missing} not found", f"no {kind.noun} with id {missing}"))
+    b.calls([(name_of(tool), {kind.id_arg: missing})], [{"error": error}])
+    b.answer(rng.choice((f"{kind.noun.capitalize()} {missing} was not found.",
+                         f"I could not find {kind.noun} {missing}: it was not found.")))  # fmt: skip
+    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
+
+
+def conv_no_tool(rng: random.Random) -> Conversation:
+    """(c) answer without tools: facts from the system prompt, small talk, echoing a code."""
+    b = Builder(rng)
+    style = rng.choice(("fact", "fact", "chat", "echo"))
+    if style == "fact":
+        facts = {s: _fact_value(rng) for s in rng.sample(FACT_SUBJECTS, rng.randint(2, 5))}
+        listing = "; ".join(f"{s}: {v}" for s, v in facts.items())
+        b.system(system_prompt(rng, f"Facts: {listing}."))
+        subject = rng.choice(sorted(facts))
+        b.user(rng.choice((f"What is the {subject}?", f"Quick question: {subject}?",
+                           f"Can you remind me of the {subject}?")))  # fmt: skip
+        b.answer(f"The {subject} is {facts[subject]}.")
+    elif style == "chat":
+        b.system(system_prompt(rng))
+        q, a = rng.choice(
+            (
+                ("Hello!", "Hello! How can I help you today?"),
+                ("Thanks a lot.", "You're welcome!"),
+                ("Who are you?", "I am an assistant that can use tools to look things up."),
+                ("Can you help me?", "Yes. Tell me what you need."),
+                ("Good morning", "Good morning! What can I do for you?"),
+            )
+        )
+        b.user(q)
+        b.answer(a)
+    else:
+        b.system(system_prompt(rng))
+        code = random_id(rng, _prefix(rng), rng.randint(3, 6), rng.choice(("-", "")))
+        b.user(rng.choice((f"Please repeat this code back to me: {code}", f"Say {code} back.")))
+        b.answer(rng.choice((code, f"The code is {code}.")))
+    return finish(rng, b, [], rng.randint(1, 6), set())
+
+
+def _fact_value(rng: random.Random) -> str:
+    return rng.choice(
+        (
+            f"{rng.randint(1, 23):02d}:{rng.choice(('00', '30', '15'))}",
+            f"{show(random_decimal(rng))} {rng.choice(CODES)}",
+            f"{rng.randint(1, 60)} days",
+            f"{rng.randint(2, 12)} people",
+            f"floor {rng.randint(1, 40)}",
+            random_id(rng, _prefix(rng), 4, "-"),
+        )
+    )
+
+
+FAMILIES: dict[str, tuple[Callable[[random.Random], Conversation], float]] = {
+    "lookup": (conv_lookup, 0.22),
+    "find_by_key": (conv_find_by_key, 0.10),
+    "chain": (conv_chain, 0.18),
+    "list_pick": (conv_list_pick, 0.08),
+    "numeric_pipe": (conv_numeric_pipe, 0.10),
+    "action": (conv_action, 0.10),
+    "parallel": (conv_parallel, 0.05),
+    "not_found": (conv_not_found, 0.07),
+    "no_tool": (conv_no_tool, 0.10),
+}
+
+
+def generate_conversation(rng: random.Random) -> Conversation:
+    """One random conversation from a family drawn by weight."""
+    names = list(FAMILIES)
+    family = rng.choices(names, weights=[FAMILIES[n][1] for n in names])[0]
+    conv = FAMILIES[family][0](rng)
+    conv["family"] = family
+    return conv
+
+
+def generate_corpus(n: int, seed: int) -> list[Conversation]:
+    """`n` conversations, deterministic for `seed`."""
+    rng = random.Random(seed)
+    return [generate_conversation(rng) for _ in range(n)]
+
+
+def corpus_tool_names(corpus: list[Conversation]) -> set[str]:
+    """Every tool name offered or called anywhere in the corpus."""
+    names = {name_of(t) for conv in corpus for t in conv["tools"]}
+    for conv in corpus:
+        for msg in conv["messages"]:
+            for call in msg.get("tool_calls") or ():
+                names.add(call["function"]["name"])
+    return names

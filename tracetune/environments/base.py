@@ -1,0 +1,223 @@
+"""The tool-environment interface: the heart of "verifiable".
+
+One environment serves the log simulator, RLVR rewards and evaluation, so what is rewarded is
+what is measured. Third parties implement `Environment` and name their class by dotted path in
+params.yaml (`environment.class_path`); nothing else in tracetune needs to change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task instance. `check` holds what the verifier needs (never a reference trajectory)."""
+
+    id: str
+    family: str
+    goal: str
+    check: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A tool call as the agent emitted it. `arguments` may be a JSON string (possibly broken)."""
+
+    name: str
+    arguments: str | dict[str, Any]
+    id: str = "call_0"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the agent sees after a call. `error` set means the call failed but the episode goes on."""
+
+    content: str
+    error: str | None = None
+    done: bool = False
+
+    def as_tool_message(self, tool_call_id: str) -> dict[str, Any]:
+        return {"role": "tool", "tool_call_id": tool_call_id, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    success: bool
+    reward: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ToolError(Exception):
+    """Raised inside a tool for an expected failure (unknown id, bad state): shown to the agent."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., Any]
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+class Environment(ABC):
+    """Base class: subclasses register tools and tasks; the call plumbing lives here.
+
+    Subclasses implement `_tools`, `tasks`, `_reset` and `verify`. `step` validates the call
+    against the tool's JSON schema, runs the tool, and turns every failure into an observation
+    the agent can recover from; after `max_steps` calls the episode is over.
+    """
+
+    name: str = "environment"
+    system_prompt: str = "You are a helpful assistant with tools."
+
+    def __init__(self, max_steps: int = 15) -> None:
+        self.max_steps = max_steps
+        self.task: Task | None = None
+        self.calls_made = 0
+        self.errors = 0
+        self.call_log: list[tuple[str, str, bool]] = []
+        self._registry: dict[str, Tool] = {t.name: t for t in self._tools()}
+        # Schemas are checked once here, not on every call (that check dominated step time).
+        self._validators = {
+            t.name: jsonschema.Draft202012Validator(t.parameters) for t in self._registry.values()
+        }
+        for validator in self._validators.values():
+            validator.check_schema(validator.schema)
+
+    # --- what subclasses provide -------------------------------------------------------
+    @abstractmethod
+    def _tools(self) -> Sequence[Tool]: ...
+
+    @abstractmethod
+    def tasks(self, n: int, seed: int, families: Sequence[str] | None = None) -> list[Task]:
+        """`n` distinct task instances, deterministic for `seed`."""
+
+    @abstractmethod
+    def _reset(self, task: Task) -> None:
+        """Restore the world state the task starts from."""
+
+    @abstractmethod
+    def verify(self, final_answer: str | None) -> Outcome:
+        """Judge the episode from the final answer and/or the world state."""
+
+    def families(self) -> list[str]:
+        return sorted({t.family for t in self.tasks(200, seed=0)})
+
+    # --- shared plumbing ----------------------------------------------------------------
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self._registry.values()]
+
+    def tool_names(self) -> list[str]:
+        return list(self._registry)
+
+    def reset(self, task: Task) -> list[dict[str, Any]]:
+        """Start an episode; returns the opening messages (system + user)."""
+        self.task = task
+        self.calls_made = 0
+        self.errors = 0
+        self.call_log = []
+        self._reset(task)
+        return [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": task.goal},
+        ]
+
+    def step(self, call: Call) -> Observation:
+        if self.task is None:
+            raise RuntimeError("call reset(task) before step()")
+        if self.calls_made >= self.max_steps:
+            return Observation(_err("step cap reached"), error="step_cap", done=True)
+        self.calls_made += 1
+        obs = self._execute(call)
+        if obs.error:
+            self.errors += 1
+        key = _call_key(call)
+        self.call_log.append((call.name, key, obs.error is None))
+        return obs
+
+    def _execute(self, call: Call) -> Observation:
+        tool = self._registry.get(call.name)
+        if tool is None:
+            known = ", ".join(self._registry)
+            return Observation(_err(f"unknown tool '{call.name}'; known: {known}"), "unknown_tool")
+        args = _parse_arguments(call.arguments)
+        if isinstance(args, str):
+            return Observation(_err(args), "bad_arguments")
+        problem = jsonschema.exceptions.best_match(self._validators[tool.name].iter_errors(args))
+        if problem is not None:
+            return Observation(_err(f"invalid arguments: {problem.message}"), "bad_arguments")
+        try:
+            result = tool.fn(**args)
+        except ToolError as exc:
+            return Observation(_err(str(exc)), "tool_error")
+        except Exception as exc:  # a tool bug must not end the episode
+            return Observation(_err(f"tool failed: {type(exc).__name__}: {exc}"), "tool_exception")
+        return Observation(json.dumps(result, ensure_ascii=False, sort_keys=True))
+
+
+def _err(message: str) -> str:
+    return json.dumps({"error": message})
+
+
+def _parse_arguments(raw: str | dict[str, Any]) -> dict[str, Any] | str:
+    """Arguments as a dict, or a message saying why they are unusable (never `eval`)."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        return f"arguments are not valid JSON: {exc.msg} at char {exc.pos}"
+    if not isinstance(value, dict):
+        return "arguments must be a JSON object"
+    return value
+
+
+def _call_key(call: Call) -> str:
+    args = _parse_arguments(call.arguments)
+    canon = json.dumps(args, sort_keys=True) if isinstance(args, dict) else str(call.arguments)
+    return f"{call.name}:{canon}"
+
+
+def load_environment(class_path: str, **kwargs: Any) -> Environment:
+    """Instantiate an environment from `package.module:Class` or `package.module.Class`."""
+    module_name, _, attr = class_path.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise ValueError(f"environment.class_path '{class_path}' must be 'module.Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"cannot import environment module '{module_name}': {exc}") from exc
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"module '{module_name}' has no attribute '{attr}'")
+    env = cls(**kwargs)
+    if not isinstance(env, Environment):
+        raise TypeError(f"{class_path} is not a tracetune Environment subclass")
+    return env
+
+
+def iter_families(tasks: Sequence[Task]) -> Iterator[str]:
+    seen: set[str] = set()
+    for task in tasks:
+        if task.family not in seen:
+            seen.add(task.family)
+            yield task.family

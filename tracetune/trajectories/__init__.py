@@ -1,0 +1,1 @@
+"""Trajectories: the one schema shared by production logs, rollouts and training data."""

@@ -1,0 +1,98 @@
+"""The trajectory schema: production logs, simulated logs and model rollouts all use it.
+
+Messages stay in the OpenAI chat format (the lingua franca of agent logs) so that any logged
+trajectory can be rendered by a chat template and trained on without conversion. Metadata that
+the curation and evaluation stages need sits beside the messages, never inside them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class FunctionCall(BaseModel):
+    """A function call as OpenAI logs it: `arguments` is a JSON *string* (it may be malformed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> Message:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Trajectory(BaseModel):
+    """One agent episode plus the outcome metadata production logs carry."""
+
+    model_config = ConfigDict(extra="forbid")
+    trajectory_id: str
+    task_id: str
+    family: str
+    timestamp: datetime
+    model: str
+    messages: list[Message] = Field(min_length=2)
+    success: bool
+    steps: int = Field(ge=0)
+    error_retries: int = Field(ge=0, default=0)
+    usage: Usage
+    cost_usd: float = Field(ge=0)
+    latency_s: float = Field(ge=0)
+    environment: str = "support_desk"
+    final_answer: str | None = None
+    failure: str | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("timestamp must carry a timezone")
+        return value
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), ensure_ascii=False)
+
+
+def count_steps(messages: list[Message] | list[dict[str, Any]]) -> int:
+    """Steps = assistant turns: each tool-calling turn and the final answer count once."""
+    return sum(1 for m in messages if _role(m) == "assistant")
+
+
+def _role(message: Message | dict[str, Any]) -> str:
+    return message.role if isinstance(message, Message) else str(message.get("role"))
