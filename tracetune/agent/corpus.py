@@ -32,34 +32,47 @@ from typing import Any
 
 Conversation = dict[str, Any]  # {"messages": [...OpenAI messages...], "tools": [...schemas...]}
 
-ENTITY_NOUNS = (
-    "record", "item", "ticket", "shipment", "invoice", "device", "sensor", "booking", "flight",
-    "room", "package", "employee", "asset", "contract", "vehicle", "station", "project",
-    "document", "account", "parcel", "course", "student", "member", "supplier", "warehouse",
-    "recipe", "album", "book", "lease", "claim", "job", "server", "team", "event", "venue",
-    "payment", "subscription", "license", "machine", "route", "trip", "hotel", "repair",
-    "report", "loan", "meter", "crate", "pallet", "batch", "sample", "plant", "patient",
-    "vendor", "contact", "tenant", "unit", "cargo", "permit", "badge", "locker", "container",
-)  # fmt: skip
-LOOKUP_VERBS = ("get", "fetch", "lookup", "retrieve", "read", "load", "query", "show", "describe",
-                "inspect", "resolve", "pull", "view", "check")  # fmt: skip
-FIND_VERBS = ("find", "search", "locate", "match", "lookup", "resolve")
-LIST_VERBS = ("list", "enumerate", "browse", "get_all", "fetch_all")
-SET_VERBS = ("set", "update", "change", "modify", "assign", "edit")
-TRANSFORM_VERBS = ("estimate", "compute", "apply", "project", "adjust", "quote", "derive")
-TRANSFORM_NOUNS = ("fee", "tax", "discount", "shipping_cost", "interest", "tip", "duty",
-                   "penalty", "bonus", "deposit", "surcharge", "refund_estimate")  # fmt: skip
-FIRST_NAMES = ("amir", "bea", "carlos", "dina", "emil", "freya", "goran", "hiro", "ines", "jonas",
-               "kira", "lars", "maya", "nils", "olga", "pavel", "quinn", "rosa", "sami", "tara",
-               "umar", "vera", "wen", "xena", "yusuf", "zoe", "aiko", "bruno", "cleo", "dev")  # fmt: skip
-LAST_NAMES = ("adler", "brandt", "costa", "duarte", "eriksen", "fischer", "garcia", "horvat",
-              "ito", "jensen", "kowalski", "lopez", "moreau", "nakamura", "olsen", "patel",
-              "quist", "reyes", "sato", "tanaka", "usman", "vogel", "wagner", "yilmaz", "zhang")  # fmt: skip
-DOMAINS = ("example.org", "mail.test", "corp.example", "inbox.dev", "example.net", "post.io",
-           "acme.test", "lab.example", "example.com", "home.test")  # fmt: skip
-CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Tallinn", "Porto", "Quito", "Dakar",
-          "Hanoi", "Perth", "Bergen", "Cusco", "Leeds", "Turin", "Gdansk", "Austin", "Kyoto")  # fmt: skip
-CODES = ("USD", "EUR", "GBP", "JPY", "CHF", "SEK", "NOK", "AUD", "CAD", "INR", "BRL", "ZAR")
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+ENTITY_NOUNS = _words(
+    "record item ticket shipment invoice device sensor booking flight room package employee "
+    "asset contract vehicle station project document account parcel course student member "
+    "supplier warehouse recipe album book lease claim job server team event venue payment "
+    "subscription license machine route trip hotel repair report loan meter crate pallet "
+    "batch sample plant patient vendor contact tenant unit cargo permit badge locker "
+    "container"
+)
+LOOKUP_VERBS = _words(
+    "get fetch lookup retrieve read load query show describe inspect resolve pull view check"
+)
+FIND_VERBS = _words("find search locate match lookup resolve")
+LIST_VERBS = _words("list enumerate browse get_all fetch_all")
+SET_VERBS = _words("set update change modify assign edit")
+TRANSFORM_VERBS = _words("estimate compute apply project adjust quote derive")
+TRANSFORM_NOUNS = _words(
+    "fee tax discount shipping_cost interest tip duty penalty bonus deposit surcharge "
+    "refund_estimate"
+)
+FIRST_NAMES = _words(
+    "amir bea carlos dina emil freya goran hiro ines jonas kira lars maya nils olga pavel "
+    "quinn rosa sami tara umar vera wen xena yusuf zoe aiko bruno cleo dev"
+)
+LAST_NAMES = _words(
+    "adler brandt costa duarte eriksen fischer garcia horvat ito jensen kowalski lopez moreau "
+    "nakamura olsen patel quist reyes sato tanaka usman vogel wagner yilmaz zhang"
+)
+DOMAINS = _words(
+    "example.org mail.test corp.example inbox.dev example.net post.io acme.test lab.example "
+    "example.com home.test"
+)
+CITIES = _words(
+    "Lisbon Oslo Nairobi Lima Osaka Tallinn Porto Quito Dakar Hanoi Perth Bergen Cusco Leeds "
+    "Turin Gdansk Austin Kyoto"
+)
+CODES = _words("USD EUR GBP JPY CHF SEK NOK AUD CAD INR BRL ZAR")
 ENUMS = {
     "status": (
         ("active", "inactive", "suspended"),
@@ -78,21 +91,64 @@ ENUMS = {
 }
 # field name -> value kind
 FIELDS = {
-    "status": "enum", "priority": "enum", "color": "enum", "category": "enum", "size": "enum",
-    "level": "enum", "zone": "enum", "city": "city", "owner": "person", "contact_email": "email",
-    "amount": "decimal", "balance": "decimal", "price": "decimal", "weight_kg": "decimal",
-    "cost": "decimal", "score": "decimal", "quantity": "int", "capacity": "int", "count": "int",
-    "created": "date", "due_date": "date", "updated": "date", "currency": "code",
-    "serial": "code_id", "label": "label",
-}  # fmt: skip
-LABEL_ADJ = ("Swift", "Quiet", "Bright", "Northern", "Golden", "Silver", "Rapid", "Hidden", "Royal")
-LABEL_NOUN = ("Falcon", "Harbor", "Maple", "Orbit", "Canyon", "Meadow", "Comet", "Summit", "Delta")
-SYSTEM_ORGS = ("a logistics company", "a city library", "a hotel chain", "a bike rental shop",
-               "a research lab", "an IT help desk", "a music school", "a property manager",
-               "a clinic", "a travel agency", "a warehouse", "a film archive")  # fmt: skip
-FACT_SUBJECTS = ("check-in time", "late fee", "pet fee", "max guests", "parking fee",
-                 "opening hour", "closing hour", "deposit", "minimum age", "wifi password",
-                 "loan period", "trial length", "office floor", "help line")  # fmt: skip
+    "status": "enum",
+    "priority": "enum",
+    "color": "enum",
+    "category": "enum",
+    "size": "enum",
+    "level": "enum",
+    "zone": "enum",
+    "city": "city",
+    "owner": "person",
+    "contact_email": "email",
+    "amount": "decimal",
+    "balance": "decimal",
+    "price": "decimal",
+    "weight_kg": "decimal",
+    "cost": "decimal",
+    "score": "decimal",
+    "quantity": "int",
+    "capacity": "int",
+    "count": "int",
+    "created": "date",
+    "due_date": "date",
+    "updated": "date",
+    "currency": "code",
+    "serial": "code_id",
+    "label": "label",
+}
+LABEL_ADJ = _words("Swift Quiet Bright Northern Golden Silver Rapid Hidden Royal")
+LABEL_NOUN = _words("Falcon Harbor Maple Orbit Canyon Meadow Comet Summit Delta")
+SYSTEM_ORGS = (
+    "a logistics company",
+    "a city library",
+    "a hotel chain",
+    "a bike rental shop",
+    "a research lab",
+    "an IT help desk",
+    "a music school",
+    "a property manager",
+    "a clinic",
+    "a travel agency",
+    "a warehouse",
+    "a film archive",
+)
+FACT_SUBJECTS = (
+    "check-in time",
+    "late fee",
+    "pet fee",
+    "max guests",
+    "parking fee",
+    "opening hour",
+    "closing hour",
+    "deposit",
+    "minimum age",
+    "wifi password",
+    "loan period",
+    "trial length",
+    "office floor",
+    "help line",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +237,13 @@ def random_kind(rng: random.Random, exclude: set[str] | None = None) -> Kind:
     )
 
 
-def distinct_kinds(rng: random.Random, n: int) -> list[Kind]:
+def distinct_kinds(rng: random.Random, n: int, taken: set[str]) -> list[Kind]:
+    """`n` kinds with nouns not in `taken` (which is updated): one tool family per noun."""
     kinds: list[Kind] = []
     for _ in range(n):
-        kinds.append(random_kind(rng, exclude={k.noun for k in kinds}))
+        kind = random_kind(rng, exclude=taken)
+        taken.add(kind.noun)
+        kinds.append(kind)
     return kinds
 
 
@@ -215,8 +274,13 @@ def tool_schema(
 
 def get_tool(kind: Kind, rng: random.Random) -> dict[str, Any]:
     name = f"{rng.choice(LOOKUP_VERBS)}_{kind.noun}"
-    desc = rng.choice((f"Get a {kind.noun} by id.", f"Look up one {kind.noun}.",
-                       f"Fetch a {kind.noun} record by its id."))  # fmt: skip
+    desc = rng.choice(
+        (
+            f"Get a {kind.noun} by id.",
+            f"Look up one {kind.noun}.",
+            f"Fetch a {kind.noun} record by its id.",
+        )
+    )
     return tool_schema(name, desc, {kind.id_arg: {"type": "string"}}, rng)
 
 
@@ -233,24 +297,22 @@ def list_tool(parent: Kind, child: Kind, rng: random.Random) -> dict[str, Any]:
 
 
 def set_tool(kind: Kind, field: str, rng: random.Random) -> dict[str, Any]:
-    name = rng.choice((f"{rng.choice(SET_VERBS)}_{kind.noun}_{field}",
-                       f"{rng.choice(SET_VERBS)}_{kind.noun}"))  # fmt: skip
+    name = rng.choice(
+        (f"{rng.choice(SET_VERBS)}_{kind.noun}_{field}", f"{rng.choice(SET_VERBS)}_{kind.noun}")
+    )
     desc = f"Set the {field.replace('_', ' ')} of a {kind.noun}."
     props = {kind.id_arg: {"type": "string"}, field: prop_schema(kind, field)}
     return tool_schema(name, desc, props, rng)
 
 
-def distractor_tools(rng: random.Random, n: int, avoid: set[str]) -> list[dict[str, Any]]:
+def distractor_tools(rng: random.Random, n: int, taken: set[str]) -> list[dict[str, Any]]:
+    """Tools the conversation does not need, over nouns it does not use: choosing is a skill."""
     tools: list[dict[str, Any]] = []
-    while len(tools) < n:
-        kind = random_kind(rng, exclude=avoid)
-        maker = rng.choice((get_tool, get_tool, None))
-        if maker is None:
-            tool = set_tool(kind, rng.choice(kind.fields), rng)
+    for (kind,) in (distinct_kinds(rng, 1, taken) for _ in range(n)):
+        if rng.random() < 0.7:
+            tools.append(get_tool(kind, rng))
         else:
-            tool = maker(kind, rng)
-        if tool["function"]["name"] not in {t["function"]["name"] for t in tools}:
-            tools.append(tool)
+            tools.append(set_tool(kind, rng.choice(kind.fields), rng))
     return tools
 
 
@@ -258,19 +320,27 @@ def name_of(tool: dict[str, Any]) -> str:
     return str(tool["function"]["name"])
 
 
-# ---------------------------------------------------------------------------------------------
 # Building blocks of conversations
 # ---------------------------------------------------------------------------------------------
 class Builder:
-    """Accumulates one conversation's messages; call ids follow OpenAI's `call_*` style."""
+    """One conversation under construction: its messages, tools, facts and nouns in use.
+
+    Episodes (one user request each) append to the same builder, so a conversation can hold
+    several requests over one tool set: more learned tokens per (expensive) tool listing, and
+    practice at taking values from the *latest* request rather than an earlier one.
+    """
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.messages: list[dict[str, Any]] = []
+        self.tools: list[dict[str, Any]] = []
+        self.nouns: set[str] = set()
+        self.facts: dict[str, str] = {}
         self.n_calls = 0
 
-    def system(self, text: str) -> None:
-        self.messages.append({"role": "system", "content": text})
+    def offer(self, *tools: dict[str, Any]) -> None:
+        known = {name_of(t) for t in self.tools}
+        self.tools.extend(t for t in tools if name_of(t) not in known)
 
     def user(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
@@ -279,22 +349,19 @@ class Builder:
         """One assistant turn with these calls, then one tool message per call."""
         ids = [f"call_{self.n_calls + i}" for i in range(len(calls))]
         self.n_calls += len(calls)
-        self.messages.append(
+        tool_calls = [
             {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": cid,
-                        "type": "function",
-                        "function": {"name": name, "arguments": json.dumps(args)},
-                    }
-                    for cid, (name, args) in zip(ids, calls, strict=True)
-                ],
+                "id": cid,
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)},
             }
-        )
+            for cid, (name, args) in zip(ids, calls, strict=True)
+        ]
+        self.messages.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
         for cid, result in zip(ids, results, strict=True):
-            self.messages.append({"role": "tool", "tool_call_id": cid, "content": dump(result, self.rng)})
+            self.messages.append(
+                {"role": "tool", "tool_call_id": cid, "content": dump(result, self.rng)}
+            )
 
     def answer(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
@@ -313,7 +380,7 @@ def show(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def system_prompt(rng: random.Random, extra: str = "") -> str:
+def system_prompt(rng: random.Random, facts: dict[str, str]) -> str:
     org = rng.choice(SYSTEM_ORGS)
     base = rng.choice(
         (
@@ -324,17 +391,9 @@ def system_prompt(rng: random.Random, extra: str = "") -> str:
             f"Assistant for {org}. If a record does not exist, say so. Answer in one sentence.",
         )
     )
-    return f"{base} {extra}".strip()
-
-
-def finish(
-    rng: random.Random, b: Builder, tools: list[dict[str, Any]], n_distractors: int, avoid: set[str]
-) -> Conversation:
-    extra = distractor_tools(rng, n_distractors, avoid)
-    taken = {name_of(t) for t in tools}
-    all_tools = tools + [t for t in extra if name_of(t) not in taken]
-    rng.shuffle(all_tools)
-    return {"messages": b.messages, "tools": all_tools}
+    if facts:
+        base += " Facts: " + "; ".join(f"{k}: {v}" for k, v in facts.items()) + "."
+    return base
 
 
 def ask_field(rng: random.Random, noun: str, entity_id: str, field: str) -> str:
@@ -365,50 +424,49 @@ def say_field(rng: random.Random, noun: str, entity_id: str, field: str, value: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversation families
+# Episodes: one user request each, appended to a Builder
 # ---------------------------------------------------------------------------------------------
-def conv_lookup(rng: random.Random) -> Conversation:
+def ep_lookup(rng: random.Random, b: Builder) -> None:
     """(a) copy an id from the user text into a call; (b) copy a field into the answer."""
-    (kind,) = distinct_kinds(rng, 1)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
     tool = get_tool(kind, rng)
     rec = kind.record(rng)
     field = rng.choice(kind.fields)
-    b = Builder(rng)
-    b.system(system_prompt(rng))
+    b.offer(tool)
     b.user(ask_field(rng, kind.noun, rec[kind.id_arg], field))
     b.calls([(name_of(tool), {kind.id_arg: rec[kind.id_arg]})], [rec])
     b.answer(say_field(rng, kind.noun, rec[kind.id_arg], field, rec[field]))
-    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
 
 
-def conv_find_by_key(rng: random.Random) -> Conversation:
+def ep_find_by_key(rng: random.Random, b: Builder) -> None:
     """Find by email / label / serial, copying the key from the user text."""
-    (kind,) = distinct_kinds(rng, 1)
-    key = rng.choice(("email", "contact_email", "serial", "label"))
-    key_value = kind.value(rng, key) if key in FIELDS else random_email(rng)
-    if key == "email":
-        key_value = random_email(rng)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
+    key = rng.choice(("email", "email", "contact_email", "serial", "label"))
+    key_value = random_email(rng) if key == "email" else kind.value(rng, key)
     tool = find_tool(kind, key, rng)
     rec = kind.record(rng)
     rec[key] = key_value
     field = rng.choice(kind.fields)
-    b = Builder(rng)
-    b.system(system_prompt(rng))
-    if key in ("email", "contact_email"):
-        q = rng.choice((f"I'm {key_value}. What is the {human(field)} of my {kind.noun}?",
-                        f"My email is {key_value}; which {human(field)} does my {kind.noun} have?"))  # fmt: skip
+    b.offer(tool)
+    if "email" in key:
+        b.user(
+            rng.choice(
+                (
+                    f"I'm {key_value}. What is the {human(field)} of my {kind.noun}?",
+                    f"My email is {key_value}; which {human(field)} does my {kind.noun} have?",
+                )
+            )
+        )
     else:
-        q = f"What is the {human(field)} of the {kind.noun} with {human(key)} {key_value}?"
-    b.user(q)
+        b.user(f"What is the {human(field)} of the {kind.noun} with {human(key)} {key_value}?")
     b.calls([(name_of(tool), {key: key_value})], [rec])
     b.answer(say_field(rng, kind.noun, rec[kind.id_arg], field, rec[field]))
-    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
 
 
-def conv_chain(rng: random.Random) -> Conversation:
+def ep_chain(rng: random.Random, b: Builder) -> None:
     """(b)+(c) follow references through 2-4 tools: each call copies an id from the last result."""
-    depth = rng.randint(2, 4)
-    kinds = distinct_kinds(rng, depth)
+    depth = rng.choice((2, 2, 3, 4))
+    kinds = distinct_kinds(rng, depth, b.nouns)
     tools = [get_tool(k, rng) for k in kinds]
     ids = [k.new_id(rng) for k in kinds]
     records = []
@@ -419,51 +477,69 @@ def conv_chain(rng: random.Random) -> Conversation:
         records.append(rec)
     field = rng.choice(kinds[-1].fields)
     path = " of the ".join(k.noun for k in reversed(kinds[1:]))
-    b = Builder(rng)
-    b.system(system_prompt(rng))
-    b.user(rng.choice((f"What is the {human(field)} of the {path} of {kinds[0].noun} {ids[0]}?",
-                       f"For {kinds[0].noun} {ids[0]}, find the {path} and tell me its {human(field)}.")))  # fmt: skip
+    b.offer(*tools)
+    b.user(
+        rng.choice(
+            (
+                f"What is the {human(field)} of the {path} of {kinds[0].noun} {ids[0]}?",
+                f"For {kinds[0].noun} {ids[0]}, find the {path} and tell me its {human(field)}.",
+            )
+        )
+    )
     for kind, tool, entity_id, rec in zip(kinds, tools, ids, records, strict=True):
         b.calls([(name_of(tool), {kind.id_arg: entity_id})], [rec])
     b.answer(say_field(rng, kinds[-1].noun, ids[-1], field, records[-1][field]))
-    return finish(rng, b, tools, rng.randint(0, 5), {k.noun for k in kinds})
 
 
-def conv_list_pick(rng: random.Random) -> Conversation:
+def ep_list_pick(rng: random.Random, b: Builder) -> None:
     """Find a parent by email, list its children, pick the latest / first / largest one."""
-    parent, child = distinct_kinds(rng, 2)
+    parent, child = distinct_kinds(rng, 2, b.nouns)
     email = random_email(rng)
     find = find_tool(parent, "email", rng)
     lister = list_tool(parent, child, rng)
-    parent_rec = {parent.id_arg: parent.new_id(rng), "name": random_person(rng)}
-    n = rng.randint(1, 4)
+    parent_id = parent.new_id(rng)
+    statuses = rng.choice(ENUMS["status"])
     children = sorted(
-        ({child.id_arg: child.new_id(rng), "created": random_date(rng),
-          "amount": random_decimal(rng), "status": rng.choice(ENUMS["status"][0])} for _ in range(n)),
-        key=lambda r: r["created"],
-    )  # fmt: skip
+        (
+            {
+                child.id_arg: child.new_id(rng),
+                "created": random_date(rng),
+                "amount": random_decimal(rng),
+                "status": rng.choice(statuses),
+            }
+            for _ in range(rng.randint(1, 4))
+        ),
+        key=lambda r: str(r["created"]),
+    )
     how = rng.choice(("latest", "first", "largest"))
-    if how == "latest":
-        pick = children[-1]
-    elif how == "first":
-        pick = children[0]
-    else:
-        pick = max(children, key=lambda r: r["amount"])
+    pick = {"latest": children[-1], "first": children[0]}.get(how) or max(
+        children, key=lambda r: float(r["amount"])
+    )
     field = rng.choice(("status", "amount", "created"))
-    b = Builder(rng)
-    b.system(system_prompt(rng))
+    b.offer(find, lister)
     b.user(f"I'm {email}. What is the {human(field)} of my {how} {child.noun}?")
-    b.calls([(name_of(find), {"email": email})], [parent_rec])
-    b.calls([(name_of(lister), {parent.id_arg: parent_rec[parent.id_arg]})],
-            [{parent.id_arg: parent_rec[parent.id_arg], f"{child.noun}s": children}])  # fmt: skip
-    b.answer(rng.choice((f"Your {how} {child.noun} {pick[child.id_arg]} has {human(field)} {show(pick[field])}.",
-                         f"The {human(field)} of {child.noun} {pick[child.id_arg]} is {show(pick[field])}.")))  # fmt: skip
-    return finish(rng, b, [find, lister], rng.randint(0, 5), {parent.noun, child.noun})
+    b.calls(
+        [(name_of(find), {"email": email})],
+        [{parent.id_arg: parent_id, "name": random_person(rng)}],
+    )
+    b.calls(
+        [(name_of(lister), {parent.id_arg: parent_id})],
+        [{parent.id_arg: parent_id, f"{child.noun}s": children}],
+    )
+    pid, value = pick[child.id_arg], show(pick[field])
+    b.answer(
+        rng.choice(
+            (
+                f"Your {how} {child.noun} {pid} has {human(field)} {value}.",
+                f"The {human(field)} of {child.noun} {pid} is {value}.",
+            )
+        )
+    )
 
 
-def conv_numeric_pipe(rng: random.Random) -> Conversation:
+def ep_numeric_pipe(rng: random.Random, b: Builder) -> None:
     """(b) pass a decimal from one result into the next call, with a code from the user text."""
-    (kind,) = distinct_kinds(rng, 1)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
     value_field = rng.choice(("amount", "balance", "price", "cost", "weight_kg"))
     getter = get_tool(kind, rng)
     qty = rng.choice(TRANSFORM_NOUNS)
@@ -478,82 +554,110 @@ def conv_numeric_pipe(rng: random.Random) -> Conversation:
     rec = kind.record(rng)
     rec[value_field] = random_decimal(rng)
     out = round(rec[value_field] * rng.uniform(0.01, 1.5), 2)
-    b = Builder(rng)
-    b.system(system_prompt(rng))
-    b.user(f"What is the {human(qty)} on the {human(value_field)} of {kind.noun} "
-           f"{rec[kind.id_arg]} with {human(code_arg)} {code}?")  # fmt: skip
+    b.offer(getter, transformer)
+    b.user(
+        f"What is the {human(qty)} on the {human(value_field)} of {kind.noun} "
+        f"{rec[kind.id_arg]} with {human(code_arg)} {code}?"
+    )
     b.calls([(name_of(getter), {kind.id_arg: rec[kind.id_arg]})], [rec])
-    b.calls([(name_of(transformer), {"amount": rec[value_field], code_arg: code})],
-            [{human(qty).replace(" ", "_"): out, code_arg: code}])  # fmt: skip
-    b.answer(rng.choice((f"The {human(qty)} is {show(out)} ({code}).",
-                         f"{show(out)} {code} is the {human(qty)} for {kind.noun} {rec[kind.id_arg]}.")))  # fmt: skip
-    return finish(rng, b, [getter, transformer], rng.randint(0, 5), {kind.noun})
+    b.calls(
+        [(name_of(transformer), {"amount": rec[value_field], code_arg: code})],
+        [{qty: out, code_arg: code}],
+    )
+    b.answer(
+        rng.choice(
+            (
+                f"The {human(qty)} is {show(out)} ({code}).",
+                f"{show(out)} {code} is the {human(qty)} for {kind.noun} {rec[kind.id_arg]}.",
+            )
+        )
+    )
 
 
-def conv_action(rng: random.Random) -> Conversation:
+def ep_action(rng: random.Random, b: Builder) -> None:
     """(a) copy an id and a value (enum, number, email) from the user text into a write call."""
-    (kind,) = distinct_kinds(rng, 1)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
     field = rng.choice(kind.fields)
     setter = set_tool(kind, field, rng)
     rec = kind.record(rng)
-    new = kind.value(rng, field)
-    b = Builder(rng)
-    b.system(system_prompt(rng))
-    b.user(rng.choice((f"Please set the {human(field)} of {kind.noun} {rec[kind.id_arg]} to {show(new)}.",
-                       f"Change {kind.noun} {rec[kind.id_arg]}: {human(field)} should be {show(new)}.",
-                       f"Update the {human(field)} for {kind.noun} {rec[kind.id_arg]} to {show(new)}, thanks.")))  # fmt: skip
-    result = {kind.id_arg: rec[kind.id_arg], f"old_{field}": rec[field], field: new}
-    b.calls([(name_of(setter), {kind.id_arg: rec[kind.id_arg], field: new})], [result])
-    b.answer(rng.choice((f"Done: {kind.noun} {rec[kind.id_arg]} now has {human(field)} {show(new)}.",
-                         f"{kind.noun.capitalize()} {rec[kind.id_arg]} has been updated to {show(new)}.")))  # fmt: skip
-    return finish(rng, b, [setter], rng.randint(0, 6), {kind.noun})
+    eid, new = rec[kind.id_arg], kind.value(rng, field)
+    b.offer(setter)
+    b.user(
+        rng.choice(
+            (
+                f"Please set the {human(field)} of {kind.noun} {eid} to {show(new)}.",
+                f"Change {kind.noun} {eid}: {human(field)} should be {show(new)}.",
+                f"Update the {human(field)} for {kind.noun} {eid} to {show(new)}, thanks.",
+            )
+        )
+    )
+    result = {kind.id_arg: eid, f"old_{field}": rec[field], field: new}
+    b.calls([(name_of(setter), {kind.id_arg: eid, field: new})], [result])
+    b.answer(
+        rng.choice(
+            (
+                f"Done: {kind.noun} {eid} now has {human(field)} {show(new)}.",
+                f"{kind.noun.capitalize()} {eid} has been updated to {show(new)}.",
+            )
+        )
+    )
 
 
-def conv_parallel(rng: random.Random) -> Conversation:
+def ep_parallel(rng: random.Random, b: Builder) -> None:
     """Two lookups in one turn; both results come back in one grouped user turn."""
-    (kind,) = distinct_kinds(rng, 1)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
     tool = get_tool(kind, rng)
     recs = [kind.record(rng), kind.record(rng)]
     field = rng.choice(kind.fields)
     a, c = recs[0][kind.id_arg], recs[1][kind.id_arg]
-    b = Builder(rng)
-    b.system(system_prompt(rng))
+    b.offer(tool)
     b.user(f"What is the {human(field)} of {kind.noun}s {a} and {c}?")
     b.calls([(name_of(tool), {kind.id_arg: a}), (name_of(tool), {kind.id_arg: c})], recs)
-    b.answer(f"{kind.noun.capitalize()} {a}: {show(recs[0][field])}; {kind.noun} {c}: {show(recs[1][field])}.")
-    return finish(rng, b, [tool], rng.randint(0, 5), {kind.noun})
+    b.answer(
+        f"{kind.noun.capitalize()} {a}: {show(recs[0][field])}; "
+        f"{kind.noun} {c}: {show(recs[1][field])}."
+    )
 
 
-def conv_not_found(rng: random.Random) -> Conversation:
+def ep_not_found(rng: random.Random, b: Builder) -> None:
     """A tool error: report it instead of inventing an answer."""
-    (kind,) = distinct_kinds(rng, 1)
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
     tool = get_tool(kind, rng)
     missing = kind.new_id(rng)
     field = rng.choice(kind.fields)
-    b = Builder(rng)
-    b.system(system_prompt(rng))
+    b.offer(tool)
     b.user(ask_field(rng, kind.noun, missing, field))
     error = rng.choice((f"{kind.noun} {missing} not found", f"no {kind.noun} with id {missing}"))
     b.calls([(name_of(tool), {kind.id_arg: missing})], [{"error": error}])
-    b.answer(rng.choice((f"{kind.noun.capitalize()} {missing} was not found.",
-                         f"I could not find {kind.noun} {missing}: it was not found.")))  # fmt: skip
-    return finish(rng, b, [tool], rng.randint(0, 6), {kind.noun})
+    b.answer(
+        rng.choice(
+            (
+                f"{kind.noun.capitalize()} {missing} was not found.",
+                f"I could not find {kind.noun} {missing}: it was not found.",
+            )
+        )
+    )
 
 
-def conv_no_tool(rng: random.Random) -> Conversation:
+def ep_no_tool(rng: random.Random, b: Builder) -> None:
     """(c) answer without tools: facts from the system prompt, small talk, echoing a code."""
-    b = Builder(rng)
     style = rng.choice(("fact", "fact", "chat", "echo"))
     if style == "fact":
-        facts = {s: _fact_value(rng) for s in rng.sample(FACT_SUBJECTS, rng.randint(2, 5))}
-        listing = "; ".join(f"{s}: {v}" for s, v in facts.items())
-        b.system(system_prompt(rng, f"Facts: {listing}."))
-        subject = rng.choice(sorted(facts))
-        b.user(rng.choice((f"What is the {subject}?", f"Quick question: {subject}?",
-                           f"Can you remind me of the {subject}?")))  # fmt: skip
-        b.answer(f"The {subject} is {facts[subject]}.")
+        if not b.facts:
+            subjects = rng.sample(FACT_SUBJECTS, rng.randint(2, 5))
+            b.facts.update({s: _fact_value(rng) for s in subjects})
+        subject = rng.choice(sorted(b.facts))
+        b.user(
+            rng.choice(
+                (
+                    f"What is the {subject}?",
+                    f"Quick question: {subject}?",
+                    f"Can you remind me of the {subject}?",
+                )
+            )
+        )
+        b.answer(f"The {subject} is {b.facts[subject]}.")
     elif style == "chat":
-        b.system(system_prompt(rng))
         q, a = rng.choice(
             (
                 ("Hello!", "Hello! How can I help you today?"),
@@ -566,11 +670,9 @@ def conv_no_tool(rng: random.Random) -> Conversation:
         b.user(q)
         b.answer(a)
     else:
-        b.system(system_prompt(rng))
         code = random_id(rng, _prefix(rng), rng.randint(3, 6), rng.choice(("-", "")))
         b.user(rng.choice((f"Please repeat this code back to me: {code}", f"Say {code} back.")))
         b.answer(rng.choice((code, f"The code is {code}.")))
-    return finish(rng, b, [], rng.randint(1, 6), set())
 
 
 def _fact_value(rng: random.Random) -> str:
@@ -586,26 +688,36 @@ def _fact_value(rng: random.Random) -> str:
     )
 
 
-FAMILIES: dict[str, tuple[Callable[[random.Random], Conversation], float]] = {
-    "lookup": (conv_lookup, 0.22),
-    "find_by_key": (conv_find_by_key, 0.10),
-    "chain": (conv_chain, 0.18),
-    "list_pick": (conv_list_pick, 0.08),
-    "numeric_pipe": (conv_numeric_pipe, 0.10),
-    "action": (conv_action, 0.10),
-    "parallel": (conv_parallel, 0.05),
-    "not_found": (conv_not_found, 0.07),
-    "no_tool": (conv_no_tool, 0.10),
+Episode = Callable[[random.Random, Builder], None]
+EPISODES: dict[str, tuple[Episode, float]] = {
+    "lookup": (ep_lookup, 0.22),
+    "find_by_key": (ep_find_by_key, 0.10),
+    "chain": (ep_chain, 0.18),
+    "list_pick": (ep_list_pick, 0.08),
+    "numeric_pipe": (ep_numeric_pipe, 0.10),
+    "action": (ep_action, 0.10),
+    "parallel": (ep_parallel, 0.05),
+    "not_found": (ep_not_found, 0.07),
+    "no_tool": (ep_no_tool, 0.10),
 }
+MAX_TOOLS = 8  # like the environments we serve: a handful of tools in the prompt
 
 
 def generate_conversation(rng: random.Random) -> Conversation:
-    """One random conversation from a family drawn by weight."""
-    names = list(FAMILIES)
-    family = rng.choices(names, weights=[FAMILIES[n][1] for n in names])[0]
-    conv = FAMILIES[family][0](rng)
-    conv["family"] = family
-    return conv
+    """System prompt, 1-3 requests over one tool set, and a few distractor tools."""
+    b = Builder(rng)
+    names = list(EPISODES)
+    weights = [EPISODES[n][1] for n in names]
+    episodes = rng.choices(names, weights=weights, k=rng.choices((1, 2, 3), weights=(5, 3, 2))[0])
+    if rng.random() < 0.25:  # facts in the system prompt that no request asks about
+        b.facts.update({s: _fact_value(rng) for s in rng.sample(FACT_SUBJECTS, 2)})
+    for name in episodes:
+        EPISODES[name][0](rng, b)
+    room = max(0, MAX_TOOLS - len(b.tools))
+    tools = b.tools + distractor_tools(rng, rng.randint(0 if b.tools else 1, min(room, 4)), b.nouns)
+    rng.shuffle(tools)
+    messages = [{"role": "system", "content": system_prompt(rng, b.facts)}, *b.messages]
+    return {"messages": messages, "tools": tools, "episodes": episodes}
 
 
 def generate_corpus(n: int, seed: int) -> list[Conversation]:

@@ -16,7 +16,13 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["ensure_chat_template", "load_model", "load_tokenizer", "pick_device_dtype", "stop_token_ids"]
+__all__ = [
+    "ensure_chat_template",
+    "load_model",
+    "load_tokenizer",
+    "pick_device_dtype",
+    "stop_token_ids",
+]
 
 
 def pick_device_dtype(device: str = "auto") -> tuple[str, torch.dtype]:
@@ -40,7 +46,9 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = END_OF_TEXT if END_OF_TEXT in tokenizer.get_vocab() else tokenizer.eos_token
+        tokenizer.pad_token = (
+            END_OF_TEXT if END_OF_TEXT in tokenizer.get_vocab() else tokenizer.eos_token
+        )
     ensure_chat_template(tokenizer)
     return tokenizer
 

@@ -12,7 +12,7 @@ import random
 import re
 import sqlite3
 from collections.abc import Callable, Generator, Sequence
-from datetime import date, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -75,7 +75,7 @@ def _build_rows(db_seed: int, n_customers: int, n_orders: int) -> dict[str, list
         tier = rng.choices(TIERS, weights=(5, 3, 2))[0]
         customers.append((cid, f"{first.title()} {last.title()}", email, tier, rng.choice(_COUNTRIES)))
     orders, items = [], []
-    start = date(2026, 1, 1)
+    start = datetime(2026, 1, 1)
     for i in range(n_orders):
         oid = f"O-{10001 + i}"
         cid = customers[rng.randrange(n_customers)][0]
@@ -145,7 +145,7 @@ class SupportDesk(Environment):
             Tool("get_customer", "Get a customer by id.", obj({"customer_id": s}), self.get_customer),
             Tool("find_customer", "Find a customer by email.", obj({"email": s}), self.find_customer),
             Tool("get_order", "Get an order with its items.", obj({"order_id": s}), self.get_order),
-            Tool("list_orders", "List a customer's orders.", obj({"customer_id": s}), self.list_orders),
+            Tool("list_orders", "List a customer's orders, oldest first.", obj({"customer_id": s}), self.list_orders),
             Tool("search_products", "Search products by name.", obj({"query": s}), self.search_products),
             Tool("calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate),
             Tool(

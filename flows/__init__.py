@@ -1,0 +1,1 @@
+"""Prefect flows: compose the stages in `tasks/`; no stage logic lives here."""

@@ -1,0 +1,188 @@
+"""The built-in environment: tools really execute, failures become observations, outcomes verify."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from tracetune.environments import Call, Environment, Outcome, Task, Tool, load_environment
+from tracetune.environments.support_desk import FAMILIES, SupportDesk, numbers_in, oracle_solver
+from tracetune.trajectories.episode import run_scripted
+
+
+def _payload(env: SupportDesk, name: str, **args: Any) -> dict[str, Any]:
+    obs = env.step(Call(name, json.dumps(args)))
+    return json.loads(obs.content) | ({"_error": obs.error} if obs.error else {})
+
+
+@pytest.fixture
+def started(env: SupportDesk) -> SupportDesk:
+    env.reset(env.tasks(1, seed=0)[0])
+    return env
+
+
+def test_read_tools_return_rows_and_not_found_errors(started: SupportDesk) -> None:
+    customer = _payload(started, "get_customer", customer_id="C-0001")
+    assert customer["customer_id"] == "C-0001" and customer["tier"] in ("bronze", "silver", "gold")
+    assert _payload(started, "find_customer", email=customer["email"])["customer_id"] == "C-0001"
+    order = _payload(started, "get_order", order_id="O-10001")
+    assert order["total_usd"] == round(sum(i["qty"] * i["unit_price_usd"] for i in order["items"]), 2)
+    listing = _payload(started, "list_orders", customer_id=order["customer_id"])
+    assert "O-10001" in [o["order_id"] for o in listing["orders"]]
+    assert _payload(started, "search_products", query="kettle")["results"]
+    missing = _payload(started, "get_order", order_id="O-99999")
+    assert missing["_error"] == "tool_error" and "not found" in missing["error"]
+
+
+def test_calculator_and_currency(started: SupportDesk) -> None:
+    assert _payload(started, "calculate", expression="(10 + 2.5) * 2 - 1 / 4")["result"] == 24.75
+    attack = _payload(started, "calculate", expression="__import__('os').system('true')")
+    assert attack["_error"] == "tool_error"
+    assert _payload(started, "calculate", expression="1/0")["_error"] == "tool_error"
+    fx = _payload(started, "convert_currency", amount=100, from_currency="USD", to_currency="EUR")
+    assert fx == {"amount": 92.0, "currency": "EUR"}
+
+
+def test_write_tool_changes_state_and_enforces_rules(env: SupportDesk) -> None:
+    task = env.tasks(1, seed=0, families=["cancel_order"])[0]
+    env.reset(task)
+    oid = task.params["order_id"]
+    done = _payload(env, "update_order_status", order_id=oid, status="cancelled")
+    assert done["status"] == "cancelled"
+    again = _payload(env, "update_order_status", order_id=oid, status="cancelled")
+    assert again["_error"] == "tool_error" and "only pending" in again["error"]
+    assert env.verify(f"Order {oid} has been cancelled.").success
+    env.reset(task)  # a new episode starts from the pristine world
+    assert _payload(env, "get_order", order_id=oid)["status"] == "pending"
+
+
+def test_bad_calls_become_observations(started: SupportDesk) -> None:
+    assert started.step(Call("drop_tables", "{}")).error == "unknown_tool"
+    assert started.step(Call("get_order", '{"order_id": "O-1')).error == "bad_arguments"
+    assert started.step(Call("get_order", '{"order_id": 5}')).error == "bad_arguments"
+    assert started.step(Call("get_order", '{"id": "O-10001"}')).error == "bad_arguments"
+    assert started.step(Call("get_order", "[1, 2]")).error == "bad_arguments"
+    bad = started.step(Call("convert_currency", {"amount": 1, "from_currency": "USD", "to_currency": "XXX"}))
+    assert bad.error == "bad_arguments"
+    assert started.step(Call("get_order", {"order_id": "O-10001"})).error is None
+
+
+class _Buggy(SupportDesk):
+    def _tools(self) -> Sequence[Tool]:
+        def explode() -> dict[str, Any]:
+            raise KeyError("bug inside the tool")
+
+        empty = {"type": "object", "properties": {}, "additionalProperties": False}
+        return [*super()._tools(), Tool("explode", "Always fails.", empty, explode)]
+
+
+def test_exception_inside_tool_is_an_observation() -> None:
+    env = _Buggy()
+    env.reset(env.tasks(1, seed=0)[0])
+    obs = env.step(Call("explode", "{}"))
+    assert obs.error == "tool_exception" and "KeyError" in obs.content
+
+
+def test_step_cap_ends_runaway_episodes() -> None:
+    env = SupportDesk(max_steps=3)
+    env.reset(env.tasks(1, seed=0)[0])
+    for _ in range(3):
+        assert not env.step(Call("get_order", {"order_id": "O-10001"})).done
+    capped = env.step(Call("get_order", {"order_id": "O-10001"}))
+    assert capped.done and capped.error == "step_cap"
+    assert env.calls_made == 3
+
+
+def test_at_least_six_tools_and_eight_families(env: SupportDesk) -> None:
+    assert len(env.tool_schemas()) >= 6
+    assert len(env.families()) >= 8
+    for schema in env.tool_schemas():
+        assert schema["type"] == "function" and schema["function"]["parameters"]["type"] == "object"
+
+
+def test_tasks_are_deterministic_distinct_and_plentiful(env: SupportDesk) -> None:
+    first = env.tasks(3000, seed=11)
+    assert [t.id for t in first] == [t.id for t in env.tasks(3000, seed=11)]
+    assert len({t.id for t in first}) == 3000
+    assert {t.family for t in first} == set(FAMILIES)
+    assert [t.id for t in env.tasks(50, seed=12)] != [t.id for t in first[:50]]
+
+
+def test_oracle_reaches_full_tsr_on_every_family(env: SupportDesk) -> None:
+    tasks = env.tasks(400, seed=5)
+    records = [run_scripted(env, t, oracle_solver(t)) for t in tasks]
+    failures = [(r.task.id, r.outcome.details) for r in records if not r.outcome.success]
+    assert failures == []
+    longest = max(sum(m["role"] == "tool" for m in r.messages) for r in records)
+    assert longest >= 4  # some families chain 4+ tool results
+    assert any(r.steps == 1 for r in records)  # some need no tool at all
+
+
+def test_do_nothing_policy_scores_zero(env: SupportDesk) -> None:
+    tasks = env.tasks(100, seed=5)
+    for answer in (None, "", "I don't know."):
+        wins = 0
+        for task in tasks:
+            env.reset(task)
+            wins += env.verify(answer).success
+        assert wins == 0
+
+
+def test_verifier_rejects_wrong_answers_and_wrong_writes(env: SupportDesk) -> None:
+    task = env.tasks(1, seed=0, families=["order_status"])[0]
+    env.reset(task)
+    status = task.check["word"]
+    assert env.verify(f"It is {status}.").success
+    other = next(s for s in ("pending", "shipped", "delivered") if s != status)
+    assert not env.verify(f"It is {other}.").success
+    assert not env.verify(f"It is {status} or {other}.").success  # hedging is not an answer
+    cancel = env.tasks(2, seed=0, families=["cancel_order"])
+    env.reset(cancel[0])
+    env.step(Call("update_order_status", {"order_id": cancel[1].params["order_id"], "status": "cancelled"}))
+    outcome = env.verify("Done, cancelled.")
+    assert not outcome.success and any("unexpected" in r or "should be" in r for r in outcome.details["reasons"])
+
+
+def test_numbers_in_ignores_ids() -> None:
+    assert numbers_in("Order O-10423 of C-0042 costs 1,234.50 EUR, 3 items") == [1234.5, 3.0]
+
+
+def test_third_party_environment_loads_by_dotted_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "examples"))
+    env = load_environment("unit_converter_env.UnitConverter", seed_offset=1)
+    task = env.tasks(1, seed=0)[0]
+    env.reset(task)
+    obs = env.step(Call("convert", {"value": task.params["value"], "from_unit": task.params["from_unit"], "to_unit": task.params["to_unit"]}))
+    answer = f"{json.loads(obs.content)['value']:.2f}"
+    assert env.verify(answer).success
+    assert env.step(Call("convert", {"value": 1, "from_unit": "mi", "to_unit": "parsec"})).error == "tool_error"
+
+
+@pytest.mark.parametrize("path", ["nowhere.Env", "tracetune.environments.base.Nope", "json.JSONDecoder", "Env"])
+def test_bad_environment_paths_fail_clearly(path: str) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        load_environment(path)
+
+
+class _Minimal(Environment):
+    def _tools(self) -> Sequence[Tool]:
+        return []
+
+    def tasks(self, n: int, seed: int, families: Sequence[str] | None = None) -> list[Task]:
+        return [Task(f"t{i}", "f", "goal") for i in range(n)]
+
+    def _reset(self, task: Task) -> None:
+        pass
+
+    def verify(self, final_answer: str | None) -> Outcome:
+        return Outcome(final_answer == "ok", 1.0 if final_answer == "ok" else -1.0)
+
+
+def test_step_before_reset_is_a_programming_error() -> None:
+    with pytest.raises(RuntimeError):
+        _Minimal().step(Call("x", "{}"))
