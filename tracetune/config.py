@@ -104,8 +104,18 @@ class BaseModelParams(Section):
     build: BaseModelBuild = BaseModelBuild()
 
 
+class TrackingParams(Section):
+    """MLflow. `MLFLOW_TRACKING_URI` in the environment wins over `tracking_uri` (servers)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "tracetune"
+    registered_model: str = "tracetune-agent"
+
+
 class Params(Section):
     paths: Paths = Paths()
+    tracking: TrackingParams = TrackingParams()
     environment: EnvironmentParams = EnvironmentParams()
     simulate: SimulateParams = SimulateParams()
     base_model: BaseModelParams = BaseModelParams()

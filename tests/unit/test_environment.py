@@ -49,7 +49,7 @@ def test_calculator_and_currency(started: SupportDesk) -> None:
 def test_write_tool_changes_state_and_enforces_rules(env: SupportDesk) -> None:
     task = env.tasks(1, seed=0, families=["cancel_order"])[0]
     env.reset(task)
-    oid = task.params["order_id"]
+    oid = task.params["args"][0]
     done = _payload(env, "update_order_status", order_id=oid, status="cancelled")
     assert done["status"] == "cancelled"
     again = _payload(env, "update_order_status", order_id=oid, status="cancelled")
@@ -141,7 +141,7 @@ def test_verifier_rejects_wrong_answers_and_wrong_writes(env: SupportDesk) -> No
     assert not env.verify(f"It is {status} or {other}.").success  # hedging is not an answer
     cancel = env.tasks(2, seed=0, families=["cancel_order"])
     env.reset(cancel[0])
-    env.step(Call("update_order_status", {"order_id": cancel[1].params["order_id"], "status": "cancelled"}))
+    env.step(Call("update_order_status", {"order_id": cancel[1].params["args"][0], "status": "cancelled"}))
     outcome = env.verify("Done, cancelled.")
     assert not outcome.success and any("unexpected" in r or "should be" in r for r in outcome.details["reasons"])
 
@@ -186,3 +186,12 @@ class _Minimal(Environment):
 def test_step_before_reset_is_a_programming_error() -> None:
     with pytest.raises(RuntimeError):
         _Minimal().step(Call("x", "{}"))
+
+
+def test_tasks_rebuild_from_their_ids(env: SupportDesk) -> None:
+    for task in env.tasks(300, seed=9):
+        assert env.task_by_id(task.id) == task
+    with pytest.raises(KeyError):
+        env.task_by_id("order_status:O-00000:0")
+    with pytest.raises(KeyError):
+        env.task_by_id("teleport:now")

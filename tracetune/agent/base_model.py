@@ -15,11 +15,11 @@ markers, so pre-training and SFT optimise the same thing.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -52,6 +52,7 @@ SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 TOKENIZER_SAMPLE = 4000  # rendered conversations the BPE is trained on
+PROBES_PER_KIND = 30  # behavioural probes run after pre-training (metrics only)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class BuildReport:
     corpus_conversations: int
     corpus_tokens: int
     pretrain: PretrainStats
+    probes: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,17 +201,19 @@ def encode_with_labels(
     tokenizer: PreTrainedTokenizerBase, rendered: Sequence[tuple[str, list[tuple[int, int]]]]
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels: a token is learned iff it starts inside an assistant span."""
+    import numpy as np
+
     texts = [text for text, _ in rendered]
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
     out = []
     rows = zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)
     for ids, offsets, (_, spans) in rows:
-        starts = [a for a, _ in spans]
-        labels = []
-        for tid, (start, _end) in zip(ids, offsets, strict=True):
-            k = bisect.bisect_right(starts, start) - 1
-            labels.append(tid if k >= 0 and start < spans[k][1] else IGNORE)
-        out.append((list(ids), labels))
+        token_ids = np.asarray(ids, dtype=np.int64)
+        starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+        learned = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            learned |= (starts >= a) & (starts < b)
+        out.append((token_ids.tolist(), np.where(learned, token_ids, IGNORE).tolist()))
     return out
 
 
@@ -307,6 +311,131 @@ def pretrain(
 
 
 # ---------------------------------------------------------------------------------------------
+# Behavioural probes: does the model copy values it has never seen into tool calls?
+# ---------------------------------------------------------------------------------------------
+# Entity nouns the corpus never uses, so probe tools have names and argument names never seen.
+PROBE_NOUNS = ("turbine", "glacier", "violin", "lantern", "satellite", "orchard", "quarry",
+               "beacon", "canoe", "kiosk", "tractor", "harp")  # fmt: skip
+PROBE_KINDS = ("user_to_call", "result_to_call", "result_to_answer")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt cut from a held-out conversation and what the next assistant turn must hold."""
+
+    kind: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    name: str | None = None
+    arguments: dict[str, Any] | None = None
+    text: str | None = None
+
+
+def _rename_nouns(conv: Conversation, rng: random.Random) -> Conversation:
+    """Swap every entity noun of the conversation for an unseen one (tools, args, text)."""
+    from tracetune.agent.corpus import ENTITY_NOUNS
+
+    raw = json.dumps(conv)
+    fresh = iter(rng.sample(PROBE_NOUNS, len(PROBE_NOUNS)))
+    for noun in sorted(ENTITY_NOUNS, key=len, reverse=True):
+        pattern = rf"(?<![A-Za-z]){noun}(?=s?(?![a-z]))"
+        if re.search(pattern, raw):
+            raw = re.sub(pattern, next(fresh, "gadget"), raw)
+    out: Conversation = json.loads(raw)
+    return out
+
+
+def make_probes(n: int, seed: int) -> list[Probe]:
+    """`n` probes of each kind from conversations the corpus seed never produces."""
+    from tracetune.agent.corpus import generate_conversation
+
+    rng = random.Random(f"probe-{seed}")
+    probes: list[Probe] = []
+    for kind in PROBE_KINDS:
+        episode = "chain" if kind == "result_to_call" else "lookup"
+        for _ in range(n):
+            conv = _rename_nouns(generate_conversation(rng, [episode]), rng)
+            msgs, tools = conv["messages"], conv["tools"]
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            target = turns[1] if kind != "user_to_call" else turns[0]
+            message = msgs[target]
+            if kind == "result_to_answer":
+                probes.append(Probe(kind, msgs[:target], tools, text=_answer_value(msgs, target)))
+            else:
+                fn = message["tool_calls"][0]["function"]
+                args = json.loads(fn["arguments"])
+                probes.append(Probe(kind, msgs[:target], tools, fn["name"], args))
+    return probes
+
+
+def _answer_value(messages: list[dict[str, Any]], target: int) -> str:
+    """The last word-ish token of the reference answer: the value copied from the result."""
+    answer = str(messages[target]["content"]).rstrip(".")
+    return answer.split()[-1]
+
+
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    max_new_tokens: int = 72,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy next assistant turns for (messages, tools) prompts, batched with left padding."""
+    import torch
+
+    from tracetune.agent.model import stop_token_ids
+    from tracetune.agent.template import render_messages
+
+    tokenizer.padding_side = "left"
+    texts = [render_messages(tokenizer, m, t, add_generation_prompt=True) for m, t in prompts]
+    replies: list[str] = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return replies
+
+
+def probe_hit(probe: Probe, reply: str) -> bool:
+    from tracetune.agent.parsing import parse_assistant_output
+
+    turn = parse_assistant_output(reply)
+    if turn.error is not None:
+        return False
+    if probe.text is not None:
+        return turn.is_final and probe.text in (turn.content or "")
+    return any(
+        c.name == probe.name and json.loads(c.arguments) == probe.arguments
+        for c in turn.tool_calls[:1]
+    )
+
+
+def run_probes(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int = 30, seed: int = 0
+) -> dict[str, float]:
+    """Success rate per probe kind (exact tool name + arguments, or value in the answer)."""
+    probes = make_probes(n, seed)
+    replies = generate_replies(model, tokenizer, [(p.messages, p.tools) for p in probes])
+    rates: dict[str, float] = {}
+    for kind in PROBE_KINDS:
+        hits = [probe_hit(p, r) for p, r in zip(probes, replies, strict=True) if p.kind == kind]
+        rates[kind] = round(sum(hits) / max(1, len(hits)), 3)
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole build
 # ---------------------------------------------------------------------------------------------
 def build_base_model(
@@ -335,6 +464,7 @@ def build_base_model(
     model = new_model(tokenizer, build)
     stats = pretrain(model, examples, build, int(tokenizer.pad_token_id), progress=progress)
 
+    probes = run_probes(model, tokenizer, n=PROBES_PER_KIND, seed=build.seed)
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
     report = BuildReport(
@@ -345,6 +475,7 @@ def build_base_model(
         corpus_conversations=len(corpus),
         corpus_tokens=sum(len(ids) for ids, _ in examples),
         pretrain=stats,
+        probes=probes,
     )
     info = {**report.as_dict(), "build": build.model_dump(mode="json")}
     (work / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")

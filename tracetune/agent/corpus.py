@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -703,12 +703,19 @@ EPISODES: dict[str, tuple[Episode, float]] = {
 MAX_TOOLS = 8  # like the environments we serve: a handful of tools in the prompt
 
 
-def generate_conversation(rng: random.Random) -> Conversation:
-    """System prompt, 1-3 requests over one tool set, and a few distractor tools."""
+def generate_conversation(
+    rng: random.Random, episodes: Sequence[str] | None = None
+) -> Conversation:
+    """System prompt, 1-3 requests over one tool set, and a few distractor tools.
+
+    `episodes` fixes the requests (names of `EPISODES`) instead of drawing them.
+    """
     b = Builder(rng)
-    names = list(EPISODES)
-    weights = [EPISODES[n][1] for n in names]
-    episodes = rng.choices(names, weights=weights, k=rng.choices((1, 2, 3), weights=(5, 3, 2))[0])
+    if episodes is None:
+        names = list(EPISODES)
+        weights = [EPISODES[n][1] for n in names]
+        k = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+        episodes = rng.choices(names, weights=weights, k=k)
     if rng.random() < 0.25:  # facts in the system prompt that no request asks about
         b.facts.update({s: _fact_value(rng) for s in rng.sample(FACT_SUBJECTS, 2)})
     for name in episodes:
@@ -717,7 +724,7 @@ def generate_conversation(rng: random.Random) -> Conversation:
     tools = b.tools + distractor_tools(rng, rng.randint(0 if b.tools else 1, min(room, 4)), b.nouns)
     rng.shuffle(tools)
     messages = [{"role": "system", "content": system_prompt(rng, b.facts)}, *b.messages]
-    return {"messages": messages, "tools": tools, "episodes": episodes}
+    return {"messages": messages, "tools": tools, "episodes": list(episodes)}
 
 
 def generate_corpus(n: int, seed: int) -> list[Conversation]:

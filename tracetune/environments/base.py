@@ -122,6 +122,16 @@ class Environment(ABC):
     def families(self) -> list[str]:
         return sorted({t.family for t in self.tasks(200, seed=0)})
 
+    def task_by_id(self, task_id: str) -> Task:
+        """Rebuild a task from its id: evaluation re-runs held-out tasks named in the logs.
+
+        The default searches a large seeded draw; environments with structured ids override it.
+        """
+        for task in self.tasks(5000, seed=0):
+            if task.id == task_id:
+                return task
+        raise KeyError(f"task {task_id!r} not found in {self.name}")
+
     # --- shared plumbing ----------------------------------------------------------------
     def tool_schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self._registry.values()]

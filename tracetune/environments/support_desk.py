@@ -314,11 +314,22 @@ class SupportDesk(Environment):
             attempts += 1
             if attempts > 50 * n + 1000:
                 raise ValueError(f"cannot draw {n} distinct tasks from families {chosen}")
-            family = chosen[len(out) % len(chosen)] if attempts <= n else rng.choice(chosen)
-            task = FAMILIES[family].make(db, rng)
-            if task is not None and task.id not in out:
+            family = FAMILIES[chosen[len(out) % len(chosen)] if attempts <= n else rng.choice(chosen)]
+            args = family.pick(db, rng)
+            if args is not None and ":".join((family.name, *args)) not in out:
+                task = family.build(db, args)
                 out[task.id] = task
         return list(out.values())
+
+    def task_by_id(self, task_id: str) -> Task:
+        """Rebuild a task from its id (`family:arg:...`), e.g. a held-out task named in logs."""
+        family, *args = task_id.split(":")
+        if family not in FAMILIES:
+            raise KeyError(f"unknown task family in id {task_id!r}")
+        try:
+            return FAMILIES[family].build(self._template(), tuple(args))
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise KeyError(f"task {task_id!r} does not exist in this world: {exc}") from None
 
     def families(self) -> list[str]:
         return list(FAMILIES)
@@ -357,21 +368,26 @@ def _check_answer(answer: str, check: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Task families: how to draw an instance, and an oracle that solves it through the tools.
+# Task families. A task id is `family:arg:arg...`; `build` turns those args back into the task
+# (so evaluation can rebuild held-out tasks from ids in the logs), `pick` draws args at random,
+# and `solve` is the family's oracle, which plays through the real tools.
 # ---------------------------------------------------------------------------------------------
-class Family:
-    """A task family: `make` draws an instance from the world; `solve` is its oracle."""
+Args = tuple[str, ...]
 
+
+class Family:
     def __init__(
         self,
         name: str,
-        make: Callable[[sqlite3.Connection, random.Random], Task | None],
+        pick: Callable[[sqlite3.Connection, random.Random], Args | None],
+        build: Callable[[sqlite3.Connection, Args], tuple[str, dict[str, Any]]],
         solve: Callable[[Task], Solver],
     ) -> None:
-        self.name, self._make, self.solve = name, make, solve
+        self.name, self.pick, self._build, self.solve = name, pick, build, solve
 
-    def make(self, db: sqlite3.Connection, rng: random.Random) -> Task | None:
-        return self._make(db, rng)
+    def build(self, db: sqlite3.Connection, args: Args) -> Task:
+        goal, check = self._build(db, args)
+        return Task(":".join((self.name, *args)), self.name, goal, check, {"args": list(args)})
 
 
 _ROWS: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
@@ -386,247 +402,255 @@ def _pick(db: sqlite3.Connection, rng: random.Random, sql: str) -> tuple[Any, ..
     return rows[rng.randrange(len(rows))] if rows else None
 
 
-def _make_order_status(db: sqlite3.Connection, rng: random.Random) -> Task | None:
-    row = _pick(db, rng, "SELECT order_id, status FROM orders")
+def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
+    row = db.execute(sql, args).fetchone()
     if row is None:
-        return None
-    goal = rng.choice(("What is the status of order {o}?", "Where is my order {o}?", "Status of {o}?"))
-    return Task(
-        f"order_status:{row[0]}:{goal[:6]}",
-        "order_status",
-        goal.format(o=row[0]),
-        {"word": row[1], "rivals": list(STATUSES)},
-        {"order_id": row[0]},
-    )
+        raise KeyError(f"no row for {args}")
+    return row[0]
 
 
-def _solve_order_status(task: Task) -> Solver:
-    order = yield Call("get_order", {"order_id": task.params["order_id"]})
-    return f"Order {order['order_id']} is {order['status']}."
-
-
-def _make_customer_tier(db: sqlite3.Connection, rng: random.Random) -> Task | None:
-    row = _pick(db, rng, "SELECT customer_id, tier FROM customers")
-    if row is None:
-        return None
-    return Task(
-        f"customer_tier:{row[0]}",
-        "customer_tier",
-        f"Which loyalty tier is customer {row[0]} in?",
-        {"word": row[1], "rivals": list(TIERS)},
-        {"customer_id": row[0]},
-    )
-
-
-def _solve_customer_tier(task: Task) -> Solver:
-    customer = yield Call("get_customer", {"customer_id": task.params["customer_id"]})
-    return f"Customer {customer['customer_id']} is in the {customer['tier']} tier."
-
-
-def _make_product_price(db: sqlite3.Connection, rng: random.Random) -> Task | None:
-    row = _pick(db, rng, "SELECT name, price_usd FROM products")
-    if row is None:
-        return None
-    return Task(
-        f"product_price:{row[0]}",
-        "product_price",
-        f"How much does the {row[0]} cost?",
-        {"number": row[1]},
-        {"product": row[0]},
-    )
-
-
-def _solve_product_price(task: Task) -> Solver:
-    found = yield Call("search_products", {"query": task.params["product"]})
-    hit = next(r for r in found["results"] if r["name"] == task.params["product"])
-    return f"The {hit['name']} costs {hit['price_usd']:.2f} USD."
+def _arg(task: Task, i: int) -> str:
+    return str(task.params["args"][i])
 
 
 def _order_total(db: sqlite3.Connection, order_id: str) -> float:
-    row = db.execute(
-        "SELECT SUM(qty * unit_price_usd) FROM items WHERE order_id=?", (order_id,)
-    ).fetchone()
-    return _money(row[0])
+    return _money(_one(db, "SELECT SUM(qty * unit_price_usd) FROM items WHERE order_id=?", order_id))
 
 
 def _convert(amount: float, to: str) -> float:
     return _money(amount * RATES_PER_USD[to])
 
 
-def _make_order_total_fx(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# order_status -------------------------------------------------------------------------------
+_STATUS_QUESTIONS = ("What is the status of order {o}?", "Where is my order {o}?", "Status of {o}?")
+
+
+def _pick_order_status(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     row = _pick(db, rng, "SELECT order_id FROM orders")
-    if row is None:
-        return None
-    cur = rng.choice(("EUR", "GBP", "CAD", "JPY"))
-    return Task(
-        f"order_total_fx:{row[0]}:{cur}",
-        "order_total_fx",
-        f"What is the total of order {row[0]} in {cur}?",
-        {"number": _convert(_order_total(db, row[0]), cur)},
-        {"order_id": row[0], "currency": cur},
-    )
+    return (row[0], str(rng.randrange(len(_STATUS_QUESTIONS)))) if row else None
+
+
+def _build_order_status(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    status = _one(db, "SELECT status FROM orders WHERE order_id=?", a[0])
+    return _STATUS_QUESTIONS[int(a[1])].format(o=a[0]), {"word": status, "rivals": list(STATUSES)}
+
+
+def _solve_order_status(task: Task) -> Solver:
+    order = yield Call("get_order", {"order_id": _arg(task, 0)})
+    return f"Order {order['order_id']} is {order['status']}."
+
+
+# customer_tier ------------------------------------------------------------------------------
+def _pick_customer_tier(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    row = _pick(db, rng, "SELECT customer_id FROM customers")
+    return (row[0],) if row else None
+
+
+def _build_customer_tier(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    tier = _one(db, "SELECT tier FROM customers WHERE customer_id=?", a[0])
+    return f"Which loyalty tier is customer {a[0]} in?", {"word": tier, "rivals": list(TIERS)}
+
+
+def _solve_customer_tier(task: Task) -> Solver:
+    customer = yield Call("get_customer", {"customer_id": _arg(task, 0)})
+    return f"Customer {customer['customer_id']} is in the {customer['tier']} tier."
+
+
+# product_price ------------------------------------------------------------------------------
+def _pick_product_price(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    row = _pick(db, rng, "SELECT name FROM products")
+    return (row[0],) if row else None
+
+
+def _build_product_price(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    price = _one(db, "SELECT price_usd FROM products WHERE name=?", a[0])
+    return f"How much does the {a[0]} cost?", {"number": price}
+
+
+def _solve_product_price(task: Task) -> Solver:
+    found = yield Call("search_products", {"query": _arg(task, 0)})
+    hit = next(r for r in found["results"] if r["name"] == _arg(task, 0))
+    return f"The {hit['name']} costs {hit['price_usd']:.2f} USD."
+
+
+# order_total_fx -----------------------------------------------------------------------------
+def _pick_order_total_fx(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    row = _pick(db, rng, "SELECT order_id FROM orders")
+    return (row[0], rng.choice(("EUR", "GBP", "CAD", "JPY"))) if row else None
+
+
+def _build_order_total_fx(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    goal = f"What is the total of order {a[0]} in {a[1]}?"
+    return goal, {"number": _convert(_order_total(db, a[0]), a[1])}
 
 
 def _solve_order_total_fx(task: Task) -> Solver:
-    order = yield Call("get_order", {"order_id": task.params["order_id"]})
-    cur = task.params["currency"]
+    order = yield Call("get_order", {"order_id": _arg(task, 0)})
+    cur = _arg(task, 1)
     fx = yield Call(
         "convert_currency", {"amount": order["total_usd"], "from_currency": "USD", "to_currency": cur}
     )
     return f"The total of order {order['order_id']} is {fx['amount']:.2f} {cur}."
 
 
-def _make_latest_order_by_email(db: sqlite3.Connection, rng: random.Random) -> Task | None:
-    row = _pick(
-        db,
-        rng,
-        "SELECT c.email, (SELECT status FROM orders o WHERE o.customer_id=c.customer_id "
-        "ORDER BY created DESC LIMIT 1) FROM customers c",
-    )
-    if row is None or row[1] is None:
-        return None
-    return Task(
-        f"latest_order_by_email:{row[0]}",
-        "latest_order_by_email",
-        f"I'm {row[0]}. What is the status of my latest order?",
-        {"word": row[1], "rivals": list(STATUSES)},
-        {"email": row[0]},
-    )
+# latest_order_by_email ----------------------------------------------------------------------
+_LATEST = (
+    "SELECT o.order_id, o.status FROM orders o JOIN customers c USING(customer_id) "
+    "WHERE c.email=? ORDER BY o.created DESC LIMIT 1"
+)
+
+
+def _pick_latest_order_by_email(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    row = _pick(db, rng, "SELECT DISTINCT c.email FROM customers c JOIN orders USING(customer_id)")
+    return (row[0],) if row else None
+
+
+def _build_latest_order_by_email(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    status = db.execute(_LATEST, (a[0],)).fetchone()[1]
+    goal = f"I'm {a[0]}. What is the status of my latest order?"
+    return goal, {"word": status, "rivals": list(STATUSES)}
 
 
 def _solve_latest_order_by_email(task: Task) -> Solver:
-    customer = yield Call("find_customer", {"email": task.params["email"]})
+    customer = yield Call("find_customer", {"email": _arg(task, 0)})
     listing = yield Call("list_orders", {"customer_id": customer["customer_id"]})
     latest = listing["orders"][-1]
     return f"Your latest order {latest['order_id']} is {latest['status']}."
 
 
-def _make_cancel_order(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# cancel_order (write) -----------------------------------------------------------------------
+def _pick_cancel_order(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     row = _pick(db, rng, "SELECT order_id FROM orders WHERE status='pending'")
-    if row is None:
-        return None
-    return Task(
-        f"cancel_order:{row[0]}",
-        "cancel_order",
-        f"Please cancel order {row[0]}.",
-        {"state": {row[0]: "cancelled"}, "word": "cancelled"},
-        {"order_id": row[0]},
-    )
+    return (row[0],) if row else None
+
+
+def _build_cancel_order(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    return f"Please cancel order {a[0]}.", {"state": {a[0]: "cancelled"}, "word": "cancelled"}
 
 
 def _solve_cancel_order(task: Task) -> Solver:
-    done = yield Call("update_order_status", {"order_id": task.params["order_id"], "status": "cancelled"})
+    done = yield Call("update_order_status", {"order_id": _arg(task, 0), "status": "cancelled"})
     return f"Order {done['order_id']} has been cancelled."
 
 
-def _make_missing_order(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# missing_order (a tool error to handle) -----------------------------------------------------
+def _pick_missing_order(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     oid = f"O-{rng.randint(60000, 99999)}"
-    if db.execute("SELECT 1 FROM orders WHERE order_id=?", (oid,)).fetchone():
-        return None
-    return Task(
-        f"missing_order:{oid}",
-        "missing_order",
-        f"What is the status of order {oid}?",
-        {"phrase": NOT_FOUND, "word": NOT_FOUND, "rivals": list(STATUSES)},
-        {"order_id": oid},
-    )
+    exists = db.execute("SELECT 1 FROM orders WHERE order_id=?", (oid,)).fetchone()
+    return None if exists else (oid,)
+
+
+def _build_missing_order(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    check = {"phrase": NOT_FOUND, "word": NOT_FOUND, "rivals": list(STATUSES)}
+    return f"What is the status of order {a[0]}?", check
 
 
 def _solve_missing_order(task: Task) -> Solver:
-    result = yield Call("get_order", {"order_id": task.params["order_id"]})
-    assert "error" in result, "a missing order must produce a tool error"
-    return f"Order {task.params['order_id']} was not found."
+    result = yield Call("get_order", {"order_id": _arg(task, 0)})
+    if "error" not in result:
+        raise RuntimeError(f"order {_arg(task, 0)} exists: the task is malformed")
+    return f"Order {_arg(task, 0)} was not found."
 
 
-def _make_policy_question(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# policy_question (no tool needed) -----------------------------------------------------------
+def _pick_policy_question(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     key = rng.choice(sorted(POLICIES))
-    questions, fact = POLICIES[key]
-    i = rng.randrange(len(questions))
-    return Task(f"policy_question:{key}:{i}", "policy_question", questions[i], {"phrase": fact}, {"key": key})
+    return (key, str(rng.randrange(len(POLICIES[key][0]))))
+
+
+def _build_policy_question(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    questions, fact = POLICIES[a[0]]
+    return questions[int(a[1])], {"phrase": fact}
 
 
 def _solve_policy_question(task: Task) -> Solver:
-    fact = POLICIES[task.params["key"]][1]
-    return f"Our policy: {fact}."
+    return f"Our policy: {POLICIES[_arg(task, 0)][1]}."
     yield  # pragma: no cover - makes this a generator that calls no tool
 
 
-def _make_refund_latest(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# refund_latest_order (4 chained calls, write) -----------------------------------------------
+def _pick_refund_latest(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     row = _pick(
         db,
         rng,
-        "SELECT c.email, o.order_id FROM customers c JOIN orders o USING(customer_id) "
+        "SELECT c.email FROM customers c JOIN orders o USING(customer_id) "
         "WHERE o.created = (SELECT MAX(created) FROM orders x WHERE x.customer_id=c.customer_id) "
         "AND o.status='delivered'",
     )
-    if row is None:
-        return None
-    cur = rng.choice(("EUR", "GBP", "CAD"))
-    return Task(
-        f"refund_latest_order:{row[0]}:{cur}",
-        "refund_latest_order",
-        f"I'm {row[0]}. Please refund my latest order and tell me the amount in {cur}.",
-        {"state": {row[1]: "refunded"}, "number": _convert(_order_total(db, row[1]), cur)},
-        {"email": row[0], "currency": cur},
-    )
+    return (row[0], rng.choice(("EUR", "GBP", "CAD"))) if row else None
+
+
+def _build_refund_latest(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    order_id = db.execute(_LATEST, (a[0],)).fetchone()[0]
+    goal = f"I'm {a[0]}. Please refund my latest order and tell me the amount in {a[1]}."
+    check = {"state": {order_id: "refunded"}, "number": _convert(_order_total(db, order_id), a[1])}
+    return goal, check
 
 
 def _solve_refund_latest(task: Task) -> Solver:
-    customer = yield Call("find_customer", {"email": task.params["email"]})
+    customer = yield Call("find_customer", {"email": _arg(task, 0)})
     listing = yield Call("list_orders", {"customer_id": customer["customer_id"]})
     latest = listing["orders"][-1]
     yield Call("update_order_status", {"order_id": latest["order_id"], "status": "refunded"})
-    cur = task.params["currency"]
+    cur = _arg(task, 1)
     fx = yield Call(
         "convert_currency", {"amount": latest["total_usd"], "from_currency": "USD", "to_currency": cur}
     )
     return f"Order {latest['order_id']} is refunded: {fx['amount']:.2f} {cur}."
 
 
-def _make_customer_spend(db: sqlite3.Connection, rng: random.Random) -> Task | None:
+# customer_spend (sum values out of a tool result) -------------------------------------------
+def _pick_customer_spend(db: sqlite3.Connection, rng: random.Random) -> Args | None:
     row = _pick(
         db,
         rng,
         "SELECT customer_id FROM orders WHERE status='delivered' GROUP BY customer_id "
         "HAVING COUNT(*) BETWEEN 2 AND 4",
     )
-    if row is None:
-        return None
-    totals = [
-        _order_total(db, oid)
-        for (oid,) in db.execute(
-            "SELECT order_id FROM orders WHERE customer_id=? AND status='delivered'", (row[0],)
-        )
-    ]
-    return Task(
-        f"customer_spend:{row[0]}",
-        "customer_spend",
-        f"How much has customer {row[0]} spent on delivered orders, in USD?",
-        {"number": _money(sum(totals))},
-        {"customer_id": row[0]},
-    )
+    return (row[0],) if row else None
+
+
+def _build_customer_spend(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    orders = db.execute(
+        "SELECT order_id FROM orders WHERE customer_id=? AND status='delivered'", (a[0],)
+    ).fetchall()
+    total = _money(sum(_order_total(db, oid) for (oid,) in orders))
+    return f"How much has customer {a[0]} spent on delivered orders, in USD?", {"number": total}
 
 
 def _solve_customer_spend(task: Task) -> Solver:
-    listing = yield Call("list_orders", {"customer_id": task.params["customer_id"]})
+    listing = yield Call("list_orders", {"customer_id": _arg(task, 0)})
     delivered = [o["total_usd"] for o in listing["orders"] if o["status"] == "delivered"]
     total = yield Call("calculate", {"expression": " + ".join(f"{t:.2f}" for t in delivered)})
-    return f"Customer {task.params['customer_id']} spent {total['result']:.2f} USD."
+    return f"Customer {_arg(task, 0)} spent {total['result']:.2f} USD."
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("order_status", _make_order_status, _solve_order_status),
-        Family("customer_tier", _make_customer_tier, _solve_customer_tier),
-        Family("product_price", _make_product_price, _solve_product_price),
-        Family("policy_question", _make_policy_question, _solve_policy_question),
-        Family("missing_order", _make_missing_order, _solve_missing_order),
-        Family("cancel_order", _make_cancel_order, _solve_cancel_order),
-        Family("order_total_fx", _make_order_total_fx, _solve_order_total_fx),
-        Family("latest_order_by_email", _make_latest_order_by_email, _solve_latest_order_by_email),
-        Family("customer_spend", _make_customer_spend, _solve_customer_spend),
-        Family("refund_latest_order", _make_refund_latest, _solve_refund_latest),
+        Family("order_status", _pick_order_status, _build_order_status, _solve_order_status),
+        Family("customer_tier", _pick_customer_tier, _build_customer_tier, _solve_customer_tier),
+        Family("product_price", _pick_product_price, _build_product_price, _solve_product_price),
+        Family(
+            "policy_question", _pick_policy_question, _build_policy_question, _solve_policy_question
+        ),
+        Family("missing_order", _pick_missing_order, _build_missing_order, _solve_missing_order),
+        Family("cancel_order", _pick_cancel_order, _build_cancel_order, _solve_cancel_order),
+        Family(
+            "order_total_fx", _pick_order_total_fx, _build_order_total_fx, _solve_order_total_fx
+        ),
+        Family(
+            "latest_order_by_email",
+            _pick_latest_order_by_email,
+            _build_latest_order_by_email,
+            _solve_latest_order_by_email,
+        ),
+        Family(
+            "customer_spend", _pick_customer_spend, _build_customer_spend, _solve_customer_spend
+        ),
+        Family(
+            "refund_latest_order", _pick_refund_latest, _build_refund_latest, _solve_refund_latest
+        ),
     )
 }
 
