@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="tracetune: production agent logs -> gated data -> SFT/RLVR -> evaluated, registered model.",
+    help="tracetune: agent logs -> gated data -> SFT/RLVR -> evaluated, registered model.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -43,9 +43,13 @@ def params_check(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("simulate-logs")
 def simulate_logs(
     params: ParamsOpt = Path("params.yaml"),
-    n: Annotated[int | None, typer.Option(help="Trajectories (overrides simulate.n_trajectories).")] = None,
+    n: Annotated[
+        int | None, typer.Option(help="Trajectories (overrides simulate.n_trajectories).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (overrides simulate.seed).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory (overrides paths.raw_logs).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (overrides paths.raw_logs).")
+    ] = None,
 ) -> None:
     """Write simulated production logs (JSONL) from a noisy prompt-only agent and summarise them."""
     from tasks.simulate import run

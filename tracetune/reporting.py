@@ -13,8 +13,15 @@ def print_simulation_summary(summary: dict[str, Any]) -> None:
     head = Table(title="Simulated production logs (the production baseline)")
     head.add_column("metric")
     head.add_column("value", justify="right")
-    for key in ("lines", "trajectories", "corrupt_lines", "tsr", "steps_per_task",
-                "cost_per_task_usd", "seconds"):
+    for key in (
+        "lines",
+        "trajectories",
+        "corrupt_lines",
+        "tsr",
+        "steps_per_task",
+        "cost_per_task_usd",
+        "seconds",
+    ):
         head.add_row(key, str(summary.get(key)))
     console.print(head)
     fam = Table(title="TSR per task family")

@@ -29,7 +29,9 @@ def test_read_tools_return_rows_and_not_found_errors(started: SupportDesk) -> No
     assert customer["customer_id"] == "C-0001" and customer["tier"] in ("bronze", "silver", "gold")
     assert _payload(started, "find_customer", email=customer["email"])["customer_id"] == "C-0001"
     order = _payload(started, "get_order", order_id="O-10001")
-    assert order["total_usd"] == round(sum(i["qty"] * i["unit_price_usd"] for i in order["items"]), 2)
+    assert order["total_usd"] == round(
+        sum(i["qty"] * i["unit_price_usd"] for i in order["items"]), 2
+    )
     listing = _payload(started, "list_orders", customer_id=order["customer_id"])
     assert "O-10001" in [o["order_id"] for o in listing["orders"]]
     assert _payload(started, "search_products", query="kettle")["results"]
@@ -65,7 +67,9 @@ def test_bad_calls_become_observations(started: SupportDesk) -> None:
     assert started.step(Call("get_order", '{"order_id": 5}')).error == "bad_arguments"
     assert started.step(Call("get_order", '{"id": "O-10001"}')).error == "bad_arguments"
     assert started.step(Call("get_order", "[1, 2]")).error == "bad_arguments"
-    bad = started.step(Call("convert_currency", {"amount": 1, "from_currency": "USD", "to_currency": "XXX"}))
+    bad = started.step(
+        Call("convert_currency", {"amount": 1, "from_currency": "USD", "to_currency": "XXX"})
+    )
     assert bad.error == "bad_arguments"
     assert started.step(Call("get_order", {"order_id": "O-10001"})).error is None
 
@@ -141,9 +145,15 @@ def test_verifier_rejects_wrong_answers_and_wrong_writes(env: SupportDesk) -> No
     assert not env.verify(f"It is {status} or {other}.").success  # hedging is not an answer
     cancel = env.tasks(2, seed=0, families=["cancel_order"])
     env.reset(cancel[0])
-    env.step(Call("update_order_status", {"order_id": cancel[1].params["args"][0], "status": "cancelled"}))
+    env.step(
+        Call(
+            "update_order_status", {"order_id": cancel[1].params["args"][0], "status": "cancelled"}
+        )
+    )
     outcome = env.verify("Done, cancelled.")
-    assert not outcome.success and any("unexpected" in r or "should be" in r for r in outcome.details["reasons"])
+    assert not outcome.success and any(
+        "unexpected" in r or "should be" in r for r in outcome.details["reasons"]
+    )
 
 
 def test_numbers_in_ignores_ids() -> None:
@@ -157,13 +167,27 @@ def test_third_party_environment_loads_by_dotted_path(monkeypatch: pytest.Monkey
     env = load_environment("unit_converter_env.UnitConverter", seed_offset=1)
     task = env.tasks(1, seed=0)[0]
     env.reset(task)
-    obs = env.step(Call("convert", {"value": task.params["value"], "from_unit": task.params["from_unit"], "to_unit": task.params["to_unit"]}))
+    obs = env.step(
+        Call(
+            "convert",
+            {
+                "value": task.params["value"],
+                "from_unit": task.params["from_unit"],
+                "to_unit": task.params["to_unit"],
+            },
+        )
+    )
     answer = f"{json.loads(obs.content)['value']:.2f}"
     assert env.verify(answer).success
-    assert env.step(Call("convert", {"value": 1, "from_unit": "mi", "to_unit": "parsec"})).error == "tool_error"
+    assert (
+        env.step(Call("convert", {"value": 1, "from_unit": "mi", "to_unit": "parsec"})).error
+        == "tool_error"
+    )
 
 
-@pytest.mark.parametrize("path", ["nowhere.Env", "tracetune.environments.base.Nope", "json.JSONDecoder", "Env"])
+@pytest.mark.parametrize(
+    "path", ["nowhere.Env", "tracetune.environments.base.Nope", "json.JSONDecoder", "Env"]
+)
 def test_bad_environment_paths_fail_clearly(path: str) -> None:
     with pytest.raises((ValueError, TypeError)):
         load_environment(path)

@@ -46,7 +46,9 @@ def _sessions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if not r["trajectory_id"].endswith("-dup")]
 
 
-def test_every_readable_line_fits_the_schema_and_openai_format(batch: tuple[Params, list[str], dict[str, Any]]) -> None:
+def test_every_readable_line_fits_the_schema_and_openai_format(
+    batch: tuple[Params, list[str], dict[str, Any]],
+) -> None:
     _, lines, summary = batch
     records, bad = _parsed(lines)
     assert summary["lines"] == len(lines) == len(records) + bad
@@ -68,7 +70,9 @@ def test_fault_rates_match_params(batch: tuple[Params, list[str], dict[str, Any]
     assert abs(bad / n - rates.corrupt_line) < TOL
     dups = sum(r["trajectory_id"].endswith("-dup") for r in records)
     assert abs(dups / n - rates.duplicate_session * (1 - rates.corrupt_line)) < TOL
-    pii = sum(bool(re.search(r"@mailbox\.org|\+1-555-", r["messages"][1]["content"])) for r in sessions)
+    pii = sum(
+        bool(re.search(r"@mailbox\.org|\+1-555-", r["messages"][1]["content"])) for r in sessions
+    )
     assert abs(pii / len(sessions) - rates.pii_in_user_text) < TOL
     overlong = sum(r["steps"] >= 15 for r in sessions)
     assert abs(overlong / len(sessions) - rates.overlong) < TOL
@@ -89,7 +93,9 @@ def _has_redundant_call(record: dict[str, Any]) -> bool:
     return any(v > 1 for v in calls.values())
 
 
-def test_reported_tsr_is_the_verified_success_rate(batch: tuple[Params, list[str], dict[str, Any]]) -> None:
+def test_reported_tsr_is_the_verified_success_rate(
+    batch: tuple[Params, list[str], dict[str, Any]],
+) -> None:
     _, lines, summary = batch
     sessions = _sessions(_parsed(lines)[0])
     tsr = sum(r["success"] for r in sessions) / len(sessions)
@@ -98,7 +104,9 @@ def test_reported_tsr_is_the_verified_success_rate(batch: tuple[Params, list[str
     assert summary["cost_per_task_usd"] > 0 and summary["steps_per_task"] > 1
 
 
-def test_wrong_answers_are_verified_failures(batch: tuple[Params, list[str], dict[str, Any]]) -> None:
+def test_wrong_answers_are_verified_failures(
+    batch: tuple[Params, list[str], dict[str, Any]],
+) -> None:
     _, lines, _ = batch
     env = SupportDesk()
     by_id = {t.id: t for t in env.tasks(N, seed=21)}

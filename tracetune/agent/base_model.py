@@ -32,6 +32,7 @@ from tracetune.agent.template import (
     END_OF_TEXT,
     IM_END,
     IM_START,
+    RESPONSE_TEMPLATE,
     TOOL_TAGS,
     load_chat_template,
     render_with_spans,
@@ -153,6 +154,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         padding_side="left",
     )
     fast.chat_template = load_chat_template()
+    fast.response_template = RESPONSE_TEMPLATE
     return fast
 
 

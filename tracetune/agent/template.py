@@ -34,6 +34,22 @@ IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 TOOL_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>",
              "</tools>")  # fmt: skip
 GENERATION_PROMPT = f"{IM_START}assistant\n"
+# transformers' response-parsing spec for our assistant format (`tokenizer.parse_response`). TRL's
+# GRPO needs it to run tool calls, and only knows it for templates it recognises by exact string.
+RESPONSE_TEMPLATE: dict[str, Any] = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": GENERATION_PROMPT,
+    "fields": {
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close_pattern": r"</tool_call>\s*",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
 
 
 @lru_cache(maxsize=1)
@@ -51,12 +67,14 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Attach our template when the tokenizer's has no `{% generation %}` markers.
 
     Returns True when it replaced the template. Hub templates with markers are kept: their
-    authors know their model's format best.
+    authors know their model's format best. With our template comes our response-parsing spec
+    (`tokenizer.parse_response`), unless the tokenizer already has one for the same format.
     """
     current = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if has_generation_markers(current):
         return False
     tokenizer.chat_template = load_chat_template()
+    tokenizer.response_template = RESPONSE_TEMPLATE
     return True
 
 

@@ -39,7 +39,7 @@ class Call:
 
 @dataclass(frozen=True)
 class Observation:
-    """What the agent sees after a call. `error` set means the call failed but the episode goes on."""
+    """What the agent sees after a call. `error` set: the call failed, the episode goes on."""
 
     content: str
     error: str | None = None

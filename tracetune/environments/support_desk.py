@@ -73,7 +73,9 @@ def _build_rows(db_seed: int, n_customers: int, n_orders: int) -> dict[str, list
         cid = f"C-{i + 1:04d}"
         email = f"{first}.{last}{i + 1}@example.com"
         tier = rng.choices(TIERS, weights=(5, 3, 2))[0]
-        customers.append((cid, f"{first.title()} {last.title()}", email, tier, rng.choice(_COUNTRIES)))
+        customers.append(
+            (cid, f"{first.title()} {last.title()}", email, tier, rng.choice(_COUNTRIES))
+        )
     orders, items = [], []
     start = datetime(2026, 1, 1)
     for i in range(n_orders):
@@ -142,12 +144,28 @@ class SupportDesk(Environment):
 
         cur = {"type": "string", "enum": sorted(RATES_PER_USD)}
         return [
-            Tool("get_customer", "Get a customer by id.", obj({"customer_id": s}), self.get_customer),
-            Tool("find_customer", "Find a customer by email.", obj({"email": s}), self.find_customer),
+            Tool(
+                "get_customer", "Get a customer by id.", obj({"customer_id": s}), self.get_customer
+            ),
+            Tool(
+                "find_customer", "Find a customer by email.", obj({"email": s}), self.find_customer
+            ),
             Tool("get_order", "Get an order with its items.", obj({"order_id": s}), self.get_order),
-            Tool("list_orders", "List a customer's orders, oldest first.", obj({"customer_id": s}), self.list_orders),
-            Tool("search_products", "Search products by name.", obj({"query": s}), self.search_products),
-            Tool("calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate),
+            Tool(
+                "list_orders",
+                "List a customer's orders, oldest first.",
+                obj({"customer_id": s}),
+                self.list_orders,
+            ),
+            Tool(
+                "search_products",
+                "Search products by name.",
+                obj({"query": s}),
+                self.search_products,
+            ),
+            Tool(
+                "calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate
+            ),
             Tool(
                 "convert_currency",
                 "Convert an amount between currencies.",
@@ -157,7 +175,9 @@ class SupportDesk(Environment):
             Tool(
                 "update_order_status",
                 "Set an order's status to cancelled or refunded.",
-                obj({"order_id": s, "status": {"type": "string", "enum": ["cancelled", "refunded"]}}),
+                obj(
+                    {"order_id": s, "status": {"type": "string", "enum": ["cancelled", "refunded"]}}
+                ),
                 self.update_order_status,
             ),
         ]
@@ -201,9 +221,12 @@ class SupportDesk(Environment):
         }
 
     def list_orders(self, customer_id: str) -> dict[str, Any]:
-        if self.db.execute(
-            "SELECT 1 FROM customers WHERE customer_id=?", (customer_id.strip(),)
-        ).fetchone() is None:
+        if (
+            self.db.execute(
+                "SELECT 1 FROM customers WHERE customer_id=?", (customer_id.strip(),)
+            ).fetchone()
+            is None
+        ):
             raise ToolError(f"customer {customer_id} {NOT_FOUND}")
         rows = self.db.execute(
             "SELECT o.order_id, o.status, o.created, SUM(i.qty * i.unit_price_usd) FROM orders o "
@@ -230,7 +253,9 @@ class SupportDesk(Environment):
         except MathError as exc:
             raise ToolError(str(exc)) from exc
 
-    def convert_currency(self, amount: float, from_currency: str, to_currency: str) -> dict[str, Any]:
+    def convert_currency(
+        self, amount: float, from_currency: str, to_currency: str
+    ) -> dict[str, Any]:
         usd = amount / RATES_PER_USD[from_currency]
         return {"amount": _money(usd * RATES_PER_USD[to_currency]), "currency": to_currency}
 
@@ -314,7 +339,9 @@ class SupportDesk(Environment):
             attempts += 1
             if attempts > 50 * n + 1000:
                 raise ValueError(f"cannot draw {n} distinct tasks from families {chosen}")
-            family = FAMILIES[chosen[len(out) % len(chosen)] if attempts <= n else rng.choice(chosen)]
+            family = FAMILIES[
+                chosen[len(out) % len(chosen)] if attempts <= n else rng.choice(chosen)
+            ]
             args = family.pick(db, rng)
             if args is not None and ":".join((family.name, *args)) not in out:
                 task = family.build(db, args)
@@ -414,7 +441,9 @@ def _arg(task: Task, i: int) -> str:
 
 
 def _order_total(db: sqlite3.Connection, order_id: str) -> float:
-    return _money(_one(db, "SELECT SUM(qty * unit_price_usd) FROM items WHERE order_id=?", order_id))
+    return _money(
+        _one(db, "SELECT SUM(qty * unit_price_usd) FROM items WHERE order_id=?", order_id)
+    )
 
 
 def _convert(amount: float, to: str) -> float:
@@ -488,7 +517,8 @@ def _solve_order_total_fx(task: Task) -> Solver:
     order = yield Call("get_order", {"order_id": _arg(task, 0)})
     cur = _arg(task, 1)
     fx = yield Call(
-        "convert_currency", {"amount": order["total_usd"], "from_currency": "USD", "to_currency": cur}
+        "convert_currency",
+        {"amount": order["total_usd"], "from_currency": "USD", "to_currency": cur},
     )
     return f"The total of order {order['order_id']} is {fx['amount']:.2f} {cur}."
 
@@ -594,7 +624,8 @@ def _solve_refund_latest(task: Task) -> Solver:
     yield Call("update_order_status", {"order_id": latest["order_id"], "status": "refunded"})
     cur = _arg(task, 1)
     fx = yield Call(
-        "convert_currency", {"amount": latest["total_usd"], "from_currency": "USD", "to_currency": cur}
+        "convert_currency",
+        {"amount": latest["total_usd"], "from_currency": "USD", "to_currency": cur},
     )
     return f"Order {latest['order_id']} is refunded: {fx['amount']:.2f} {cur}."
 

@@ -54,7 +54,9 @@ def observation_payload(obs: Observation) -> dict[str, Any]:
 CallHook = Callable[[Call, int], list[Call]]
 
 
-def run_scripted(env: Environment, task: Task, solver: Solver, before_call: CallHook | None = None) -> EpisodeRecord:
+def run_scripted(
+    env: Environment, task: Task, solver: Solver, before_call: CallHook | None = None
+) -> EpisodeRecord:
     """Run `solver` to its answer. `before_call(call, k)` may prepend faulty calls (simulator)."""
     messages = env.reset(task)
     observations: list[Observation] = []

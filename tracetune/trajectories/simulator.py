@@ -76,11 +76,11 @@ class SimSummary:
 
 def _faulty_hook(rng: random.Random, faults: set[str], env: Environment) -> Any:
     """Calls to insert before the k-th real call, given the faults drawn for this episode."""
-    state = {"previous": None}
+    state: dict[str, Call | None] = {"previous": None}
 
     def hook(call: Call, k: int) -> list[Call]:
         extra: list[Call] = []
-        first = state["previous"] is None
+        first = k == 0
         if first and "wrong_tool" in faults:
             wrong = rng.choice([n for n in env.tool_names() if n != call.name] + ["lookup_record"])
             extra.append(Call(wrong, call.arguments))
@@ -90,11 +90,13 @@ def _faulty_hook(rng: random.Random, faults: set[str], env: Environment) -> Any:
         if first and "error_retry" in faults:
             extra.append(Call(call.name, _corrupt_ids(call.arguments)))
         if call.name in READ_ONLY:
-            if "redundant_call" in faults and not first:
-                extra.append(dataclasses.replace(state["previous"]))
+            previous = state["previous"]
+            if "redundant_call" in faults and previous is not None:
+                extra.append(dataclasses.replace(previous))
             if "overlong" in faults and first:
                 extra += [dataclasses.replace(call) for _ in range(rng.randint(14, 17))]
-        state["previous"] = call if call.name in READ_ONLY else state["previous"] or call
+        if call.name in READ_ONLY:
+            state["previous"] = call
         return extra
 
     return hook
@@ -114,11 +116,21 @@ def _corrupt_ids(arguments: str | dict[str, Any]) -> dict[str, Any]:
 
 def _wrong(answer: str, rng: random.Random) -> str:
     """A plausible wrong answer: another status/tier word, or a shifted amount."""
-    for a, b in (("shipped", "delivered"), ("delivered", "pending"), ("pending", "shipped"),
-                 ("gold", "silver"), ("silver", "bronze"), ("bronze", "gold"),
-                 ("not found", "pending"), ("cancelled", "still pending"), ("30 days", "14 days"),
-                 ("5 business days", "2 business days"), ("2 years", "1 year"),
-                 ("9:00-17:00", "8:00-20:00"), ("over 50", "over 100")):
+    for a, b in (
+        ("shipped", "delivered"),
+        ("delivered", "pending"),
+        ("pending", "shipped"),
+        ("gold", "silver"),
+        ("silver", "bronze"),
+        ("bronze", "gold"),
+        ("not found", "pending"),
+        ("cancelled", "still pending"),
+        ("30 days", "14 days"),
+        ("5 business days", "2 business days"),
+        ("2 years", "1 year"),
+        ("9:00-17:00", "8:00-20:00"),
+        ("over 50", "over 100"),
+    ):
         if a in answer:
             return answer.replace(a, b, 1)
     parts = answer.rsplit(" ", 2)
@@ -177,7 +189,12 @@ def simulate_episode(
 
 
 def to_log_line(
-    record: EpisodeRecord, trajectory_id: str, when: datetime, rng: random.Random, params: SimulateParams, tools_chars: int
+    record: EpisodeRecord,
+    trajectory_id: str,
+    when: datetime,
+    rng: random.Random,
+    params: SimulateParams,
+    tools_chars: int,
 ) -> dict[str, Any]:
     prompt, completion = _usage(record.messages, tools_chars)
     steps = record.steps
@@ -193,7 +210,9 @@ def to_log_line(
         "error_retries": record.error_retries,
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
         "cost_usd": cost_usd(prompt, completion, params.pricing),
-        "latency_s": round(sum(rng.lognormvariate(0, 0.4) for _ in range(steps)) * params.mean_latency_s, 3),
+        "latency_s": round(
+            sum(rng.lognormvariate(0, 0.4) for _ in range(steps)) * params.mean_latency_s, 3
+        ),
         "environment": "support_desk",
         "final_answer": record.final_answer,
     }
@@ -207,7 +226,9 @@ def _corrupt(line: str, rng: random.Random) -> str:
     return json.dumps(record)
 
 
-def iter_log_lines(env: Environment, params: SimulateParams) -> Iterator[tuple[str, dict[str, Any] | None, set[str]]]:
+def iter_log_lines(
+    env: Environment, params: SimulateParams
+) -> Iterator[tuple[str, dict[str, Any] | None, set[str]]]:
     """(line, record or None if corrupt, faults) in arrival order, deterministic for the seed."""
     rng = random.Random(params.seed)
     tasks = env.tasks(params.n_trajectories, seed=params.seed)
