@@ -40,9 +40,10 @@ def small_params(tmp_path: Path) -> Params:
         {
             "paths": {
                 "raw_logs": str(root / "data/raw_logs"),
-                "ingested": str(root / "data/ingested/trajectories.jsonl"),
-                "quarantine": str(root / "data/ingested/quarantine.jsonl"),
+                "ingested": str(root / "data/ingested/batches"),
+                "quarantine": str(root / "data/ingested/quarantine"),
                 "ingest_state": str(root / "data/state/watermark.json"),
+                "ingest_index": str(root / "data/state/ingest_index.sqlite"),
                 "curated_dir": str(root / "data/curated"),
                 "reports": str(root / "reports"),
                 "metrics": str(root / "metrics"),
@@ -51,3 +52,34 @@ def small_params(tmp_path: Path) -> Params:
             "simulate": {"n_trajectories": 300, "seed": 3, "files": 2},
         }
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny base model (our tokenizer, chat template, a few pre-training steps).
+
+    Built once per test session through the same builder as the embedded default, so every
+    test that trains or rolls out uses the real loading path (`from_pretrained`).
+    """
+    from tracetune.agent.base_model import build_base_model
+    from tracetune.config import BaseModelBuild
+
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    build = BaseModelBuild(pretrain_steps=4, corpus_size=80, batch_size=2, seq_len=512)
+    build_base_model(build, out, progress=False, probes_per_kind=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small train.jsonl of clean successful simulated trajectories (recipe's golden rule)."""
+    from tracetune.trajectories.simulator import iter_log_lines
+
+    params = parse_params({"simulate": {"n_trajectories": 160, "seed": 13}})
+    out = tmp_path_factory.mktemp("golden") / "train.jsonl"
+    with out.open("w") as fh:
+        for line, record, _ in iter_log_lines(SupportDesk(max_steps=60), params.simulate):
+            ok = record and record["success"] and record["error_retries"] == 0
+            if ok and record["steps"] < 6:
+                fh.write(line + "\n")
+    return out

@@ -398,7 +398,7 @@ def generate_replies(
             texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(device)
         with torch.no_grad():
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -441,7 +441,10 @@ def run_probes(
 # The whole build
 # ---------------------------------------------------------------------------------------------
 def build_base_model(
-    build: BaseModelBuild, out_dir: Path | str, progress: bool = True
+    build: BaseModelBuild,
+    out_dir: Path | str,
+    progress: bool = True,
+    probes_per_kind: int | None = None,
 ) -> BuildReport:
     """Corpus -> tokenizer -> tiny Qwen2 -> pre-training -> `save_pretrained(out_dir)`.
 
@@ -466,7 +469,8 @@ def build_base_model(
     model = new_model(tokenizer, build)
     stats = pretrain(model, examples, build, int(tokenizer.pad_token_id), progress=progress)
 
-    probes = run_probes(model, tokenizer, n=PROBES_PER_KIND, seed=build.seed)
+    n_probes = PROBES_PER_KIND if probes_per_kind is None else probes_per_kind
+    probes = run_probes(model, tokenizer, n=n_probes, seed=build.seed)
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
     report = BuildReport(

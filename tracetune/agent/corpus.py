@@ -18,7 +18,7 @@ names (`fetch_shipment`, `lookup_sensor_by_email`, ...), argument names, id form
 - (d) ending every assistant turn with `<|im_end|>` (the chat template puts it in the loss).
 
 It must never contain the environment's tools or tasks: the entity vocabulary leaves out the
-support desk's nouns (customer, order, product, currency) and `tests/unit/test_corpus.py`
+support desk's nouns (customer, order, product) and `tests/integration/test_base_model.py`
 asserts that no tool name and no task goal is shared with `SupportDesk`.
 """
 
@@ -65,7 +65,7 @@ LAST_NAMES = _words(
     "nakamura olsen patel quist reyes sato tanaka usman vogel wagner yilmaz zhang"
 )
 DOMAINS = _words(
-    "example.org mail.test corp.example inbox.dev example.net post.io acme.test lab.example "
+    "example.org mail.test corp.example inbox.dev example.net post.io apex.test lab.example "
     "example.com home.test"
 )
 CITIES = _words(
@@ -73,7 +73,7 @@ CITIES = _words(
     "Turin Gdansk Austin Kyoto"
 )
 CODES = _words("USD EUR GBP JPY CHF SEK NOK AUD CAD INR BRL ZAR")
-ENUMS = {
+ENUMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "status": (
         ("active", "inactive", "suspended"),
         ("open", "closed", "in_progress", "on_hold"),
@@ -377,7 +377,8 @@ def human(field: str) -> str:
 
 
 def show(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    """A value in text exactly as the tool result wrote it (JSON's 129.5, not 129.50)."""
+    return json.dumps(value) if isinstance(value, float) else str(value)
 
 
 def system_prompt(rng: random.Random, facts: dict[str, str]) -> str:
@@ -512,9 +513,10 @@ def ep_list_pick(rng: random.Random, b: Builder) -> None:
         key=lambda r: str(r["created"]),
     )
     how = rng.choice(("latest", "first", "largest"))
-    pick = {"latest": children[-1], "first": children[0]}.get(how) or max(
-        children, key=lambda r: float(r["amount"])
-    )
+    amounts = [float(str(r["amount"])) for r in children]
+    pick = {"latest": children[-1], "first": children[0]}.get(how) or children[
+        amounts.index(max(amounts))
+    ]
     field = rng.choice(("status", "amount", "created"))
     b.offer(find, lister)
     b.user(f"I'm {email}. What is the {human(field)} of my {how} {child.noun}?")

@@ -133,14 +133,16 @@ def render_with_spans(
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    texts, spans = render_jinja_template(
+    # Annotated `-> str` upstream, but returns (texts, generation spans) with the mask flag.
+    result: Any = render_jinja_template(
         conversations=[normalize_messages(messages)],
         tools=list(tools) if tools else None,
         chat_template=template or load_chat_template(),
         add_generation_prompt=add_generation_prompt,
         return_assistant_tokens_mask=True,
     )
-    return texts[0], [(int(a), int(b)) for a, b in spans[0]]
+    rendered, spans = result
+    return str(rendered[0]), [(int(a), int(b)) for a, b in spans[0]]
 
 
 def assistant_texts(

@@ -1,0 +1,289 @@
+"""The retraining flow: production logs -> gated data -> SFT/RLVR -> evaluation -> registry.
+
+`retrain` reads like the pipeline's table of contents, one line per stage. Every stage runs
+through `dvc repro --single-item` (flows/stages.py), so `dvc.yaml` holds the only copy of each
+command, `dvc.lock` stays the lineage record, and unchanged stages are skipped; `dvc repro` alone
+runs the same pipeline without Prefect. Stages that `dvc.yaml` does not define yet are skipped
+with a logged note, so the flow works while the pipeline grows.
+
+Run it embedded (`tracetune run`: Prefect's temporary local API, no server by hand) or as the
+`retrain/nightly` deployment (prefect.yaml: cron, `cpu` pool, logs from S3, training stages
+dispatched to the `gpu` pool through the `train-stage/gpu-train` deployment).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.stages import (
+    StageFailed,
+    StageResult,
+    dvc_transfer,
+    publish_eval_table,
+    run_stage,
+    run_training_stage,
+)
+from tracetune.config import Params, load_params
+
+PARAMS_FILE = "params.yaml"
+RUN_RECORD = "orchestration.json"
+
+
+# --- the flows ----------------------------------------------------------------------------------
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    repo: str = ".",
+    ingest_source: str | None = None,
+    dispatch_training: bool = False,
+) -> dict[str, Any]:
+    """Ingest new production logs, gate, curate, train, evaluate, register, ask for approval.
+
+    `ingest_source` overrides `ingest.source` in params.yaml (written there, so that dvc.lock
+    records where the data came from); `dispatch_training` sends training stages to the `gpu`
+    pool instead of running them in this process.
+    """
+    run = Pipeline.start(Path(repo), ingest_source=ingest_source, dispatch=dispatch_training)
+    run.pull()                              # the DVC cache, when the workspace is not shared
+    run.stage("simulate", when=run.local_source)  # the embedded default's "production" logs
+    run.stage("ingest")                     # new logs since the watermark (always run)
+    run.push("ingest")                      # version the snapshot on the DVC remote
+    run.stage("validate_raw")               # GE gate on the batch; failure: Failed + report
+    run.stage("curate")                     # golden filter, dedupe
+    run.stage("split")                      # leakage-free train / held-out by task
+    run.stage("validate_curated")           # GE gate on the curated set
+    run.train("base_model")                 # the embedded tiny base (a no-op for hub models)
+    run.stage("evaluate@base")              # prompt-only baseline on held-out tasks
+    run.train("sft")                        # SFT on golden trajectories
+    run.stage("evaluate@sft")
+    run.train("rlvr")                       # GRPO; the stage applies the rule (SFT TSR < bar)
+    run.stage("evaluate@rlvr")
+    run.eval_table()                        # markdown comparison artifact
+    run.stage("register")                   # MLflow model version, alias `challenger`
+    run.promote()                           # approval flow -> alias `champion`
+    run.push()                              # every remaining out to the DVC remote
+    return run.finish()
+
+
+@flow(name="train-stage", log_prints=True)
+def train_stage(stage: str, repo: str = ".") -> dict[str, Any]:
+    """One training stage on a GPU worker (the `gpu-train` deployment); never retried."""
+    root = Path(repo).resolve()
+    params = load_params(root / PARAMS_FILE)
+    return run_training_stage(stage, str(root), str(params.paths.reports)).as_dict()
+
+
+# --- what the table of contents calls -----------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """One run's context (repo, params, the stages dvc.yaml defines) and what each stage did."""
+
+    root: Path
+    params: Params
+    defined: frozenset[str]
+    remote: str | None
+    dispatch: bool
+    started: float = field(default_factory=time.perf_counter)
+    results: list[StageResult] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, repo: Path, ingest_source: str | None, dispatch: bool) -> Pipeline:
+        root = repo.resolve()
+        started = time.perf_counter()
+        if ingest_source:
+            override_params(root / PARAMS_FILE, {"ingest.source": ingest_source})
+        params = load_params(root / PARAMS_FILE)
+        defined, remote = read_dvc_repo(root)
+        log = get_run_logger()
+        log.info("repo %s: dvc.yaml defines %s", root, ", ".join(sorted(defined)) or "nothing")
+        unknown = sorted(defined - set(TABLE_OF_CONTENTS))
+        if unknown:
+            log.warning("dvc.yaml stages the flow does not run: %s", ", ".join(unknown))
+        return cls(root, params, defined, remote, dispatch, started=started)
+
+    @property
+    def local_source(self) -> bool:
+        """The simulated logs feed ingest only when the source is a local path."""
+        return "://" not in self.params.ingest.source
+
+    @property
+    def orchestrate(self) -> Any:
+        return self.params.orchestrate
+
+    def _skip(self, name: str, status: str, note: str) -> StageResult:
+        get_run_logger().info("skipping %s: %s", name, note)
+        result = StageResult(name, status, note=note)
+        self.results.append(result)
+        return result
+
+    def stage(self, name: str, when: bool = True) -> StageResult:
+        """Run a non-training stage (transient failures retried) if dvc.yaml defines it."""
+        if name not in self.defined:
+            return self._skip(name, "missing", "not in dvc.yaml yet")
+        if not when:
+            return self._skip(name, "skipped", "not needed for this source")
+        opts = self.orchestrate
+        task = run_stage.with_options(
+            retries=opts.transient_retries, retry_delay_seconds=opts.retry_delay_s
+        )
+        result = task(
+            name, str(self.root), str(self.params.paths.reports), force=name in opts.force_stages
+        )
+        self.results.append(result)
+        return result
+
+    def train(self, name: str) -> StageResult:
+        """Run a training stage here or on the gpu pool; never retried."""
+        if name not in self.defined:
+            return self._skip(name, "missing", "not in dvc.yaml yet")
+        if name not in self.orchestrate.training_stages:
+            return self.stage(name)
+        if self.dispatch:
+            result = dispatch_to_gpu(self.orchestrate.gpu_deployment, name, self.root)
+        else:
+            result = run_training_stage(name, str(self.root), str(self.params.paths.reports))
+        self.results.append(result)
+        return result
+
+    def _transfer(self, verb: str, targets: list[str], enabled: bool) -> None:
+        label = f"dvc {verb}"
+        if not enabled:
+            return
+        if self.remote is None:
+            self._skip(label, "skipped", "no default DVC remote configured")
+            return
+        missing = [t for t in targets if t not in self.defined]
+        if missing:
+            self._skip(label, "skipped", f"{', '.join(missing)} not in dvc.yaml yet")
+            return
+        opts = self.orchestrate
+        task = dvc_transfer.with_options(
+            retries=opts.transient_retries, retry_delay_seconds=opts.retry_delay_s
+        )
+        seconds = task(verb, str(self.root), targets)
+        self.results.append(StageResult(label, "ran", seconds, note=" ".join(targets)))
+
+    def pull(self) -> None:
+        self._transfer("pull", [], self.orchestrate.dvc_pull)
+
+    def push(self, *targets: str) -> None:
+        self._transfer("push", list(targets), self.orchestrate.dvc_push)
+
+    def eval_table(self) -> str:
+        table: str = publish_eval_table(str(self.root / self.params.paths.metrics))
+        if table:
+            print(f"Evaluation on held-out tasks:\n{table}")
+        return table
+
+    def promote(self) -> StageResult:
+        """Hand the registered challenger to the approval flow (it sets `champion`)."""
+        return self._skip("promote", "missing", "flows/approval.py not wired yet")
+
+    def finish(self) -> dict[str, Any]:
+        """The run record: each stage's own time vs the flow's, in metrics/orchestration.json."""
+        record = run_record(self.results, time.perf_counter() - self.started)
+        path = self.root / self.params.paths.metrics / RUN_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(summary_table(record))
+        return record
+
+
+# The stage names `retrain` runs, in order: what `dvc.yaml` is expected to define.
+TABLE_OF_CONTENTS = (
+    "simulate",
+    "ingest",
+    "validate_raw",
+    "curate",
+    "split",
+    "validate_curated",
+    "base_model",
+    "evaluate@base",
+    "sft",
+    "evaluate@sft",
+    "rlvr",
+    "evaluate@rlvr",
+    "register",
+)
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def read_dvc_repo(root: Path) -> tuple[frozenset[str], str | None]:
+    """The stage names dvc.yaml defines (foreach expanded: `evaluate@sft`) and the default remote."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        names = frozenset(stage.addressing for stage in repo.index.stages)
+        remote = repo.config.get("core", {}).get("remote")
+    return names, remote
+
+
+def override_params(path: Path, overrides: dict[str, Any]) -> None:
+    """Write dotted-key overrides into params.yaml, comments kept.
+
+    Overrides go into the file, not the environment, because `dvc repro` reads params.yaml and
+    dvc.lock records its values: the lineage then says where the data really came from.
+    """
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(str(path)) as data:
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    load_params(path)  # fail now, with the key path, if the override does not fit the schema
+
+
+def dispatch_to_gpu(deployment: str, name: str, root: Path) -> StageResult:
+    """Run a training stage as a flow run of the gpu-pool deployment and wait for it."""
+    from prefect.deployments import run_deployment
+
+    started = time.perf_counter()
+    flow_run = run_deployment(
+        name=deployment, parameters={"stage": name, "repo": str(root)}, timeout=None
+    )
+    seconds = round(time.perf_counter() - started, 3)
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise StageFailed(
+            f"training stage {name!r} on {deployment} ended {state.name if state else 'unknown'}",
+            stage=name,
+        )
+    return StageResult(name, "dispatched", seconds, note=f"{deployment} run {flow_run.id}")
+
+
+def run_record(results: list[StageResult], wall_s: float) -> dict[str, Any]:
+    """Stage time vs flow wall time: the rest is what orchestration costs."""
+    stage_s = sum(r.seconds for r in results)
+    return {
+        "wall_s": round(wall_s, 3),
+        "stage_s": round(stage_s, 3),
+        "overhead_s": round(wall_s - stage_s, 3),
+        "overhead_share": round((wall_s - stage_s) / wall_s, 4) if wall_s > 0 else 0.0,
+        "stages": [r.as_dict() for r in results],
+    }
+
+
+def summary_table(record: dict[str, Any]) -> str:
+    """A plain-text summary for the console: one line per stage, then the totals."""
+    lines = [f"{'stage':<20} {'status':<11} {'seconds':>8}  note"]
+    for s in record["stages"]:
+        lines.append(f"{s['name']:<20} {s['status']:<11} {s['seconds']:>8.2f}  {s['note']}")
+    lines.append(
+        f"flow {record['wall_s']:.1f} s, stages {record['stage_s']:.1f} s, orchestration "
+        f"{record['overhead_s']:.1f} s ({100 * record['overhead_share']:.1f}%)"
+    )
+    return "\n".join(lines)

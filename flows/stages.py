@@ -1,0 +1,326 @@
+"""Prefect tasks that run pipeline stages the way `dvc repro` does, and nothing more.
+
+There is one copy of every stage's command: `dvc.yaml`. A task here runs
+`dvc repro --single-item <stage>` in a subprocess, so DVC decides whether the stage is stale, runs
+its command and writes `dvc.lock` (the lineage record). Prefect adds what DVC lacks: retries of
+transient failures (S3, network) and never of training, timings, logs, and artifacts (the GE
+report of a failed gate, the evaluation table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+# Substrings of botocore/requests/DVC errors that a second try can cure. Anything else (a failed
+# gate, a bug, an OOM) fails the same way twice, so retrying it only delays the alarm.
+TRANSIENT_MARKERS = (
+    "could not connect to the endpoint",
+    "endpointconnectionerror",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "connectionerror",
+    "connecttimeout",
+    "read timeout",
+    "readtimeout",
+    "timed out",
+    "temporary failure in name resolution",
+    "name or service not known",
+    "slowdown",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "requesttimeout",
+    "throttl",
+    "too many requests",
+    "bad gateway",
+    "gateway timeout",
+)
+OUTPUT_TAIL_CHARS = 4000
+
+
+class StageFailed(RuntimeError):
+    """A stage (or a DVC transfer) exited non-zero; `transient` says whether to retry it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str = "",
+        transient: bool = False,
+        reports: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.transient = transient
+        self.reports = reports
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What the flow records per stage: how it ended and the stage's own wall time."""
+
+    name: str
+    status: str  # ran | up-to-date | missing | skipped | dispatched
+    seconds: float = 0.0
+    note: str = ""
+    reports: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def dvc_argv(*args: str) -> list[str]:
+    """DVC through this interpreter: `dvc` on PATH may belong to another environment."""
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def stage_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for stage commands: `python` in dvc.yaml must be this venv's python.
+
+    `scripts/dev.sh` calls `.venv/bin/tracetune` without activating the venv, so PATH would
+    otherwise find the system interpreter, which lacks the project's packages.
+    """
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (bindir, path) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def is_transient(text: str) -> bool:
+    """Whether an error's text names a failure that a retry can cure (network, S3 throttling)."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in TRANSIENT_MARKERS)
+
+
+def tail(*texts: str | None, limit: int = OUTPUT_TAIL_CHARS) -> str:
+    """The last `limit` characters of a process's output: where the error usually is."""
+    joined = "\n".join(t for t in texts if t).strip()
+    return joined[-limit:]
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def snapshot_reports(reports_dir: Path) -> dict[Path, float]:
+    """HTML reports and their mtimes, to tell which ones a stage just wrote."""
+    if not reports_dir.exists():
+        return {}
+    return {p: p.stat().st_mtime for p in reports_dir.rglob("*.html") if p.is_file()}
+
+
+def new_reports(before: dict[Path, float], after: dict[Path, float]) -> tuple[str, ...]:
+    """Reports created or rewritten between two snapshots, index pages first."""
+    changed = [p for p, mtime in after.items() if before.get(p) != mtime]
+    changed.sort(key=lambda p: (p.name != "index.html", str(p)))
+    return tuple(str(p) for p in changed)
+
+
+def lock_entry(root: Path, name: str) -> Any:
+    """A stage's record in dvc.lock (None if absent): unchanged means DVC skipped it."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return None
+    data = yaml.safe_load(lock.read_text()) or {}
+    base, _, key = name.partition("@")
+    entry = (data.get("stages") or {}).get(base)
+    if key and isinstance(entry, dict):
+        # DVC records foreach stages nested under their base name or flat as `base@key`.
+        return entry.get(key, (data.get("stages") or {}).get(name))
+    return entry
+
+
+def _flat_scalars(payload: dict[str, Any]) -> dict[str, Any]:
+    """Top-level numbers and strings of a metrics file (nested tables stay in the file)."""
+    return {k: v for k, v in payload.items() if isinstance(v, (int, float, str, bool))}
+
+
+PREFERRED_COLUMNS = ("model", "tsr", "mean_steps", "steps", "tokens", "cost_usd", "latency_s")
+
+
+def eval_rows(metrics_dir: Path) -> list[dict[str, Any]]:
+    """One row per `eval_<name>.json`, in base -> sft -> rlvr order (then the rest)."""
+    order = {"base": 0, "baseline": 0, "prompt": 0, "sft": 1, "rlvr": 2, "champion": 3}
+    files = sorted(
+        metrics_dir.glob("eval_*.json"),
+        key=lambda p: (order.get(p.stem.removeprefix("eval_"), 9), p.stem),
+    )
+    rows = []
+    for path in files:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(payload, dict):
+            rows.append({"candidate": path.stem.removeprefix("eval_"), **_flat_scalars(payload)})
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table over the union of the rows' keys (preferred metrics first)."""
+    if not rows:
+        return ""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    first = [k for k in PREFERRED_COLUMNS if k in keys[1:]]
+    columns = [keys[0], *first, *(k for k in keys[1:] if k not in first)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- Prefect side -------------------------------------------------------------------------------
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn`: retry S3/network failures only, never a gate or a bug."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.transient
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _failure_artifacts(name: str, exc: StageFailed, output: str) -> None:
+    """Link the GE report (if the stage wrote one) and summarise the failure in the UI."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    for i, report in enumerate(exc.reports):
+        create_link_artifact(
+            link=Path(report).resolve().as_uri(),
+            link_text=f"{name}: {Path(report).name}",
+            key=artifact_key(name, "report", str(i) if i else ""),
+            description=f"Data Docs written by the failed stage `{name}`",
+        )
+    links = "\n".join(f"- [{Path(r).name}]({Path(r).resolve().as_uri()})" for r in exc.reports)
+    create_markdown_artifact(
+        markdown=f"# Stage `{name}` failed\n\n{links or '_no report written_'}\n\n"
+        f"```\n{output}\n```\n",
+        key=artifact_key(name, "failure"),
+        description=f"Why `{name}` failed; nothing downstream ran and nothing was registered",
+    )
+
+
+def reproduce(
+    name: str, root: Path, reports_dir: Path, *, force: bool = False, capture: bool = True
+) -> StageResult:
+    """`dvc repro --single-item <name>`: DVC runs the stage if stale and records it in dvc.lock.
+
+    `capture` keeps the output for the failure message and the transient check; training stages
+    run uncaptured so that their progress shows live (they are never retried anyway).
+    """
+    before_reports = snapshot_reports(root / reports_dir)
+    before_lock = lock_entry(root, name)
+    argv = dvc_argv("repro", "--single-item", *(["--force"] if force else []), name)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv, cwd=root, env=stage_env(), check=True, capture_output=capture, text=True
+        )
+    except subprocess.CalledProcessError as err:
+        output = tail(err.stdout, err.stderr)
+        reports = new_reports(before_reports, snapshot_reports(root / reports_dir))
+        raise StageFailed(
+            f"stage {name!r} exited {err.returncode}:\n{output}",
+            stage=name,
+            transient=capture and is_transient(output),
+            reports=reports,
+        ) from None
+    seconds = time.perf_counter() - started
+    if capture:
+        print(tail(proc.stdout, proc.stderr, limit=20_000))
+    changed = before_lock is None or lock_entry(root, name) != before_lock
+    return StageResult(name, "ran" if changed or force else "up-to-date", round(seconds, 3))
+
+
+def _reproduce_reporting(
+    name: str, root: str, reports_dir: str, force: bool, capture: bool
+) -> StageResult:
+    try:
+        return reproduce(name, Path(root), Path(reports_dir), force=force, capture=capture)
+    except StageFailed as exc:
+        _failure_artifacts(name, exc, str(exc))
+        raise
+
+
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def run_stage(name: str, root: str, reports_dir: str, force: bool = False) -> StageResult:
+    """A data/evaluation/registry stage; retried (per the flow's options) only when transient."""
+    return _reproduce_reporting(name, root, reports_dir, force, capture=True)
+
+
+@task(name="train", task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
+def run_training_stage(name: str, root: str, reports_dir: str) -> StageResult:
+    """A training stage: never retried (a rerun costs GPU hours and fails the same way)."""
+    return _reproduce_reporting(name, root, reports_dir, False, capture=False)
+
+
+@task(name="dvc", task_run_name="dvc {verb}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def dvc_transfer(verb: str, root: str, targets: list[str]) -> float:
+    """`dvc push|pull [targets]` to the default remote; S3/network hiccups are retried."""
+    extra = ["--allow-missing"] if verb == "pull" else []
+    started = time.perf_counter()
+    try:
+        subprocess.run(
+            dvc_argv(verb, *extra, *targets),
+            cwd=root,
+            env=stage_env(),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except subprocess.CalledProcessError as err:
+        output = tail(err.stdout, err.stderr)
+        raise StageFailed(
+            f"dvc {verb} exited {err.returncode}:\n{output}",
+            stage=f"dvc {verb}",
+            transient=is_transient(output),
+        ) from None
+    return round(time.perf_counter() - started, 3)
+
+
+@task(name="eval-table", cache_policy=NO_CACHE)
+def publish_eval_table(metrics_dir: str) -> str:
+    """The evaluation comparison (every `metrics/eval_*.json`) as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    table = markdown_table(eval_rows(Path(metrics_dir)))
+    if table:
+        create_markdown_artifact(
+            markdown=f"# Evaluation on held-out tasks\n\n{table}\n",
+            key="eval-comparison",
+            description="Candidates vs the prompt-only baseline (metrics/eval_*.json)",
+        )
+    return table

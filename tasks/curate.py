@@ -1,0 +1,36 @@
+"""Stage `curate`: golden filter + exact/near dedupe over every ingested batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+from tracetune.trajectories.curation import curate
+from tracetune.trajectories.io import atomic_writer, iter_lines
+
+METRICS = "curate.json"
+CURATED_FILE = "curated.jsonl"
+
+
+def curated_path(params: Params) -> Path:
+    return params.paths.curated_dir / CURATED_FILE
+
+
+def run(params: Params) -> dict[str, Any]:
+    with atomic_writer(curated_path(params)) as out:
+        report = curate(iter_lines(params.paths.ingested), params.curate, out, params.curate.workers)
+    summary = report.as_dict()
+    write_json(params.paths.metrics / METRICS, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = run(stage_params(argv))
+    rules = ", ".join(f"{k}={v}" for k, v in s["dropped_by_rule"].items())
+    print(f"curate: {s['input']} in, {s['kept']} kept, {s['dropped']} dropped ({rules})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Stage `ingest`: read what arrived since the last batch, quarantine bad lines, scrub PII."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+
+METRICS = "ingest.json"
+
+
+def ingest_paths(params: Params) -> IngestPaths:
+    p = params.paths
+    return IngestPaths(
+        batches=p.ingested,
+        quarantine=p.quarantine,
+        index=p.ingest_index,
+        state=p.ingest_state,
+        rejected=p.reports / "ingest" / "rejected_batch_quarantine.jsonl",
+    )
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad."""
+    report = ingest(params.ingest, ingest_paths(params))
+    summary = report.as_dict()
+    write_json(params.paths.metrics / METRICS, summary)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    if s["batch"] is None:
+        return f"ingest: nothing new in {s['source']} ({s['files']})"
+    reasons = ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()) or "none"
+    return (
+        f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
+        f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
+        f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
+        f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = stage_params(argv)
+    try:
+        summary = run(params)
+    except QuarantineRateExceeded as exc:
+        reasons = exc.report.as_dict()["quarantine_reasons"]
+        print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stage `sft`: fine-tune the base model on the curated golden trajectories.
+
+Outputs (dvc.yaml): `models/sft/merged` (+ `models/sft/adapter` with LoRA), the resumable
+checkpoints in `models/sft_checkpoints` (persisted across crashed runs), `metrics/sft.json`,
+the loss curve `reports/sft/curve.csv` (`dvc plots`), and an MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+from tracetune.environments.base import load_environment
+from tracetune.tracking import stage_run
+from tracetune.training.sft import SFTResult, file_md5, train_sft
+
+
+def sft_paths(params: Params) -> dict[str, Path]:
+    models = params.paths.models
+    return {
+        "train": params.paths.curated_dir / "train.jsonl",
+        "out": models / "sft",
+        "checkpoints": models / "sft_checkpoints",
+        "curve": params.paths.reports / "sft" / "curve.csv",
+        "metrics": params.paths.metrics / "sft.json",
+    }
+
+
+def write_curve(history: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k) for k in keys})
+
+
+def flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= flat(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return {prefix: value}
+
+
+def run(params: Params) -> SFTResult:
+    import mlflow
+
+    paths = sft_paths(params)
+    if not paths["train"].exists():
+        raise FileNotFoundError(f"curated train set missing: {paths['train']} (run the curate stage)")
+    env = load_environment(params.environment.class_path, **params.environment.kwargs)
+    data_md5 = file_md5(paths["train"])
+    with stage_run(params.tracking, "sft", {"data.train_md5": data_md5}) as active:
+        mlflow.log_params(flat("sft", params.sft.model_dump(mode="json")))
+        mlflow.log_param("base_model", params.base_model.name_or_path)
+        result = train_sft(
+            params.sft,
+            params.base_model.name_or_path,
+            paths["train"],
+            env.tool_schemas(),
+            paths["out"],
+            paths["checkpoints"],
+        )
+        for row in result.history:
+            metrics = {k: float(row[k]) for k in ("loss", "learning_rate", "grad_norm") if k in row}
+            mlflow.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=int(row["step"]))
+        summary = {k: v for k, v in result.metrics().items() if isinstance(v, int | float)}
+        mlflow.log_metrics({f"sft.{k}": float(v) for k, v in summary.items()})
+        mlflow.log_artifacts(str(paths["out"] / "merged"), artifact_path="model")
+        write_curve(result.history, paths["curve"])
+        mlflow.log_artifact(str(paths["curve"]))
+        write_json(paths["metrics"], result.metrics() | {"mlflow_run_id": active.info.run_id})
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+
+    result = run(stage_params(argv))
+    Console().print(
+        f"[bold]SFT[/bold]: {result.examples} examples, {result.steps} steps, "
+        f"loss {result.first_loss} -> {result.final_loss}, "
+        f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

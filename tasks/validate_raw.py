@@ -1,0 +1,61 @@
+"""Stage `validate_raw`: the Great Expectations gate on the newest ingested batch."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+from tracetune.data.features import RAW_COLUMNS, raw_row
+from tracetune.data.gates import GateFailed, raw_checks, run_gate, utc_now
+from tracetune.environments.base import load_environment
+from tracetune.trajectories.ingest import last_batch_file
+
+METRICS = "validate_raw.json"
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Validate the last batch; raises `GateFailed` (Data Docs written) when the gate fails."""
+    out = params.paths.metrics / METRICS
+    out.unlink(missing_ok=True)  # a stale pass must not outlive a failing run
+    batch = last_batch_file(params.paths.ingest_state, params.paths.ingested)
+    if batch is None or not batch.exists() or batch.stat().st_size == 0:
+        metrics = {"gate": "raw", "success": True, "skipped": "no ingested trajectories to check"}
+        write_json(out, metrics)
+        return metrics
+    env = load_environment(params.environment.class_path, **params.environment.kwargs)
+    known = frozenset(env.tool_names())
+    with batch.open("rb") as handle:
+        rows = (raw_row(orjson.loads(line), known, n) for n, line in enumerate(handle, 1))
+        result = run_gate(
+            "raw",
+            raw_checks(params.gates.raw, known, utc_now()),
+            RAW_COLUMNS,
+            rows,
+            params.paths.reports / "gx" / "raw",
+            examples=params.gates.failed_rows_shown,
+        )
+    if not result.success:
+        (params.paths.reports / "gx" / "raw" / "summary.txt").write_text(result.summary() + "\n")
+        raise GateFailed(result)
+    metrics = result.metrics() | {"batch": batch.name}
+    write_json(out, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = stage_params(argv)
+    try:
+        metrics = run(params)
+    except GateFailed as exc:
+        print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
+        raise SystemExit(1) from None
+    print(metrics.get("skipped") or f"GX gate 'raw' PASSED on {metrics['rows']} rows "
+          f"({metrics['evaluated']} expectations, batch {metrics['batch']})")
+
+
+if __name__ == "__main__":
+    main()

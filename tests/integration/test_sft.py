@@ -1,0 +1,123 @@
+"""SFT on a real tiny model with real TRL/PEFT steps: loss, masks, LoRA, resume, merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracetune.agent.template import IM_END
+from tracetune.config import SFTParams
+from tracetune.environments.support_desk import SupportDesk
+from tracetune.training.sft import build_dataset, read_trajectories, train_sft
+
+TOOLS = SupportDesk().tool_schemas()
+
+
+def _params(**kw: Any) -> SFTParams:
+    base: dict[str, Any] = {
+        "use_lora": False,
+        "max_steps": 8,
+        "learning_rate": 3e-3,
+        "batch_size": 4,
+        "max_length": 2048,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "max_examples": 24,
+    }
+    return SFTParams.model_validate(base | kw)
+
+
+def test_loss_mask_trains_only_assistant_output_and_its_end_token(
+    tiny_base: Path, golden_train: Path
+) -> None:
+    from tracetune.agent.model import load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    rows = read_trajectories(golden_train, 5)
+    dataset, dropped = build_dataset(tok, rows, TOOLS, 4096)
+    assert dropped == 0 and len(dataset) == 5
+    end_id = tok.convert_tokens_to_ids(IM_END)
+    for ids, mask in zip(dataset["input_ids"], dataset["assistant_masks"], strict=True):
+        text_trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        text_masked = tok.decode([i for i, m in zip(ids, mask, strict=True) if not m])
+        assert "<tool_call>" in text_trained  # tool calls are learned
+        assert "Acme Store" in text_masked and "<tool_response>" in text_masked  # system, tools
+        assert "<tool_response>" not in text_trained and "<|im_start|>user" not in text_trained
+        ends = [i for i, t in enumerate(ids) if t == end_id]
+        n_assistant = sum(1 for i in ends if mask[i])
+        assert n_assistant >= 2  # each assistant turn's <|im_end|> is trained
+        assert not mask[ends[0]]  # the system turn's end is not
+
+
+def test_full_finetune_loss_falls(tiny_base: Path, golden_train: Path, tmp_path: Path) -> None:
+    result = train_sft(
+        _params(max_steps=10), str(tiny_base), golden_train, TOOLS, tmp_path / "sft", tmp_path / "ck"
+    )
+    assert result.steps == 10
+    assert result.final_loss is not None and result.first_loss is not None
+    assert result.final_loss < result.first_loss * 0.9
+    assert (tmp_path / "sft" / "merged" / "config.json").exists()
+    assert not (tmp_path / "sft" / "adapter").exists()
+
+
+def test_lora_trains_adapter_only_and_merge_matches(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    params = _params(use_lora=True, max_steps=4, learning_rate=1e-2)
+    train_sft(params, str(tiny_base), golden_train, TOOLS, tmp_path / "sft", tmp_path / "ck")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "sft" / "adapter"))
+    lora_b = [p for n, p in peft.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it trained
+    for name, value in peft.get_base_model().state_dict().items():
+        if "lora_" not in name and "base_layer" not in name and name in base_state:
+            assert torch.equal(value, base_state[name]), name
+    for name, value in peft.get_base_model().state_dict().items():
+        if ".base_layer." in name:
+            original = name.replace(".base_layer", "")
+            assert torch.equal(value, base_state[original]), name
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft" / "merged"))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 12]])
+    with torch.no_grad():
+        a = peft.eval()(ids).logits
+        b = merged.eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    pristine = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(a, pristine(ids).logits, atol=1e-4)  # the adapter matters
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crashed_run_resumes_from_last_checkpoint(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 3:
+                raise _Crash("simulated crash")
+
+    params = _params(max_steps=5, save_steps=2)
+    out, ck = tmp_path / "sft", tmp_path / "ck"
+    with pytest.raises(_Crash):
+        train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck, callbacks=[CrashAt()])
+    assert (ck / "checkpoint-2").exists()
+    result = train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert result.resumed_from is not None and result.resumed_from.endswith("checkpoint-2")
+    assert result.steps == 5
+    changed = _params(max_steps=5, save_steps=2, learning_rate=1e-3)
+    fresh = train_sft(changed, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert fresh.resumed_from is None  # another run's checkpoints are never resumed

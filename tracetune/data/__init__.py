@@ -1,0 +1,1 @@
+"""Data quality gates (Great Expectations) over trajectories flattened to derived columns."""

@@ -1,0 +1,223 @@
+"""Trajectories flattened to one row of derived columns, so that gates are plain GX expectations.
+
+A trajectory is nested (messages, tool calls, tool answers); Great Expectations checks columns.
+Each function here derives one column from a trajectory (a dict as read from JSONL) and is pure,
+so it is unit-tested on its own; the gates then say "`unanswered_calls` is 0 for 99% of rows".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+REQUIRED_FIELDS = (
+    "trajectory_id",
+    "task_id",
+    "family",
+    "timestamp",
+    "model",
+    "messages",
+    "success",
+    "steps",
+    "usage",
+    "cost_usd",
+    "latency_s",
+)
+
+# s system, u user, c assistant with tool calls, a assistant without, t tool, ? anything else.
+# Valid: optional system first; a user opens; a tool message only follows a tool-calling
+# assistant (or another tool message); an assistant answer closes.
+ROLE_ORDER = re.compile(r"s?u(?:[uac]|(?<=[ct])t)*a")
+
+
+def role_code(message: dict[str, Any]) -> str:
+    role = message.get("role")
+    if role == "assistant":
+        return "c" if message.get("tool_calls") else "a"
+    return {"system": "s", "user": "u", "tool": "t"}.get(str(role), "?")
+
+
+def role_string(messages: Sequence[dict[str, Any]]) -> str:
+    return "".join(role_code(m) for m in messages)
+
+
+def roles_ok(messages: Sequence[dict[str, Any]]) -> bool:
+    return ROLE_ORDER.fullmatch(role_string(messages)) is not None
+
+
+def tool_calls(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+    """(id, name, arguments) of every tool call, in order."""
+    calls = []
+    for message in messages:
+        if message.get("role") != "assistant":
+            continue
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            calls.append((str(call.get("id")), str(function.get("name")), function.get("arguments")))
+    return calls
+
+
+def arguments_ok(arguments: Any) -> bool:
+    """Arguments are a JSON object (as a string, the OpenAI format)."""
+    if not isinstance(arguments, str):
+        return isinstance(arguments, dict)
+    try:
+        return isinstance(json.loads(arguments), dict)
+    except ValueError:
+        return False
+
+
+def bad_arguments(calls: Iterable[tuple[str, str, Any]]) -> int:
+    return sum(1 for _, _, args in calls if not arguments_ok(args))
+
+
+def unknown_tools(calls: Iterable[tuple[str, str, Any]], known: frozenset[str]) -> int:
+    return sum(1 for _, name, _ in calls if name not in known)
+
+
+def unanswered_calls(messages: Sequence[dict[str, Any]]) -> int:
+    """Tool calls that no later tool message answers (by `tool_call_id`)."""
+    open_ids: list[str] = []
+    answered: set[str] = set()
+    for message in messages:
+        if message.get("role") == "assistant":
+            open_ids += [str(c.get("id")) for c in message.get("tool_calls") or ()]
+        elif message.get("role") == "tool":
+            answered.add(str(message.get("tool_call_id")))
+    return sum(1 for call_id in open_ids if call_id not in answered)
+
+
+def orphan_tool_messages(messages: Sequence[dict[str, Any]]) -> int:
+    """Tool messages that answer no earlier call."""
+    called: set[str] = set()
+    orphans = 0
+    for message in messages:
+        if message.get("role") == "assistant":
+            called.update(str(c.get("id")) for c in message.get("tool_calls") or ())
+        elif message.get("role") == "tool" and str(message.get("tool_call_id")) not in called:
+            orphans += 1
+    return orphans
+
+
+def empty_assistant_turns(messages: Sequence[dict[str, Any]]) -> int:
+    """Assistant turns with neither text nor a tool call: nothing to learn, a template hazard."""
+    return sum(
+        1
+        for m in messages
+        if m.get("role") == "assistant"
+        and not (m.get("content") or "").strip()
+        and not m.get("tool_calls")
+    )
+
+
+def epoch_seconds(value: Any) -> float | None:
+    """An ISO-8601 timestamp with a time zone as Unix seconds; None when absent or naive."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.timestamp() if parsed.tzinfo is not None else None
+
+
+def missing_fields(record: dict[str, Any]) -> int:
+    return sum(1 for key in REQUIRED_FIELDS if record.get(key) in (None, "", []))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# Column name -> SQLite type, in table order: what the raw-batch gate sees of each trajectory.
+RAW_COLUMNS: dict[str, str] = {
+    "line": "INTEGER",
+    "trajectory_id": "TEXT",
+    "task_id": "TEXT",
+    "family": "TEXT",
+    "missing_fields": "INTEGER",
+    "roles_ok": "INTEGER",
+    "tool_calls": "INTEGER",
+    "bad_arguments": "INTEGER",
+    "unknown_tools": "INTEGER",
+    "unanswered_calls": "INTEGER",
+    "orphan_tool_messages": "INTEGER",
+    "steps": "INTEGER",
+    "steps_consistent": "INTEGER",
+    "total_tokens": "INTEGER",
+    "cost_usd": "REAL",
+    "latency_s": "REAL",
+    "timestamp_s": "REAL",
+}
+
+
+def raw_row(record: dict[str, Any], known_tools: frozenset[str], line: int = 0) -> dict[str, Any]:
+    """One ingested trajectory as the raw-batch gate's row."""
+    messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
+    calls = tool_calls(messages)
+    usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
+    tokens = [_number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+    steps = record.get("steps")
+    return {
+        "line": line,
+        "trajectory_id": record.get("trajectory_id"),
+        "task_id": record.get("task_id"),
+        "family": record.get("family"),
+        "missing_fields": missing_fields(record),
+        "roles_ok": int(roles_ok(messages)),
+        "tool_calls": len(calls),
+        "bad_arguments": bad_arguments(calls),
+        "unknown_tools": unknown_tools(calls, known_tools),
+        "unanswered_calls": unanswered_calls(messages),
+        "orphan_tool_messages": orphan_tool_messages(messages),
+        "steps": steps if isinstance(steps, int) else None,
+        "steps_consistent": int(steps == sum(1 for m in messages if m.get("role") == "assistant")),
+        "total_tokens": int(sum(tokens)) if None not in tokens else None,  # type: ignore[arg-type]
+        "cost_usd": _number(record.get("cost_usd")),
+        "latency_s": _number(record.get("latency_s")),
+        "timestamp_s": epoch_seconds(record.get("timestamp")),
+    }
+
+
+CURATED_COLUMNS: dict[str, str] = {
+    "line": "INTEGER",
+    "split": "TEXT",
+    "trajectory_id": "TEXT",
+    "task_id": "TEXT",
+    "family": "TEXT",
+    "success": "INTEGER",
+    "steps": "INTEGER",
+    "empty_assistant_turns": "INTEGER",
+    "content_hash": "TEXT",
+    "leaks_heldout_task": "INTEGER",
+    "pii_found": "INTEGER",
+}
+
+
+def curated_row(
+    record: dict[str, Any],
+    split: str,
+    content_hash: str,
+    heldout_tasks: frozenset[str],
+    pii_found: int,
+    line: int = 0,
+) -> dict[str, Any]:
+    """One curated trajectory as the curated-set gate's row."""
+    messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
+    task_id = record.get("task_id")
+    return {
+        "line": line,
+        "split": split,
+        "trajectory_id": record.get("trajectory_id"),
+        "task_id": task_id,
+        "family": record.get("family"),
+        "success": int(bool(record.get("success"))),
+        "steps": record.get("steps"),
+        "empty_assistant_turns": empty_assistant_turns(messages),
+        "content_hash": content_hash,
+        "leaks_heldout_task": int(split != "heldout" and task_id in heldout_tasks),
+        "pii_found": pii_found,
+    }

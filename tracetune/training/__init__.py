@@ -1,0 +1,1 @@
+"""Training: SFT and RLVR on top of TRL and PEFT."""

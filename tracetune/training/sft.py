@@ -1,0 +1,296 @@
+"""Supervised fine-tuning on golden trajectories: TRL's SFTTrainer with our data preparation.
+
+Why we tokenise ourselves instead of handing TRL a conversational dataset: (1) `datasets` would
+merge the JSON schemas of different tools into one Arrow struct and render nulls (STACK.md);
+(2) our chat template's `{% generation %}` blocks give the assistant mask directly, and we check
+it contains each assistant turn's `<|im_end|>` before training, not after. TRL then builds the
+labels from `assistant_masks`, packs padding-free (best-fit decreasing) and trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracetune.agent.template import IM_END, normalize_messages
+from tracetune.config import SFTParams
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FINGERPRINT_FILE = "tracetune_fingerprint.json"
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    assistant_masks: list[int]
+
+
+@dataclass
+class SFTResult:
+    """What the SFT stage reports (metrics file and MLflow)."""
+
+    examples: int
+    dropped_too_long: int
+    train_tokens: int
+    trained_tokens: int
+    steps: int
+    epochs: float
+    seconds: float
+    tokens_per_second: float
+    first_loss: float | None
+    final_loss: float | None
+    resumed_from: str | None
+    use_lora: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("history")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def read_trajectories(path: Path, limit: int = 0) -> list[dict[str, Any]]:
+    """Curated trajectories (one JSON per line, the `Trajectory` schema)."""
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(json.loads(line))
+                if limit and len(out) >= limit:
+                    break
+    return out
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None,
+) -> TokenizedExample:
+    """Token ids and the assistant-output mask from the chat template's generation blocks."""
+    enc = tokenizer.apply_chat_template(
+        normalize_messages(messages),
+        tools=list(tools) if tools else None,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    return TokenizedExample(list(enc["input_ids"]), list(enc["assistant_masks"]))
+
+
+def check_mask(tokenizer: PreTrainedTokenizerBase, example: TokenizedExample) -> None:
+    """Every assistant turn's end-of-turn token must be trained, or the model never stops."""
+    end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    ends = [
+        i
+        for i, tok in enumerate(example.input_ids)
+        if tok == end_id and any(example.assistant_masks[max(0, i - 3) : i])
+    ]
+    if not ends or not all(example.assistant_masks[i] for i in ends):
+        raise ValueError(
+            "chat template does not put the assistant's <|im_end|> inside {% generation %}: "
+            "the model would never learn to stop"
+        )
+    if not any(example.assistant_masks):
+        raise ValueError("no assistant tokens in the loss mask")
+
+
+def build_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    trajectories: Iterable[dict[str, Any]],
+    tools: Sequence[dict[str, Any]],
+    max_length: int,
+) -> tuple[Dataset, int]:
+    """Pre-tokenised dataset (`input_ids`, `assistant_masks`) and how many were too long."""
+    from datasets import Dataset
+
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
+    dropped = 0
+    for i, traj in enumerate(trajectories):
+        example = tokenize_conversation(tokenizer, traj["messages"], tools)
+        if i == 0:
+            check_mask(tokenizer, example)
+        if len(example.input_ids) > max_length:
+            dropped += 1
+            continue
+        rows["input_ids"].append(example.input_ids)
+        rows["assistant_masks"].append(example.assistant_masks)
+    if not rows["input_ids"]:
+        raise ValueError(f"no training example fits max_length={max_length}")
+    return Dataset.from_dict(rows), dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and trainer
+# ---------------------------------------------------------------------------------------------
+def attach_lora(model: PreTrainedModel, params: SFTParams) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in params.lora.target_modules if t in names]
+    if not targets:
+        raise ValueError(f"none of lora.target_modules {params.lora.target_modules} in the model")
+    config = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)  # type: ignore[return-value]
+
+
+def trainer_config(params: SFTParams, output_dir: Path, cuda: bool, report_to: list[str]) -> Any:
+    """TRL config: bf16 and gradient checkpointing only where they pay (GPU), never on CPU."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=params.weight_decay,
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        max_length=params.max_length,
+        packing=params.batching == "packed",
+        packing_strategy="bfd",
+        padding_free=params.batching == "packed",
+        train_sampling_strategy="group_by_length" if params.batching == "grouped" else "random",
+        bf16=cuda,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_steps=params.logging_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to=report_to,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def fingerprint(params: SFTParams, base: str, data_md5: str) -> str:
+    """Identity of a training run: checkpoints resume only into the run that wrote them."""
+    blob = json.dumps({"p": params.model_dump(mode="json"), "b": base, "d": data_md5}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_checkpoints(checkpoint_dir: Path, run_id: str) -> str | None:
+    """The checkpoint to resume from, or None; stale checkpoints of another run are wiped."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = checkpoint_dir / FINGERPRINT_FILE
+    if checkpoint_dir.exists():
+        same = stamp.exists() and json.loads(stamp.read_text()).get("run") == run_id
+        if not same:
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"run": run_id}))
+    return get_last_checkpoint(str(checkpoint_dir))
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_sft(
+    params: SFTParams,
+    base_model: str,
+    train_path: Path,
+    tools: Sequence[dict[str, Any]],
+    out_dir: Path,
+    checkpoint_dir: Path,
+    report_to: list[str] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> SFTResult:
+    """Train, save the adapter (LoRA) and a merged Hugging Face model under `out_dir`.
+
+    Layout: `out_dir/merged` (always: what evaluation and the registry load) and
+    `out_dir/adapter` (LoRA only). A crashed run resumes from the newest checkpoint of the
+    same run (same params, base and data).
+    """
+    import torch
+    from trl import SFTTrainer
+
+    from tracetune.agent.model import load_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(base_model)
+    tokenizer.padding_side = "right"
+    model.train()
+    trajectories = read_trajectories(train_path, params.max_examples)
+    dataset, dropped = build_dataset(tokenizer, trajectories, tools, params.max_length)
+    train_tokens = sum(len(ids) for ids in dataset["input_ids"])
+    if params.use_lora:
+        model = attach_lora(model, params)
+    run_id = fingerprint(params, base_model, file_md5(train_path))
+    resume = prepare_checkpoints(checkpoint_dir, run_id)
+    cuda = next(model.parameters()).device.type == "cuda"
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_config(params, checkpoint_dir, cuda, report_to or []),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    train_start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - train_start
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    save_model(trainer.model, tokenizer, out_dir, params.use_lora)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    epochs_done = float(output.metrics.get("epoch", params.epochs))
+    trained_tokens = int(train_tokens * epochs_done)
+    return SFTResult(
+        examples=len(dataset),
+        dropped_too_long=dropped,
+        train_tokens=train_tokens,
+        trained_tokens=trained_tokens,
+        steps=int(output.global_step),
+        epochs=round(epochs_done, 3),
+        seconds=round(time.perf_counter() - started, 2),
+        tokens_per_second=round(trained_tokens / max(train_seconds, 1e-9), 1),
+        first_loss=history[0]["loss"] if history else None,
+        final_loss=history[-1]["loss"] if history else None,
+        resumed_from=resume,
+        use_lora=params.use_lora,
+        history=history,
+    )
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, lora: bool
+) -> None:
+    """Adapter (LoRA) and merged weights in Hugging Face format; the tokenizer beside both."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tokenizer.padding_side = "left"
+    merged_dir = out_dir / "merged"
+    if lora:
+        model.save_pretrained(str(out_dir / "adapter"))
+        tokenizer.save_pretrained(str(out_dir / "adapter"))
+        model = model.merge_and_unload()  # type: ignore[operator]
+    model.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))

@@ -1,0 +1,231 @@
+"""Curation: the recipe's golden filter, then exact and near-duplicate removal.
+
+Golden = the episode succeeded, in fewer than `step_limit` steps, with no error retries and no
+redundant tool call (the same call with the same arguments twice). Each rule can be switched off
+in params and reports how many trajectories it dropped: `dropped` counts each trajectory under
+the first rule it fails (these sum to the total dropped), `failing` under every rule it fails.
+
+Duplicates: `exact` = same task and byte-identical messages (a re-logged session);
+`near` = equal after normalising case, whitespace, punctuation, JSON key order and call ids (the
+same episode logged by another client or SDK version). Keys are checked against an on-disk set,
+so memory does not grow with the data. PII was scrubbed at ingest, before anything was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TextIO
+
+import orjson
+
+from tracetune.config import CurateParams
+from tracetune.data.features import empty_assistant_turns, tool_calls
+from tracetune.trajectories.io import DiskSet, chunked, ordered_map
+from tracetune.trajectories.pii import has_pseudonym
+
+RULES = (
+    "success",
+    "step_limit",
+    "error_retries",
+    "redundant_calls",
+    "empty_turns",
+    "pseudonymised",
+    "exact_duplicate",
+    "near_duplicate",
+)
+_NON_WORD = re.compile(r"\W+")
+
+
+def canonical_arguments(arguments: Any) -> str:
+    """Arguments as canonical JSON (sorted keys), or the raw text when they do not parse."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments
+    return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+
+
+def redundant_calls(messages: Sequence[dict[str, Any]]) -> int:
+    """Calls that repeat an earlier call of the same tool with the same arguments."""
+    seen: set[tuple[str, str]] = set()
+    repeats = 0
+    for _, name, args in tool_calls(messages):
+        key = (name, canonical_arguments(args))
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
+def is_error_result(content: Any) -> bool:
+    """A tool message whose content is a JSON object with an `error` key."""
+    if not isinstance(content, str) or '"error"' not in content:
+        return False
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and "error" in value
+
+
+def error_retries(messages: Sequence[dict[str, Any]]) -> int:
+    """Failed tool calls after which the agent called a tool again (it had to retry).
+
+    A failed call the agent reports on (`order O-9 was not found`) is no retry: that is the
+    correct behaviour for a missing record.
+    """
+    retries, failed_pending = 0, False
+    for message in messages:
+        role = message.get("role")
+        if role == "tool" and is_error_result(message.get("content")):
+            failed_pending = True
+        elif role == "assistant" and message.get("tool_calls"):
+            retries += failed_pending
+            failed_pending = False
+        elif role == "assistant":
+            failed_pending = False
+    return retries
+
+
+def golden_failures(record: dict[str, Any], params: CurateParams, text: str = "") -> list[str]:
+    """The golden-filter rules `record` fails, in rule order (empty: it is golden)."""
+    messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
+    failures = []
+    if params.require_success and not record.get("success"):
+        failures.append("success")
+    if int(record.get("steps") or 0) >= params.step_limit:
+        failures.append("step_limit")
+    retries = max(int(record.get("error_retries") or 0), error_retries(messages))
+    if retries > params.max_error_retries:
+        failures.append("error_retries")
+    if params.drop_redundant_calls and redundant_calls(messages):
+        failures.append("redundant_calls")
+    if params.drop_empty_turns and empty_assistant_turns(messages):
+        failures.append("empty_turns")
+    if not params.keep_pseudonymised and has_pseudonym(text or json.dumps(record)):
+        failures.append("pseudonymised")
+    return failures
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def exact_key(record: dict[str, Any]) -> str:
+    """Same task, same messages, byte for byte (ids and timestamps of the log line aside)."""
+    return _digest(orjson.dumps([record.get("task_id"), record.get("messages")]))
+
+
+def _norm(text: str) -> str:
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def near_key(record: dict[str, Any]) -> str:
+    """The episode with case, whitespace, punctuation, JSON key order and call ids normalised."""
+    parts = []
+    for message in record.get("messages") or ():
+        content = message.get("content")
+        if message.get("role") == "tool" and isinstance(content, str):
+            content = canonical_arguments(content)
+        parts.append(f"{message.get('role')}|{_norm(content or '')}")
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            args = canonical_arguments(function.get("arguments"))
+            parts.append(f"call|{function.get('name')}|{_norm(args)}")
+    return _digest("\n".join(parts).encode())
+
+
+class Judged(NamedTuple):
+    line: str
+    family: str
+    failures: list[str]
+    exact: str
+    near: str
+
+
+def judge_chunk(args: tuple[list[str], CurateParams]) -> list[Judged]:
+    lines, params = args
+    out = []
+    for line in lines:
+        record = orjson.loads(line)
+        out.append(
+            Judged(
+                line,
+                str(record.get("family")),
+                golden_failures(record, params, line),
+                exact_key(record),
+                near_key(record),
+            )
+        )
+    return out
+
+
+@dataclass
+class CurateReport:
+    input: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # by first failing rule
+    failing: Counter[str] = field(default_factory=Counter)  # by every failing rule
+    families_in: Counter[str] = field(default_factory=Counter)
+    families_kept: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "kept": self.kept,
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_rule": {r: self.dropped[r] for r in RULES},
+            "failing_by_rule": {r: self.failing[r] for r in RULES},
+            "families_in": dict(sorted(self.families_in.items())),
+            "families_kept": dict(sorted(self.families_kept.items())),
+            "keep_rate": round(self.kept / self.input, 4) if self.input else None,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def curate(
+    lines: Iterable[str], params: CurateParams, out: TextIO, workers: int = 1, chunk: int = 500
+) -> CurateReport:
+    """Stream ingested trajectory lines through the golden filter and dedupe into `out`."""
+    report = CurateReport()
+    exact_seen, near_seen = DiskSet(), DiskSet()
+    try:
+        jobs = ((c, params) for c in chunked(lines, chunk))
+        for judged in ordered_map(judge_chunk, jobs, workers):
+            for item in judged:
+                _keep_or_drop(item, params, exact_seen, near_seen, report, out)
+    finally:
+        exact_seen.close()
+        near_seen.close()
+    return report
+
+
+def _keep_or_drop(
+    item: Judged,
+    params: CurateParams,
+    exact_seen: DiskSet,
+    near_seen: DiskSet,
+    report: CurateReport,
+    out: TextIO,
+) -> None:
+    report.input += 1
+    report.families_in[item.family] += 1
+    failures = list(item.failures)
+    if not failures:  # only golden trajectories take part in dedupe
+        if params.dedupe_exact and not exact_seen.add(item.exact):
+            failures.append("exact_duplicate")
+        elif params.dedupe_near and not near_seen.add(item.near):
+            failures.append("near_duplicate")
+    if failures:
+        report.dropped[failures[0]] += 1
+        report.failing.update(failures)
+        return
+    report.kept += 1
+    report.families_kept[item.family] += 1
+    out.write(item.line + "\n")

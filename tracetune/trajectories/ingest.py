@@ -1,0 +1,451 @@
+"""Ingest: production log lines -> validated, PII-scrubbed `Trajectory` batches + quarantine.
+
+Incremental by a watermark. For every log object the index remembers a fingerprint and how far
+it was read; a re-run reads new objects whole, only the new tail of a local file that grew, and
+nothing of what it has seen. Every accepted trajectory id is remembered too, so a re-delivered or
+rewritten file never duplicates a trajectory (the copy is quarantined as
+`duplicate_trajectory_id`). The index is one SQLite file: ids, file marks and the batch log
+change in one transaction, so a crash or a failed batch leaves the watermark where it was.
+`paths.ingest_state` is a readable JSON export of it.
+
+Each batch is written as `batch-NNNNNN.jsonl` beside its `quarantine/batch-NNNNNN.jsonl`, under
+temporary names that become final only when the batch passes the quarantine-rate check. Memory
+stays bounded: lines stream through, the id set is on disk, workers see a bounded window.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+from pydantic import ValidationError
+
+from tracetune.config import FieldMapping, IngestParams, PiiParams
+from tracetune.trajectories import quarantine as q
+from tracetune.trajectories.io import chunked, ordered_map
+from tracetune.trajectories.mapping import MappingError, apply_mapping
+from tracetune.trajectories.pii import Scrubber, resolve_key
+from tracetune.trajectories.schema import Trajectory
+from tracetune.trajectories.sources import LogSource, SourceObject, open_source
+
+CHUNK_LINES = 500
+
+
+class QuarantineRateExceeded(RuntimeError):
+    """The batch quarantined more than `ingest.max_quarantine_rate`; nothing was committed."""
+
+    def __init__(self, report: IngestReport, limit: float, rejected: Path) -> None:
+        self.report = report
+        super().__init__(
+            f"batch quarantine rate {report.invalid_rate:.2%} exceeds ingest.max_quarantine_rate "
+            f"{limit:.2%} ({report.invalid} of {report.read} lines); nothing was committed, the "
+            f"watermark did not move; quarantined lines: {rejected}"
+        )
+
+
+@dataclass
+class IngestReport:
+    source: str
+    batch: int | None = None
+    read: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    held_back: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    families: Counter[str] = field(default_factory=Counter)
+    files: Counter[str] = field(default_factory=Counter)  # new / appended / rewritten / unchanged
+    pii: Counter[str] = field(default_factory=Counter)
+    pii_key_secret: bool = False
+    seconds: float = 0.0
+
+    @property
+    def invalid(self) -> int:
+        """Quarantined for being unreadable or off-schema (duplicates are not a data fault)."""
+        return self.quarantined - self.duplicates
+
+    @property
+    def invalid_rate(self) -> float:
+        return self.invalid / self.read if self.read else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "batch": self.batch,
+            "read": self.read,
+            "accepted": self.accepted,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "held_back_partial_lines": self.held_back,
+            "quarantine_rate": round(self.invalid_rate, 5),
+            "quarantine_reasons": dict(sorted(self.reasons.items())),
+            "families": dict(sorted(self.families.items())),
+            "files": dict(sorted(self.files.items())),
+            "pii_replacements": dict(sorted(self.pii.items())),
+            "pii_key": "secret" if self.pii_key_secret else "development default",
+            "seconds": round(self.seconds, 2),
+            "trajectories_per_s": round(self.read / self.seconds, 1) if self.seconds else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing one line (runs in worker processes).
+# ---------------------------------------------------------------------------------------------
+class Parsed(NamedTuple):
+    uri: str
+    line: int
+    trajectory_id: str | None
+    json: str | None  # the normalised trajectory, or None when quarantined
+    family: str | None
+    quarantine: q.QuarantineRecord | None
+    pii: dict[str, int] | None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(mapping: FieldMapping, pii: PiiParams, key: bytes) -> None:
+    _WORKER["mapping"] = mapping
+    _WORKER["scrubber"] = Scrubber(pii, key)
+
+
+def parse_chunk(chunk: list[tuple[str, int, bytes | None, str | None]]) -> list[Parsed]:
+    mapping, scrubber = _WORKER["mapping"], _WORKER["scrubber"]
+    return [parse_line(uri, n, raw, err, mapping, scrubber) for uri, n, raw, err in chunk]
+
+
+def parse_line(
+    uri: str,
+    number: int,
+    raw: bytes | None,
+    error: str | None,
+    mapping: FieldMapping,
+    scrubber: Scrubber,
+) -> Parsed:
+    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record."""
+
+    def reject(reason: str, detail: str, text: str = "", tid: str | None = None) -> Parsed:
+        record = q.QuarantineRecord(
+            uri, number, reason, scrubber.scrub_text(detail), scrubber.scrub_text(text), tid
+        )
+        return Parsed(uri, number, tid, None, None, record, None)
+
+    if raw is None:
+        return reject(q.UNREADABLE_FILE, error or "unreadable", "")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject(q.INVALID_UTF8, str(exc), q.decode_raw(raw))
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return reject(q.BLANK_LINE, "empty line")
+    try:
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return reject(q.INVALID_JSON, str(exc), text)
+    if not isinstance(record, dict):
+        return reject(q.NOT_AN_OBJECT, f"a JSON {type(record).__name__}, not an object", text)
+    tid = q.trajectory_id_of(record)
+    try:
+        apply_mapping(record, mapping)
+    except MappingError as exc:
+        return reject(q.MAPPING, str(exc), text, tid)
+    before = scrubber.counts.copy()
+    scrubber.scrub_obj(record)
+    try:
+        trajectory = Trajectory.model_validate(record)
+    except ValidationError as exc:
+        reason, detail = q.schema_reason(exc)
+        return reject(reason, detail, text, q.trajectory_id_of(record))
+    hits = scrubber.counts - before
+    return Parsed(
+        uri,
+        number,
+        trajectory.trajectory_id,
+        trajectory.model_dump_json(exclude_none=True),
+        trajectory.family,
+        None,
+        dict(hits) if hits else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The watermark index.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileMark:
+    fingerprint: str
+    head: str
+    offset: int
+    lines: int
+
+
+class IngestIndex:
+    """Seen trajectory ids, per-object read marks and the batch log, in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level="DEFERRED")
+        self.conn.execute("PRAGMA cache_size=-8000")
+        self.conn.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS files (uri TEXT PRIMARY KEY, fingerprint TEXT, head TEXT,
+                                              offset INTEGER, lines INTEGER);
+            CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, report TEXT);
+            """
+        )
+
+    def mark(self, uri: str) -> FileMark | None:
+        row = self.conn.execute(
+            "SELECT fingerprint, head, offset, lines FROM files WHERE uri=?", (uri,)
+        ).fetchone()
+        return FileMark(*row) if row else None
+
+    def set_mark(self, uri: str, mark: FileMark) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
+            (uri, mark.fingerprint, mark.head, mark.offset, mark.lines),
+        )
+
+    def add_id(self, trajectory_id: str) -> bool:
+        """False when the id was accepted before (in this or an earlier batch)."""
+        cur = self.conn.execute("INSERT OR IGNORE INTO ids VALUES (?)", (trajectory_id,))
+        return cur.rowcount == 1
+
+    def next_batch(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM batches").fetchone()[0])
+
+    def record_batch(self, batch: int, report: dict[str, Any]) -> None:
+        self.conn.execute("INSERT INTO batches VALUES (?, ?)", (batch, json.dumps(report)))
+
+    def export(self) -> dict[str, Any]:
+        """The watermark as JSON: what was read of each object, and every batch's counts."""
+        batches = [json.loads(r[0]) for r in self.conn.execute("SELECT report FROM batches ORDER BY id")]
+        files = {
+            uri: {"fingerprint": fp, "offset": off, "lines": n}
+            for uri, fp, _head, off, n in self.conn.execute("SELECT * FROM files ORDER BY uri")
+        }
+        totals: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for b in batches:
+            totals.update({k: b[k] for k in ("read", "accepted", "quarantined", "duplicates")})
+            reasons.update(b["quarantine_reasons"])
+        return {
+            "last_batch": batches[-1] if batches else None,
+            "batches": len(batches),
+            "totals": dict(totals) | {"quarantine_reasons": dict(sorted(reasons.items()))},
+            "files": files,
+        }
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning what to read, and reading it.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ReadPlan:
+    obj: SourceObject
+    offset: int
+    first_line: int  # line number of the first line read (1-based)
+    kind: str  # new / appended / rewritten
+    head: str
+
+
+def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> list[ReadPlan]:
+    """Which objects to read and from where, given the watermark."""
+    plans = []
+    for obj in source.objects():
+        mark = index.mark(obj.uri)
+        head = source.head_hash(obj)
+        if mark is None:
+            plans.append(ReadPlan(obj, 0, 1, "new", head))
+        elif mark.fingerprint == obj.fingerprint:
+            report.files["unchanged"] += 1
+        elif obj.appendable and mark.head == head and obj.size >= mark.offset:
+            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended", head))
+        else:
+            plans.append(ReadPlan(obj, 0, 1, "rewritten", head))
+    return plans
+
+
+def iter_planned_lines(
+    source: LogSource,
+    plans: list[ReadPlan],
+    marks: dict[str, FileMark],
+    report: IngestReport,
+) -> Iterator[tuple[str, int, bytes | None, str | None]]:
+    """(uri, line number, raw bytes, read error) for every planned line; fills `marks`.
+
+    A local file's last line without a newline may still be being written: it is held back
+    (the mark stays before it) unless it already parses as JSON.
+    """
+    for plan in plans:
+        obj = plan.obj
+        report.files[plan.kind] += 1
+        offset, number = plan.offset, plan.first_line - 1
+        try:
+            with source.open(obj, plan.offset) as stream:
+                for raw in stream:
+                    if obj.appendable and not raw.endswith(b"\n") and not _parses(raw):
+                        report.held_back += 1
+                        break
+                    number += 1
+                    offset += len(raw)
+                    yield obj.uri, number, raw, None
+        except (OSError, EOFError, ValueError) as exc:  # truncated/corrupt gzip, bad stream
+            number += 1
+            yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
+        marks[obj.uri] = FileMark(obj.fingerprint, plan.head, offset, number)
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IngestPaths:
+    batches: Path
+    quarantine: Path
+    index: Path
+    state: Path
+    rejected: Path  # where a rejected batch's quarantine goes for inspection
+
+
+def reset(paths: IngestPaths) -> None:
+    """Forget everything ingested (`ingest.full_refresh`)."""
+    for folder in (paths.batches, paths.quarantine):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in (paths.index, paths.state):
+        file.unlink(missing_ok=True)
+
+
+def ingest(params: IngestParams, paths: IngestPaths, source: LogSource | None = None) -> IngestReport:
+    """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
+
+    Raises `QuarantineRateExceeded` when the batch quarantines too much.
+    """
+    started = time.perf_counter()
+    if params.full_refresh:
+        reset(paths)
+    source = source or open_source(params.source, params.s3_endpoint_url)
+    key, secret = resolve_key(params.pii)
+    report = IngestReport(source=source.uri, pii_key_secret=secret)
+    index = IngestIndex(paths.index)
+    name = ""
+    try:
+        batch = index.next_batch()
+        name = f"batch-{batch:06d}.jsonl"
+        paths.batches.mkdir(parents=True, exist_ok=True)
+        paths.quarantine.mkdir(parents=True, exist_ok=True)
+        out_tmp = paths.batches / (name + ".tmp")
+        q_tmp = paths.quarantine / (name + ".tmp")
+        marks: dict[str, FileMark] = {}
+        plans = plan_reads(source, index, report)
+        lines = iter_planned_lines(source, plans, marks, report)
+        with out_tmp.open("w", encoding="utf-8") as out, q_tmp.open("w", encoding="utf-8") as qout:
+            results = ordered_map(
+                parse_chunk,
+                chunked(lines, CHUNK_LINES),
+                params.workers,
+                init_worker,
+                (params.mapping, params.pii, key),
+            )
+            for chunk in results:
+                for parsed in chunk:
+                    _take(parsed, index, out, qout, report)
+        for uri, mark in marks.items():
+            index.set_mark(uri, mark)
+        report.seconds = time.perf_counter() - started
+        if report.invalid_rate > params.max_quarantine_rate:
+            index.rollback()
+            paths.rejected.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(q_tmp, paths.rejected)
+            raise QuarantineRateExceeded(report, params.max_quarantine_rate, paths.rejected)
+        if report.read:
+            report.batch = batch
+            out_tmp.replace(paths.batches / name)
+            q_tmp.replace(paths.quarantine / name)
+            summary = report.as_dict() | {
+                "file": name,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            index.record_batch(batch, summary)
+        index.commit()
+        _write_state(paths.state, index.export())
+    finally:
+        index.close()
+        if name:
+            for tmp in (paths.batches / (name + ".tmp"), paths.quarantine / (name + ".tmp")):
+                tmp.unlink(missing_ok=True)
+    return report
+
+
+def _take(parsed: Parsed, index: IngestIndex, out: Any, qout: Any, report: IngestReport) -> None:
+    report.read += 1
+    record = parsed.quarantine
+    if parsed.json is not None:
+        assert parsed.trajectory_id is not None
+        if index.add_id(parsed.trajectory_id):
+            out.write(parsed.json + "\n")
+            report.accepted += 1
+            report.families[parsed.family or ""] += 1
+            if parsed.pii:
+                report.pii.update(parsed.pii)
+            return
+        report.duplicates += 1
+        record = q.QuarantineRecord(
+            parsed.uri,
+            parsed.line,
+            q.DUPLICATE_ID,
+            "trajectory id already ingested (this or an earlier batch)",
+            parsed.json,
+            parsed.trajectory_id,
+        )
+    assert record is not None
+    report.quarantined += 1
+    report.reasons[record.reason] += 1
+    qout.write(record.to_json() + "\n")
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The exported watermark (`{}` before the first batch)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def last_batch_file(state_path: Path, batches_dir: Path) -> Path | None:
+    """The newest batch file: what the raw-batch gate validates."""
+    last = read_state(state_path).get("last_batch")
+    return batches_dir / last["file"] if last else None

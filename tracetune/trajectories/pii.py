@@ -1,0 +1,157 @@
+"""PII scrub: emails, phone numbers and card-like numbers become keyed pseudonyms.
+
+Why pseudonyms and not `[REDACTED]`: a `find_customer(email)` trajectory carries the email in the
+user text, the tool arguments and the tool results. A keyed hash (HMAC) maps the same value to the
+same pseudonym everywhere, so the scrubbed trajectory still reads as one coherent episode (the
+model still learns to copy the user's email into the tool call) while the value itself is gone.
+Pseudonyms are built so that the detectors never match them again (`.invalid` is a reserved
+top-level domain, RFC 6761), which makes the scrub idempotent and lets tests scan curated files
+with the same detectors.
+
+The key comes from an environment variable (`ingest.pii.key_env`); without it a fixed
+development key is used and the ingest metrics say so: with a public key, pseudonyms of guessable
+values (an email of a known customer) can be recomputed, so production sets a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections import Counter
+from typing import Any
+
+from tracetune.config import PiiParams
+
+DEV_KEY = b"tracetune-development-key"
+PSEUDONYM_DOMAIN = "example.invalid"
+
+# Emails: a conservative RFC 5322 subset (what real logs hold).
+_EMAIL = r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])"
+# Card-like: 13 to 19 digits, optionally grouped by single spaces or dashes.
+_CARD = r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"
+# Phones: optional +country code, then three groups separated by space/dot/dash; the digit count
+# (9 to 15, E.164) is checked after the match, so dates (2026-10-09) and ids (O-10423) never match.
+_PHONE = (
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"
+)
+_PREFILTER = re.compile(r"@|\d{3}")
+
+
+def luhn_ok(digits: str) -> bool:
+    """The card checksum: every real card number passes it, ~90% of random digit runs fail."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def resolve_key(params: PiiParams) -> tuple[bytes, bool]:
+    """(key, is_secret): the secret from the environment, or the public development key."""
+    value = os.environ.get(params.key_env, "")
+    return (value.encode(), True) if value else (DEV_KEY, False)
+
+
+class Scrubber:
+    """Replaces PII in strings with keyed pseudonyms and counts what it replaced.
+
+    Picklable (worker processes get a copy). The pseudonym cache is bounded: values repeat a lot
+    (the same customers), but memory must not grow with the input.
+    """
+
+    CACHE_LIMIT = 50_000
+
+    def __init__(self, params: PiiParams, key: bytes | None = None) -> None:
+        self.params = params
+        self.key = key if key is not None else resolve_key(params)[0]
+        kinds = []
+        if params.emails:
+            kinds.append(f"(?P<email>{_EMAIL})")
+        if params.cards:
+            kinds.append(f"(?P<card>{_CARD})")
+        if params.phones:
+            kinds.append(f"(?P<phone>{_PHONE})")
+        self.enabled = params.enabled and bool(kinds)
+        self._pattern = re.compile("|".join(kinds)) if kinds else None
+        self._cache: dict[tuple[str, str], str] = {}
+        self.counts: Counter[str] = Counter()
+
+    # --- pseudonyms ---------------------------------------------------------------------------
+    def pseudonym(self, kind: str, value: str) -> str:
+        norm = value.lower() if kind == "email" else re.sub(r"\D", "", value)
+        cached = self._cache.get((kind, norm))
+        if cached is not None:
+            return cached
+        tag = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).hexdigest()[:10]
+        out = f"user_{tag}@{PSEUDONYM_DOMAIN}" if kind == "email" else f"<{kind}:{tag}>"
+        if len(self._cache) >= self.CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[(kind, norm)] = out
+        return out
+
+    def _replace(self, match: re.Match[str]) -> str:
+        kind = match.lastgroup or ""
+        value = match.group(0)
+        if kind == "email" and value.lower().endswith(".invalid"):
+            return value  # already a pseudonym (or another reserved .invalid address)
+        if kind == "card" and self.params.card_luhn and not luhn_ok(re.sub(r"\D", "", value)):
+            return value
+        if kind == "phone" and not 9 <= sum(c.isdigit() for c in value) <= 15:
+            return value
+        self.counts[kind] += 1
+        return self.pseudonym(kind, value)
+
+    # --- scrubbing ----------------------------------------------------------------------------
+    def scrub_text(self, text: str) -> str:
+        """`text` with every detected PII value replaced (unchanged when none is found)."""
+        if not self.enabled or self._pattern is None or not _PREFILTER.search(text):
+            return text
+        return self._pattern.sub(self._replace, text)
+
+    def scrub_obj(self, obj: Any) -> Any:
+        """Scrub every string value of a JSON-like object in place (dict keys are left alone).
+
+        Works on decoded values, never on JSON text: a regex over JSON text would meet escapes
+        (`\\n555-123-4567`, `\\u00f6`) and either miss PII or break the document.
+        """
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if isinstance(value, str):
+                    obj[key] = self.scrub_text(value)
+                elif isinstance(value, dict | list):
+                    self.scrub_obj(value)
+        elif isinstance(obj, list):
+            for i, value in enumerate(obj):
+                if isinstance(value, str):
+                    obj[i] = self.scrub_text(value)
+                elif isinstance(value, dict | list):
+                    self.scrub_obj(value)
+        return obj
+
+
+_DETECTOR = Scrubber(PiiParams(card_luhn=False), key=DEV_KEY)
+
+
+def find_pii(text: str) -> list[str]:
+    """PII values present in `text` (pseudonyms excluded): the check tests and gates use."""
+    pattern = _DETECTOR._pattern
+    if pattern is None or not _PREFILTER.search(text):
+        return []
+    return [m.group(0) for m in pattern.finditer(text) if _DETECTOR._replace(m) != m.group(0)]
+
+
+def pii_in(obj: Any) -> list[str]:
+    """PII values in every string of a JSON-like object (decoded, so escapes cannot hide any)."""
+    if isinstance(obj, str):
+        return find_pii(obj)
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return [hit for value in values for hit in pii_in(value)]
+
+
+def has_pseudonym(text: str) -> bool:
+    """True when `text` holds a pseudonym this module wrote."""
+    return f"@{PSEUDONYM_DOMAIN}" in text or "<phone:" in text or "<card:" in text
