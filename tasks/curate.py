@@ -20,7 +20,9 @@ def curated_path(params: Params) -> Path:
 
 def run(params: Params) -> dict[str, Any]:
     with atomic_writer(curated_path(params)) as out:
-        report = curate(iter_lines(params.paths.ingested), params.curate, out, params.curate.workers)
+        report = curate(
+            iter_lines(params.paths.ingested), params.curate, out, params.curate.workers
+        )
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary

@@ -53,7 +53,9 @@ def run(params: Params) -> SFTResult:
 
     paths = sft_paths(params)
     if not paths["train"].exists():
-        raise FileNotFoundError(f"curated train set missing: {paths['train']} (run the curate stage)")
+        raise FileNotFoundError(
+            f"curated train set missing: {paths['train']} (run the curate stage)"
+        )
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
     data_md5 = file_md5(paths["train"])
     with stage_run(params.tracking, "sft", {"data.train_md5": data_md5}) as active:

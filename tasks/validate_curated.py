@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     except GateFailed as exc:
         print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"GX gate 'curated' PASSED on {metrics['rows']} rows ({metrics['evaluated']} expectations)")
+    print(
+        f"GX gate 'curated' PASSED on {metrics['rows']} rows ({metrics['evaluated']} expectations)"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     except GateFailed as exc:
         print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
         raise SystemExit(1) from None
-    print(metrics.get("skipped") or f"GX gate 'raw' PASSED on {metrics['rows']} rows "
-          f"({metrics['evaluated']} expectations, batch {metrics['batch']})")
+    print(
+        metrics.get("skipped")
+        or f"GX gate 'raw' PASSED on {metrics['rows']} rows "
+        f"({metrics['evaluated']} expectations, batch {metrics['batch']})"
+    )
 
 
 if __name__ == "__main__":

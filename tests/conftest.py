@@ -83,3 +83,12 @@ def golden_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if ok and record["steps"] < 6:
                 fh.write(line + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def sim_lines() -> list[str]:
+    """400 simulated production log lines, faults included (corrupt lines, duplicates, PII)."""
+    from tracetune.trajectories.simulator import iter_log_lines
+
+    params = parse_params({"simulate": {"n_trajectories": 400, "seed": 5}})
+    return [line for line, _, _ in iter_log_lines(SupportDesk(max_steps=60), params.simulate)]

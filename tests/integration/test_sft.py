@@ -55,7 +55,12 @@ def test_loss_mask_trains_only_assistant_output_and_its_end_token(
 
 def test_full_finetune_loss_falls(tiny_base: Path, golden_train: Path, tmp_path: Path) -> None:
     result = train_sft(
-        _params(max_steps=10), str(tiny_base), golden_train, TOOLS, tmp_path / "sft", tmp_path / "ck"
+        _params(max_steps=10),
+        str(tiny_base),
+        golden_train,
+        TOOLS,
+        tmp_path / "sft",
+        tmp_path / "ck",
     )
     assert result.steps == 10
     assert result.final_loss is not None and result.first_loss is not None

@@ -56,7 +56,9 @@ def tool_calls(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str, Any]]
             continue
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            calls.append((str(call.get("id")), str(function.get("name")), function.get("arguments")))
+            calls.append(
+                (str(call.get("id")), str(function.get("name")), function.get("arguments"))
+            )
     return calls
 
 
@@ -158,7 +160,8 @@ def raw_row(record: dict[str, Any], known_tools: frozenset[str], line: int = 0) 
     """One ingested trajectory as the raw-batch gate's row."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     calls = tool_calls(messages)
-    usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
+    usage = record.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     tokens = [_number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
     steps = record.get("steps")
     return {

@@ -1,4 +1,4 @@
-"""Great Expectations gates: a raw-batch gate and a curated-set gate, as GX 1.x suites + checkpoints.
+"""Great Expectations gates on the raw batch and the curated set, as GX 1.x suites + checkpoints.
 
 Each trajectory becomes one row of derived columns (`tracetune.data.features`); rows stream into
 a SQLite table on disk and GX validates that table through its SQL engine. That keeps memory flat
@@ -50,7 +50,9 @@ def raw_checks(p: RawGateParams, known_tools: Iterable[str], now: datetime) -> l
     zero = {"min_value": 0, "max_value": 0}
     return [
         Check("ExpectTableRowCountToBeBetween", {"min_value": 1}, "the batch is not empty"),
-        Check("ExpectColumnValuesToBeUnique", {"column": "trajectory_id"}, "trajectory ids are unique"),
+        Check(
+            "ExpectColumnValuesToBeUnique", {"column": "trajectory_id"}, "trajectory ids are unique"
+        ),
         *(
             Check("ExpectColumnValuesToNotBeNull", {"column": c}, f"every trajectory has {c}")
             for c in ("trajectory_id", "task_id", "family", "steps", "total_tokens")
@@ -86,7 +88,9 @@ def raw_checks(p: RawGateParams, known_tools: Iterable[str], now: datetime) -> l
             {"column": "steps_consistent", "value_set": [1], "mostly": p.steps_consistent_mostly},
             "`steps` equals the number of assistant turns",
         ),
-        Check(between, {"column": "steps", "min_value": 1, "max_value": p.max_steps}, "steps in range"),
+        Check(
+            between, {"column": "steps", "min_value": 1, "max_value": p.max_steps}, "steps in range"
+        ),
         Check(
             between,
             {"column": "total_tokens", "min_value": 1, "max_value": p.max_total_tokens},
@@ -208,7 +212,9 @@ class GateResult:
             "expectations": {
                 _key(r.check): {
                     "success": r.success,
-                    **({"unexpected": r.unexpected_count} if r.unexpected_count is not None else {}),
+                    **(
+                        {"unexpected": r.unexpected_count} if r.unexpected_count is not None else {}
+                    ),
                     **({"observed": _jsonable(r.observed)} if r.unexpected_count is None else {}),
                 }
                 for r in self.results
@@ -218,8 +224,10 @@ class GateResult:
     def summary(self, limit: int = 5) -> str:
         """One screen: the verdict, then each failed expectation with the rows it failed on."""
         head = "PASSED" if self.success else "FAILED"
-        lines = [f"GX gate '{self.gate}' {head}: {len(self.failed)} of {len(self.results)} "
-                 f"expectations failed on {self.rows} rows"]
+        lines = [
+            f"GX gate '{self.gate}' {head}: {len(self.failed)} of {len(self.results)} "
+            f"expectations failed on {self.rows} rows"
+        ]
         for r in self.failed:
             lines.append(f"  x {r.check.meaning}")
             lines.append(f"      {_key(r.check)}: {r.describe()}")
@@ -304,7 +312,9 @@ def _validate(
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_sqlite(name=f"{gate}_rows", connection_string=f"sqlite:///{db}")
+    source = context.data_sources.add_sqlite(
+        name=f"{gate}_rows", connection_string=f"sqlite:///{db}"
+    )
     asset = source.add_table_asset(name=TABLE, table_name=TABLE)
     batch = asset.add_batch_definition_whole_table(name=f"{gate}_batch")
     suite = context.suites.add(gx.ExpectationSuite(name=f"{gate}_gate"))
@@ -332,7 +342,7 @@ def _validate(
             info = res.result or {}
             results.append(
                 CheckResult(
-                    checks[int(res.expectation_config.meta["check"])],
+                    checks[int((res.expectation_config.meta or {})["check"])],  # type: ignore[union-attr]
                     bool(res.success),
                     info.get("element_count"),
                     info.get("unexpected_count"),

@@ -79,7 +79,7 @@ def tokenize_conversation(
     tools: Sequence[dict[str, Any]] | None,
 ) -> TokenizedExample:
     """Token ids and the assistant-output mask from the chat template's generation blocks."""
-    enc = tokenizer.apply_chat_template(
+    enc: Any = tokenizer.apply_chat_template(
         normalize_messages(messages),
         tools=list(tools) if tools else None,
         tokenize=True,
@@ -187,7 +187,9 @@ def trainer_config(params: SFTParams, output_dir: Path, cuda: bool, report_to: l
 
 def fingerprint(params: SFTParams, base: str, data_md5: str) -> str:
     """Identity of a training run: checkpoints resume only into the run that wrote them."""
-    blob = json.dumps({"p": params.model_dump(mode="json"), "b": base, "d": data_md5}, sort_keys=True)
+    blob = json.dumps(
+        {"p": params.model_dump(mode="json"), "b": base, "d": data_md5}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -257,7 +259,7 @@ def train_sft(
     output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_start
     history = [h for h in trainer.state.log_history if "loss" in h]
-    save_model(trainer.model, tokenizer, out_dir, params.use_lora)
+    save_model(trainer.model, tokenizer, out_dir, params.use_lora)  # type: ignore[arg-type]
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

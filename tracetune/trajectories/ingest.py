@@ -231,7 +231,9 @@ class IngestIndex:
 
     def export(self) -> dict[str, Any]:
         """The watermark as JSON: what was read of each object, and every batch's counts."""
-        batches = [json.loads(r[0]) for r in self.conn.execute("SELECT report FROM batches ORDER BY id")]
+        batches = [
+            json.loads(r[0]) for r in self.conn.execute("SELECT report FROM batches ORDER BY id")
+        ]
         files = {
             uri: {"fingerprint": fp, "offset": off, "lines": n}
             for uri, fp, _head, off, n in self.conn.execute("SELECT * FROM files ORDER BY uri")
@@ -345,7 +347,9 @@ def reset(paths: IngestPaths) -> None:
         file.unlink(missing_ok=True)
 
 
-def ingest(params: IngestParams, paths: IngestPaths, source: LogSource | None = None) -> IngestReport:
+def ingest(
+    params: IngestParams, paths: IngestPaths, source: LogSource | None = None
+) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
     Raises `QuarantineRateExceeded` when the batch quarantines too much.

@@ -93,7 +93,9 @@ def _map_fields(record: dict[str, Any], mapping: FieldMapping) -> None:
         if reward is _MISSING:
             raise MappingError(f"reward field '{mapping.success_from_reward}' is missing")
         if isinstance(reward, bool) or not isinstance(reward, int | float):
-            raise MappingError(f"reward '{mapping.success_from_reward}' is not a number: {reward!r}")
+            raise MappingError(
+                f"reward '{mapping.success_from_reward}' is not a number: {reward!r}"
+            )
         record["success"] = reward >= mapping.success_threshold
     for key in mapping.drop:
         pop_path(record, key)

@@ -69,14 +69,16 @@ class LocalSource(LogSource):
                 size = file.stat().st_size
                 obj = SourceObject(str(file), size, "", file.name.endswith(".gz"), False)
                 head = self.head_hash(obj)
-                yield SourceObject(str(file), size, f"{size}:{head}", obj.compressed, not obj.compressed)
+                yield SourceObject(
+                    str(file), size, f"{size}:{head}", obj.compressed, not obj.compressed
+                )
 
     def head_hash(self, obj: SourceObject) -> str:
         with open(obj.uri, "rb") as handle:
             return hashlib.sha1(handle.read(HEAD_BYTES)).hexdigest()
 
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
-        handle = open(obj.uri, "rb", buffering=READ_BUFFER)
+        handle = open(obj.uri, "rb", buffering=READ_BUFFER)  # noqa: SIM115 - the caller closes it
         if obj.compressed:
             return _gunzip(handle)
         handle.seek(offset)
@@ -140,7 +142,7 @@ class _GzipStream(io.BufferedReader):
 
     def __init__(self, inner: IO[bytes]) -> None:
         self._inner = inner
-        super().__init__(gzip.GzipFile(fileobj=inner), READ_BUFFER)  # type: ignore[arg-type]
+        super().__init__(gzip.GzipFile(fileobj=inner), READ_BUFFER)
 
     def close(self) -> None:
         try:

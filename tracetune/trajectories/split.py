@@ -140,7 +140,7 @@ def read_heldout_tasks(curated_dir: Path | str) -> dict[str, Any]:
 @dataclass
 class HeldoutTasks:
     tasks: list[Task]
-    unresolved: list[str]  # ids the environment could not rebuild (reported, never dropped silently)
+    unresolved: list[str]  # ids the environment could not rebuild: reported, never dropped
 
 
 def load_heldout_tasks(

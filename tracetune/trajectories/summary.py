@@ -73,5 +73,7 @@ def write_token_histogram(path: Path, split: SplitReport) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["approx_tokens", "train", "heldout"])
         for i in range(TOKEN_BINS + 1):
-            writer.writerow([i * TOKEN_BIN, split.token_hist["train"][i], split.token_hist["heldout"][i]])
+            writer.writerow(
+                [i * TOKEN_BIN, split.token_hist["train"][i], split.token_hist["heldout"][i]]
+            )
     return path

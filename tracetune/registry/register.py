@@ -1,0 +1,329 @@
+"""Register an evaluated candidate: one MLflow run, one model version, gate verdict as tags.
+
+The order matters for safety. The verdict is computed *before* the version exists and its tags
+are written in the same request that creates the version, so there is no moment at which a
+version exists without its verdict. Only after the version is READY (a server may still be
+copying files) does `challenger` move, inside the registry lock (approval.set_challenger).
+The champion never moves here, except with `registry.auto_approve` (non-production only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tracetune.config import Params
+from tracetune.registry.client import (
+    CANDIDATE_TAG,
+    CHAMPION,
+    EVAL_TAG,
+    GATE_CHAMPION,
+    GATE_FAILED,
+    GATE_PARAMS,
+    GATE_REASONS,
+    GATE_VERDICT,
+    MODEL_PATH_TAG,
+    Registry,
+    ensure_registered_model,
+    json_tag,
+    open_registry,
+    wait_until_ready,
+)
+from tracetune.registry.gate import CANDIDATE, Verdict, evaluate_gate, validate_eval
+from tracetune.registry.lineage import Lineage, build_lineage, flatten
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+AUTO_APPROVER = "auto-approve"
+ARM_METRICS = ("tsr", "tsr_ci_low", "tsr_ci_high", "n", "steps_mean", "steps_median",
+               "tokens_in", "tokens_out", "cost_per_task_usd", "latency_s")  # fmt: skip
+ARMS = {"candidate": "", "baseline_prompt_only": "prompt_only.", "baseline_production": "production."}
+
+
+@dataclass(frozen=True)
+class CandidatePaths:
+    """Where a candidate's evaluation, model and report are (params.paths + its name)."""
+
+    eval_file: Path
+    model_dir: Path
+    report_dir: Path
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """What `tasks.register` writes to `metrics/register.json`."""
+
+    model: str
+    candidate: str
+    version: str
+    verdict: str
+    failed: list[str]
+    reasons: list[str]
+    challenger: bool
+    champion: str | None
+    run_id: str
+    model_uri: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+    auto_approved: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def load_eval(path: Path) -> dict[str, Any]:
+    """An `eval_<model>.json`, checked for what the gate needs."""
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation metrics not found: {path} (run the evaluate stage)")
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    validate_eval(metrics)
+    return metrics
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """The directory holding `config.json`: the path itself or its `merged/` export (SFT)."""
+    for candidate in (path, path / "merged"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no model (config.json) in {path} or {path / 'merged'}")
+
+
+def candidate_paths(params: Params, candidate: str, metrics: Mapping[str, Any] | None = None) -> CandidatePaths:
+    """Paths by convention; the eval file's `model_path` (what was really evaluated) wins."""
+    eval_file = params.paths.metrics / f"eval_{candidate}.json"
+    model_dir = params.paths.models / candidate
+    if metrics and metrics.get("model_path"):
+        model_dir = Path(str(metrics["model_path"]))
+    return CandidatePaths(eval_file, model_dir, params.paths.reports / "eval" / candidate)
+
+
+def metric_key(text: str) -> str:
+    """MLflow metric names allow letters, digits and `_-./ :`; anything else becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", text)
+
+
+def run_metrics(metrics: Mapping[str, Any], verdict: Verdict) -> dict[str, float]:
+    """Flat numeric metrics for the run: candidate (no prefix), baselines, deltas, families."""
+    out: dict[str, float] = {}
+    for arm, prefix in ARMS.items():
+        block = metrics.get(arm) or {}
+        for key in ARM_METRICS:
+            if isinstance(block.get(key), int | float) and not isinstance(block.get(key), bool):
+                out[f"{prefix}{key}"] = float(block[key])
+        for family, stats in (block.get("per_family") or {}).items():
+            for key in ("tsr", "n"):
+                if isinstance((stats or {}).get(key), int | float):
+                    out[metric_key(f"{prefix}family.{family}.{key}")] = float(stats[key])
+    for key, value in (metrics.get("delta") or {}).items():
+        if isinstance(value, int | float):
+            out[metric_key(f"delta.{key}")] = float(value)
+    if isinstance(metrics.get("n_tasks"), int | float):
+        out["n_tasks"] = float(metrics["n_tasks"])
+    out["gate.passed"] = 1.0 if verdict.passed else 0.0
+    return out
+
+
+def version_tags(
+    candidate: str,
+    model_dir: Path,
+    metrics: Mapping[str, Any],
+    verdict: Verdict,
+    gate_params: Mapping[str, Any],
+    lineage: Lineage,
+) -> dict[str, str]:
+    """Every tag the version is created with: verdict, reasons, metrics summary, lineage."""
+    block = dict(metrics[CANDIDATE])
+    block.pop("failures", None)
+    tags = {
+        CANDIDATE_TAG: candidate,
+        MODEL_PATH_TAG: str(model_dir),
+        GATE_VERDICT: verdict.label,
+        GATE_REASONS: json.dumps(verdict.reasons),
+        GATE_FAILED: ",".join(verdict.failed),
+        GATE_CHAMPION: verdict.champion_version or "none",
+        GATE_PARAMS: json.dumps(dict(gate_params), sort_keys=True),
+        EVAL_TAG: json.dumps(block, sort_keys=True),
+        "tracetune.n_tasks": str(metrics.get("n_tasks", block.get("n"))),
+        "tracetune.tsr": f"{float(block['tsr']):.4f}",
+        "tracetune.tsr_ci": f"[{block.get('tsr_ci_low')}, {block.get('tsr_ci_high')}]",
+        "tracetune.steps_mean": str(block.get("steps_mean")),
+        "tracetune.cost_per_task_usd": str(block.get("cost_per_task_usd")),
+    }
+    return tags | lineage.tags()
+
+
+def describe(candidate: str, metrics: Mapping[str, Any], verdict: Verdict) -> str:
+    """A one-paragraph version description for the MLflow UI."""
+    c = metrics[CANDIDATE]
+    lines = [
+        f"{candidate}: TSR {c['tsr']:.3f} [{c.get('tsr_ci_low', 0):.3f}, "
+        f"{c.get('tsr_ci_high', 1):.3f}] on {c.get('n')} held-out tasks, "
+        f"{c.get('steps_mean', 0):.2f} steps, ${c.get('cost_per_task_usd', 0):.5f}/task.",
+        f"Gate {verdict.label}.",
+        *verdict.reasons,
+    ]
+    return "\n".join(lines)
+
+
+def model_card(candidate: str, report_dir: Path, summary: str) -> ModelCard:
+    """A card from the evaluation report: also keeps MLflow from asking the Hub for one."""
+    from huggingface_hub import ModelCard
+
+    report = report_dir / "report.md"
+    body = report.read_text() if report.exists() else "(no evaluation report)"
+    return ModelCard(
+        f"---\nlicense: other\ntags: [tracetune, {candidate}]\n---\n\n"
+        f"# tracetune agent: {candidate}\n\n{summary}\n\n{body}\n"
+    )
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed: without an explicit list MLflow imports torchvision."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for package in ("torch", "transformers", "tokenizers", "accelerate", "safetensors"):
+        try:
+            reqs.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+# --- registry side ------------------------------------------------------------------------------
+
+
+def champion_reference(registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
+    """The current champion's stored metrics block and its version (None, None without one)."""
+    champion = registry.alias(CHAMPION)
+    if champion is None:
+        return None, None
+    block = json_tag(registry.version(champion).tags or {}, EVAL_TAG)
+    return (block if isinstance(block, dict) else None), champion
+
+
+def log_candidate_run(
+    params: Params,
+    candidate: str,
+    paths: CandidatePaths,
+    metrics: Mapping[str, Any],
+    verdict: Verdict,
+    lineage: Lineage,
+    summary: str,
+    extra_files: list[Path],
+) -> tuple[str, str]:
+    """The `register` run: params, metrics, lineage, report and plots, and the model itself."""
+    import mlflow
+
+    from tracetune.agent.model import load_model
+    from tracetune.tracking import stage_run
+
+    model_dir = resolve_model_dir(paths.model_dir)
+    with stage_run(params.tracking, "register", {CANDIDATE_TAG: candidate}) as run:
+        mlflow.log_params(flatten("", params.model_dump(mode="json")) | {"candidate": candidate})
+        mlflow.log_metrics(run_metrics(metrics, verdict))
+        mlflow.set_tags(lineage.tags() | {GATE_VERDICT: verdict.label})
+        mlflow.log_artifact(str(paths.eval_file), artifact_path="eval")
+        if paths.report_dir.is_dir():
+            mlflow.log_artifacts(str(paths.report_dir), artifact_path="eval/report")
+        mlflow.log_dict(lineage.as_dict(), "lineage/lineage.json")
+        mlflow.log_dict(verdict.as_dict(), "gate/verdict.json")
+        for extra in extra_files:
+            if extra.is_file():
+                mlflow.log_artifact(str(extra), artifact_path="lineage")
+        model, tokenizer = load_model(str(model_dir.resolve()), device="cpu")
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            pip_requirements=pip_requirements(),
+            model_card=model_card(candidate, paths.report_dir, summary),
+            metadata={"tracetune_candidate": candidate, "gate": verdict.label},
+        )
+        return run.info.run_id, str(info.model_uri)
+
+
+def register_candidate(
+    params: Params,
+    candidate: str,
+    *,
+    eval_file: Path | None = None,
+    model_dir: Path | None = None,
+    report_dir: Path | None = None,
+    dvc_lock: Path = Path("dvc.lock"),
+    params_file: Path | None = Path("params.yaml"),
+) -> RegisterResult:
+    """Gate, log and register one candidate; `challenger` moves if the gate passed."""
+    import mlflow
+
+    from tracetune.registry.approval import approve, set_challenger
+    from tracetune.tracking import git_commit
+
+    started = time.perf_counter()
+    eval_path = eval_file or candidate_paths(params, candidate).eval_file
+    metrics = load_eval(eval_path)
+    default = candidate_paths(params, candidate, metrics)
+    paths = CandidatePaths(eval_path, model_dir or default.model_dir, report_dir or default.report_dir)
+    resolve_model_dir(paths.model_dir)  # fail before anything is written
+
+    settings = params.registry
+    registry = open_registry(params.tracking, lock_timeout_s=settings.lock_timeout_s)
+    ensure_registered_model(registry, "tracetune agent models (docs/registry.md)")
+    champion_block, champion_version = champion_reference(registry)
+    verdict = evaluate_gate(metrics, settings.gate, champion_block, champion_version)
+    lineage = build_lineage(
+        dvc_lock=dvc_lock,
+        data_dir=params.paths.curated_dir,
+        model_dir=paths.model_dir,
+        git_commit=git_commit(),
+        eval_file=eval_path,
+        params_file=params_file,
+    )
+    summary = describe(candidate, metrics, verdict)
+    extras = [p for p in (dvc_lock, params_file) if p is not None]
+    run_id, model_uri = log_candidate_run(
+        params, candidate, paths, metrics, verdict, lineage, summary, extras
+    )
+    tags = version_tags(
+        candidate,
+        paths.model_dir,
+        metrics,
+        verdict,
+        settings.gate.model_dump(mode="json"),
+        lineage,
+    )
+    mv = mlflow.register_model(model_uri, registry.name, await_registration_for=0, tags=tags)
+    version = str(mv.version)
+    wait_until_ready(registry, version)
+    registry.client.update_model_version(registry.name, version, description=summary)
+    challenger = set_challenger(registry, version) if verdict.passed else False
+    auto = False
+    if verdict.passed and settings.auto_approve:
+        approve(registry, version, AUTO_APPROVER, "registry.auto_approve is on (non-production)")
+        auto = True
+    return RegisterResult(
+        model=registry.name,
+        candidate=candidate,
+        version=version,
+        verdict=verdict.label,
+        failed=verdict.failed,
+        reasons=verdict.reasons,
+        challenger=challenger,
+        champion=registry.alias(CHAMPION),
+        run_id=run_id,
+        model_uri=f"models:/{registry.name}/{version}",
+        lineage=lineage.as_dict(),
+        auto_approved=auto,
+        seconds=round(time.perf_counter() - started, 2),
+    )
