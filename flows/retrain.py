@@ -14,6 +14,7 @@ dispatched to the `gpu` pool through the `train-stage/gpu-train` deployment).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from flows.stages import (
     run_stage,
     run_training_stage,
 )
-from tracetune.config import Params, load_params
+from tracetune.config import Params, load_params, parse_params
 
 PARAMS_FILE = "params.yaml"
 RUN_RECORD = "orchestration.json"
@@ -43,32 +44,42 @@ def retrain(
     repo: str = ".",
     ingest_source: str | None = None,
     dispatch_training: bool = False,
+    approval: str = "auto",
+    params_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ingest new production logs, gate, curate, train, evaluate, register, ask for approval.
 
-    `ingest_source` overrides `ingest.source` in params.yaml (written there, so that dvc.lock
-    records where the data came from); `dispatch_training` sends training stages to the `gpu`
-    pool instead of running them in this process.
+    `ingest_source` and `params_overrides` (dotted keys, e.g. `tracking.artifact_location`) are
+    written into params.yaml, so that dvc.lock records the values the stages really used;
+    `dispatch_training` sends training stages to the `gpu` pool instead of running them in this
+    process; `approval` is how a passing challenger meets its reviewer (`APPROVAL_MODES`).
     """
-    run = Pipeline.start(Path(repo), ingest_source=ingest_source, dispatch=dispatch_training)
-    run.pull()                              # the DVC cache, when the workspace is not shared
+    if approval not in APPROVAL_MODES:
+        raise ValueError(f"approval must be one of {', '.join(APPROVAL_MODES)}, not {approval!r}")
+    overrides = dict(params_overrides or {})
+    if ingest_source:
+        overrides["ingest.source"] = ingest_source
+    run = Pipeline.start(
+        Path(repo), overrides=overrides, dispatch=dispatch_training, approval=approval
+    )
+    run.pull()  # the DVC cache, when the workspace is not shared
     run.stage("simulate", when=run.local_source)  # the embedded default's "production" logs
-    run.stage("ingest")                     # new logs since the watermark (always run)
-    run.push("ingest")                      # version the snapshot on the DVC remote
-    run.stage("validate_raw")               # GE gate on the batch; failure: Failed + report
-    run.stage("curate")                     # golden filter, dedupe
-    run.stage("split")                      # leakage-free train / held-out by task
-    run.stage("validate_curated")           # GE gate on the curated set
-    run.train("base_model")                 # the embedded tiny base (a no-op for hub models)
-    run.stage("evaluate@base")              # prompt-only baseline on held-out tasks
-    run.train("sft")                        # SFT on golden trajectories
+    run.stage("ingest")  # new logs since the watermark (always run)
+    run.push("ingest")  # version the snapshot on the DVC remote
+    run.stage("validate_raw")  # GE gate on the batch; failure: Failed + report
+    run.stage("curate")  # golden filter, dedupe
+    run.stage("split")  # leakage-free train / held-out by task
+    run.stage("validate_curated")  # GE gate on the curated set
+    run.train("base_model")  # the embedded tiny base (a no-op for hub models)
+    run.stage("evaluate@base")  # prompt-only baseline on held-out tasks
+    run.train("sft")  # SFT on golden trajectories
     run.stage("evaluate@sft")
-    run.train("rlvr")                       # GRPO; the stage applies the rule (SFT TSR < bar)
+    run.train("rlvr")  # GRPO; the stage applies the rule (SFT TSR < bar)
     run.stage("evaluate@rlvr")
-    run.eval_table()                        # markdown comparison artifact
-    run.stage("register")                   # MLflow model version, alias `challenger`
-    run.promote()                           # approval flow -> alias `champion`
-    run.push()                              # every remaining out to the DVC remote
+    run.eval_table()  # markdown comparison artifact
+    run.stage("register")  # MLflow model version, alias `challenger`
+    run.promote()  # approval flow -> alias `champion`
+    run.push()  # every remaining out to the DVC remote
     return run.finish()
 
 
@@ -80,6 +91,20 @@ def train_stage(stage: str, repo: str = ".") -> dict[str, Any]:
     return run_training_stage(stage, str(root), str(params.paths.reports)).as_dict()
 
 
+def run_local(repo: Path, ingest_source: str | None = None) -> bool:
+    """Run `retrain` in this process (`tracetune run`); True when it completed.
+
+    With no PREFECT_API_URL set, Prefect starts its temporary local API for the run and stops it
+    afterwards, so the README's main command needs no server started by hand.
+    """
+    state = retrain(repo=str(repo), ingest_source=ingest_source, return_state=True)
+    if state.is_completed():
+        return True
+    error = state.result(raise_on_failure=False)
+    print(f"retrain ended {state.name}: {error}")
+    return False
+
+
 # --- what the table of contents calls -----------------------------------------------------------
 
 
@@ -89,26 +114,28 @@ class Pipeline:
 
     root: Path
     params: Params
-    defined: frozenset[str]
-    remote: str | None
+    dvc: DvcView
     dispatch: bool
+    approval: str = "auto"
     started: float = field(default_factory=time.perf_counter)
     results: list[StageResult] = field(default_factory=list)
 
     @classmethod
-    def start(cls, repo: Path, ingest_source: str | None, dispatch: bool) -> Pipeline:
+    def start(
+        cls, repo: Path, overrides: dict[str, Any], dispatch: bool, approval: str = "auto"
+    ) -> Pipeline:
         root = repo.resolve()
         started = time.perf_counter()
-        if ingest_source:
-            override_params(root / PARAMS_FILE, {"ingest.source": ingest_source})
+        if overrides:
+            override_params(root / PARAMS_FILE, overrides)
         params = load_params(root / PARAMS_FILE)
-        defined, remote = read_dvc_repo(root)
+        dvc = read_dvc_repo(root)
         log = get_run_logger()
-        log.info("repo %s: dvc.yaml defines %s", root, ", ".join(sorted(defined)) or "nothing")
-        unknown = sorted(defined - set(TABLE_OF_CONTENTS))
+        log.info("repo %s: dvc.yaml defines %s", root, ", ".join(sorted(dvc.stages)) or "nothing")
+        unknown = sorted(dvc.stages - set(TABLE_OF_CONTENTS))
         if unknown:
             log.warning("dvc.yaml stages the flow does not run: %s", ", ".join(unknown))
-        return cls(root, params, defined, remote, dispatch, started=started)
+        return cls(root, params, dvc, dispatch, approval, started=started)
 
     @property
     def local_source(self) -> bool:
@@ -125,10 +152,21 @@ class Pipeline:
         self.results.append(result)
         return result
 
+    def _not_runnable(self, name: str) -> StageResult | None:
+        """A skip record when dvc.yaml lacks the stage, or an input does not exist by now."""
+        if name not in self.dvc.stages:
+            return self._skip(name, "missing", "not in dvc.yaml yet")
+        absent = [d for d in self.dvc.deps.get(name, ()) if not (self.root / d).exists()]
+        if absent:
+            note = f"needs {', '.join(absent)}: its stage is not in dvc.yaml yet or was skipped"
+            return self._skip(name, "blocked", note)
+        return None
+
     def stage(self, name: str, when: bool = True) -> StageResult:
         """Run a non-training stage (transient failures retried) if dvc.yaml defines it."""
-        if name not in self.defined:
-            return self._skip(name, "missing", "not in dvc.yaml yet")
+        skipped = self._not_runnable(name)
+        if skipped:
+            return skipped
         if not when:
             return self._skip(name, "skipped", "not needed for this source")
         opts = self.orchestrate
@@ -143,8 +181,9 @@ class Pipeline:
 
     def train(self, name: str) -> StageResult:
         """Run a training stage here or on the gpu pool; never retried."""
-        if name not in self.defined:
-            return self._skip(name, "missing", "not in dvc.yaml yet")
+        skipped = self._not_runnable(name)
+        if skipped:
+            return skipped
         if name not in self.orchestrate.training_stages:
             return self.stage(name)
         if self.dispatch:
@@ -158,10 +197,10 @@ class Pipeline:
         label = f"dvc {verb}"
         if not enabled:
             return
-        if self.remote is None:
+        if self.dvc.remote is None:
             self._skip(label, "skipped", "no default DVC remote configured")
             return
-        missing = [t for t in targets if t not in self.defined]
+        missing = [t for t in targets if t not in self.dvc.stages]
         if missing:
             self._skip(label, "skipped", f"{', '.join(missing)} not in dvc.yaml yet")
             return
@@ -185,8 +224,35 @@ class Pipeline:
         return table
 
     def promote(self) -> StageResult:
-        """Hand the registered challenger to the approval flow (it sets `champion`)."""
-        return self._skip("promote", "missing", "flows/approval.py not wired yet")
+        """Hand a registered challenger to the approval flow (flows/approval.py), which moves
+        `champion` on a reviewer's yes; a version that failed the gate is not offered."""
+        registered = read_registration(self.root / self.params.paths.metrics)
+        ran = any(r.name == "register" and r.status == "ran" for r in self.results)
+        if not ran or registered is None:
+            return self._skip("promote", "skipped", "nothing newly registered in this run")
+        version = str(registered.get("version"))
+        mode = self.approval
+        if mode == "auto":
+            mode = "inline" if self.params.registry.auto_approve else "none"
+        if registered.get("auto_approved"):
+            return self._skip("promote", "skipped", f"v{version} auto-approved (registry)")
+        if registered.get("verdict") != "passed":
+            return self._skip("promote", "skipped", f"v{version} failed the promotion gate")
+        if mode == "none":
+            note = f"v{version} is challenger: `tracetune approve {version}` to promote it"
+            return self._skip("promote", "skipped", note)
+        started = time.perf_counter()
+        if mode == "deployment":
+            note = request_approval(self.orchestrate.approval_deployment, version, self.root)
+            status = "dispatched"
+        else:
+            from flows.approval import approval
+
+            decision = approval(version=version, params_file=str(self.root / PARAMS_FILE))
+            note, status = f"v{version}: {decision.get('action', decision)}", "ran"
+        result = StageResult("promote", status, round(time.perf_counter() - started, 3), note)
+        self.results.append(result)
+        return result
 
     def finish(self) -> dict[str, Any]:
         """The run record: each stage's own time vs the flow's, in metrics/orchestration.json."""
@@ -197,6 +263,12 @@ class Pipeline:
         print(summary_table(record))
         return record
 
+
+# How a passing challenger meets its reviewer. auto: `inline` when registry.auto_approve is on,
+# else `none`; inline: the approval flow as a subflow (blocks until a decision or its timeout);
+# deployment: a run of the approval deployment that waits in the UI while this run ends;
+# none: leave the challenger and print how to approve it.
+APPROVAL_MODES = ("auto", "inline", "deployment", "none")
 
 # The stage names `retrain` runs, in order: what `dvc.yaml` is expected to define.
 TABLE_OF_CONTENTS = (
@@ -219,14 +291,34 @@ TABLE_OF_CONTENTS = (
 # --- small helpers ------------------------------------------------------------------------------
 
 
-def read_dvc_repo(root: Path) -> tuple[frozenset[str], str | None]:
-    """The stage names dvc.yaml defines (foreach expanded: `evaluate@sft`) and the default remote."""
+@dataclass(frozen=True)
+class DvcView:
+    """What the flow needs to know of the DVC project before running anything."""
+
+    stages: frozenset[str]  # foreach expanded: `evaluate@sft`
+    remote: str | None  # the default remote, if any
+    deps: dict[str, tuple[str, ...]]  # stage -> its local inputs, relative to the repo
+
+
+def read_dvc_repo(root: Path) -> DvcView:
+    """Stages, the default remote, and each stage's local inputs.
+
+    The inputs let the flow skip, with a note, a stage whose input comes from a stage that is
+    not written yet (register before evaluate@sft exists): the TOC runs in order, so an input
+    that does not exist when its consumer's turn comes will not appear later in the run.
+    """
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        names = frozenset(stage.addressing for stage in repo.index.stages)
+        stages = list(repo.index.stages)
         remote = repo.config.get("core", {}).get("remote")
-    return names, remote
+        deps = {
+            stage.name: tuple(
+                os.path.relpath(d.fs_path, root) for d in stage.deps if d.fs.protocol == "local"
+            )
+            for stage in stages
+        }
+    return DvcView(frozenset(s.name for s in stages), remote, deps)
 
 
 def override_params(path: Path, overrides: dict[str, Any]) -> None:
@@ -244,15 +336,18 @@ def override_params(path: Path, overrides: dict[str, Any]) -> None:
             for key in parents:
                 node = node.setdefault(key, {})
             node[leaf] = value
-    load_params(path)  # fail now, with the key path, if the override does not fit the schema
+        # Validate before the file is written: a bad override fails with its key path and
+        # leaves params.yaml as it was.
+        parse_params(dict(data), source=f"{path} with overrides {sorted(overrides)}")
 
 
 def dispatch_to_gpu(deployment: str, name: str, root: Path) -> StageResult:
     """Run a training stage as a flow run of the gpu-pool deployment and wait for it."""
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
 
     started = time.perf_counter()
-    flow_run = run_deployment(
+    flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync context
         name=deployment, parameters={"stage": name, "repo": str(root)}, timeout=None
     )
     seconds = round(time.perf_counter() - started, 3)
@@ -263,6 +358,29 @@ def dispatch_to_gpu(deployment: str, name: str, root: Path) -> StageResult:
             stage=name,
         )
     return StageResult(name, "dispatched", seconds, note=f"{deployment} run {flow_run.id}")
+
+
+def read_registration(metrics_dir: Path) -> dict[str, Any] | None:
+    """What the register stage wrote this run (`register.json`), if it ran."""
+    path = metrics_dir / "register.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else None
+
+
+def request_approval(deployment: str, version: str, root: Path) -> str:
+    """Start the approval deployment for `version` without waiting: a reviewer may take a day."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync context
+        name=deployment,
+        parameters={"version": version, "params_file": str(root / PARAMS_FILE)},
+        timeout=0,
+        as_subflow=False,
+    )
+    return f"v{version} awaits a reviewer in {deployment} run {flow_run.id}"
 
 
 def run_record(results: list[StageResult], wall_s: float) -> dict[str, Any]:

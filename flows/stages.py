@@ -128,11 +128,14 @@ def snapshot_reports(reports_dir: Path) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in reports_dir.rglob("*.html") if p.is_file()}
 
 
-def new_reports(before: dict[Path, float], after: dict[Path, float]) -> tuple[str, ...]:
-    """Reports created or rewritten between two snapshots, index pages first."""
-    changed = [p for p, mtime in after.items() if before.get(p) != mtime]
-    changed.sort(key=lambda p: (p.name != "index.html", str(p)))
-    return tuple(str(p) for p in changed)
+def new_reports(
+    before: dict[Path, float], after: dict[Path, float], limit: int = 3
+) -> tuple[str, ...]:
+    """Reports a stage just wrote: the Data Docs index pages if any (GX writes one per site plus
+    a page per validation), else the first few HTML files."""
+    changed = sorted(str(p) for p, mtime in after.items() if before.get(p) != mtime)
+    index = [p for p in changed if Path(p).name == "index.html"]
+    return tuple((index or changed)[:limit])
 
 
 def lock_entry(root: Path, name: str) -> Any:
@@ -142,13 +145,12 @@ def lock_entry(root: Path, name: str) -> Any:
     lock = root / "dvc.lock"
     if not lock.exists():
         return None
-    data = yaml.safe_load(lock.read_text()) or {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    if name in stages:  # DVC 3 writes foreach stages flat, as `evaluate@sft`
+        return stages[name]
     base, _, key = name.partition("@")
-    entry = (data.get("stages") or {}).get(base)
-    if key and isinstance(entry, dict):
-        # DVC records foreach stages nested under their base name or flat as `base@key`.
-        return entry.get(key, (data.get("stages") or {}).get(name))
-    return entry
+    entry = stages.get(base)
+    return entry.get(key) if key and isinstance(entry, dict) else None
 
 
 def _flat_scalars(payload: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +277,9 @@ def _reproduce_reporting(
         raise
 
 
-@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+@task(
+    name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient
+)
 def run_stage(name: str, root: str, reports_dir: str, force: bool = False) -> StageResult:
     """A data/evaluation/registry stage; retried (per the flow's options) only when transient."""
     return _reproduce_reporting(name, root, reports_dir, force, capture=True)
@@ -287,7 +291,12 @@ def run_training_stage(name: str, root: str, reports_dir: str) -> StageResult:
     return _reproduce_reporting(name, root, reports_dir, False, capture=False)
 
 
-@task(name="dvc", task_run_name="dvc {verb}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+@task(
+    name="dvc",
+    task_run_name="dvc {verb}",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_transient,
+)
 def dvc_transfer(verb: str, root: str, targets: list[str]) -> float:
     """`dvc push|pull [targets]` to the default remote; S3/network hiccups are retried."""
     extra = ["--allow-missing"] if verb == "pull" else []

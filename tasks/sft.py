@@ -8,6 +8,8 @@ the loss curve `reports/sft/curve.csv` (`dvc plots`), and an MLflow run.
 from __future__ import annotations
 
 import csv
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,18 @@ def write_curve(history: list[dict[str, Any]], path: Path) -> None:
             writer.writerow({k: row.get(k) for k in keys})
 
 
+def filter_families(train: Path, exclude: list[str], out_dir: Path) -> Path:
+    """`train` without the trajectories of `exclude` families (`sft.exclude_families`)."""
+    if not exclude:
+        return train
+    out = out_dir / "train.jsonl"
+    with train.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
+        for line in src:
+            if line.strip() and json.loads(line).get("family") not in exclude:
+                dst.write(line)
+    return out
+
+
 def flat(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -61,14 +75,16 @@ def run(params: Params) -> SFTResult:
     with stage_run(params.tracking, "sft", {"data.train_md5": data_md5}) as active:
         mlflow.log_params(flat("sft", params.sft.model_dump(mode="json")))
         mlflow.log_param("base_model", params.base_model.name_or_path)
-        result = train_sft(
-            params.sft,
-            params.base_model.name_or_path,
-            paths["train"],
-            env.tool_schemas(),
-            paths["out"],
-            paths["checkpoints"],
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            train = filter_families(paths["train"], params.sft.exclude_families, Path(tmp))
+            result = train_sft(
+                params.sft,
+                params.base_model.name_or_path,
+                train,
+                env.tool_schemas(),
+                paths["out"],
+                paths["checkpoints"],
+            )
         for row in result.history:
             metrics = {k: float(row[k]) for k in ("loss", "learning_rate", "grad_norm") if k in row}
             mlflow.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=int(row["step"]))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import orjson
-
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
-from tracetune.data.features import RAW_COLUMNS, raw_row
+from tracetune.data.features import RAW_COLUMNS, raw_rows
 from tracetune.data.gates import GateFailed, raw_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
 from tracetune.trajectories.ingest import last_batch_file
@@ -29,7 +27,7 @@ def run(params: Params) -> dict[str, Any]:
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
     known = frozenset(env.tool_names())
     with batch.open("rb") as handle:
-        rows = (raw_row(orjson.loads(line), known, n) for n, line in enumerate(handle, 1))
+        rows = raw_rows(handle, known, params.gates.workers)
         result = run_gate(
             "raw",
             raw_checks(params.gates.raw, known, utc_now()),

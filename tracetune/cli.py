@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from tracetune.registry.commands import attach as attach_registry_commands
+
 app = typer.Typer(
     help="tracetune: agent logs -> gated data -> SFT/RLVR -> evaluated, registered model.",
     no_args_is_help=True,
@@ -16,6 +18,8 @@ env_app = typer.Typer(help="Inspect the tool environment.", no_args_is_help=True
 params_app = typer.Typer(help="Check params.yaml.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
 app.add_typer(params_app, name="params")
+# approve, reject, rollback, predict, registry status (docs/registry.md)
+attach_registry_commands(app)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Path to params.yaml.")]
 
@@ -93,14 +97,69 @@ def env_oracle(
     typer.echo(f"oracle TSR: {wins / len(tasks):.3f} ({wins}/{len(tasks)})")
 
 
-@app.command("run")
-def run_pipeline(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Run the whole pipeline on the configured data (the README's main job)."""
-    from tasks.simulate import run
-    from tracetune.reporting import print_simulation_summary
+data_app = typer.Typer(
+    help="The data stages one by one (what dvc.yaml runs): docs/data.md.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+DATA_STAGES = ("ingest", "validate_raw", "curate", "split", "validate_curated")
 
-    loaded = _load(params)
-    print_simulation_summary(run(loaded))
+
+def _data_stage(stage: str, params: Path) -> None:
+    import importlib
+
+    importlib.import_module(f"tasks.{stage}").main([str(params)])
+
+
+def _data_command(stage: str, doc: str) -> None:
+    def command(params: ParamsOpt = Path("params.yaml")) -> None:
+        _data_stage(stage, params)
+
+    command.__doc__ = doc
+    data_app.command(stage.replace("_", "-"))(command)
+
+
+for _stage, _doc in zip(
+    DATA_STAGES,
+    (
+        "Ingest what arrived since the last batch: quarantine, PII scrub, watermark.",
+        "Great Expectations gate on the newest ingested batch.",
+        "Golden filter and exact/near-duplicate removal over every batch.",
+        "Train / held-out split by task id, heldout_tasks.json, data summary.",
+        "Great Expectations gate on the curated set.",
+    ),
+    strict=True,
+):
+    _data_command(_stage, _doc)
+
+
+@app.command("run")
+def run_pipeline(
+    params: ParamsOpt = Path("params.yaml"),
+    ingest_source: Annotated[
+        str | None, typer.Option(help="Log source (overrides ingest.source in params.yaml).")
+    ] = None,
+) -> None:
+    """Run the whole pipeline as the Prefect flow (the README's main job).
+
+    Without PREFECT_API_URL, Prefect starts its temporary local API: no server to run by hand.
+    `dvc repro` runs the same stages without Prefect.
+    """
+    import os
+
+    # Set before Prefect is imported: it reads its settings once (STACK.md, Prefect 3.8.8 traps).
+    for key, value in {
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+    _load(params)
+    if params.name != "params.yaml":
+        typer.secho("error: the stages (dvc repro) read the params.yaml beside dvc.yaml", err=True)
+        raise typer.Exit(2)
+    from flows.retrain import run_local
+
+    if not run_local(params.resolve().parent, ingest_source=ingest_source):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry

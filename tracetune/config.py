@@ -6,7 +6,7 @@ path instead of silently training with a default. Stages call `load_params()` be
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,10 +89,18 @@ class BaseModelBuild(Section):
     heads: int = Field(4, ge=1)
     max_positions: int = Field(2048, ge=64, description="longest conversation the model can see")
     seq_len: int = Field(1024, ge=32, description="packed pre-training row length in tokens")
-    pretrain_steps: int = Field(1200, ge=1)
+    copy_warmup: float = Field(
+        1.0,
+        ge=0,
+        description="copy-drill-only steps first, as a fraction of pretrain_steps (batch 2x)",
+    )
+    pretrain_steps: int = Field(1200, ge=1, description="steps over the whole corpus after that")
     batch_size: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
-    corpus_size: int = Field(12000, ge=10, description="synthetic conversations generated")
+    prompt_loss_weight: float = Field(
+        0.25, ge=0, le=1, description="loss weight of non-assistant tokens (0: assistant-only)"
+    )
+    corpus_size: int = Field(8000, ge=10, description="synthetic conversations generated")
     seed: int = 0
 
 
@@ -143,9 +151,128 @@ class SFTParams(Section):
         " padded: plain random batches (TRL's default)",
     )
     max_examples: int = Field(0, ge=0, description="0: all curated train examples")
+    exclude_families: list[str] = Field(
+        default_factory=list,
+        description="task families kept out of SFT (e.g. to leave RLVR something to learn)",
+    )
     save_steps: int = Field(200, ge=1)
     logging_steps: int = Field(10, ge=1)
     seed: int = 0
+
+
+class RLVRRewardParams(Section):
+    """Episode reward = verifier outcome + optional shaping (docs/training.md, "Rewards").
+
+    Shaping terms are small next to the outcome (+1/-1) so that they break ties between
+    failures (the tiny model's usual case) without ever outweighing a success.
+    """
+
+    success: float = 1.0
+    failure: float = -1.0
+    format_weight: float = Field(0.1, ge=0, description="x share of turns that parsed")
+    valid_call_weight: float = Field(
+        0.1, ge=0, description="x share of calls with a known tool and schema-valid arguments"
+    )
+    step_penalty: float = Field(0.05, ge=0, description="per extra assistant step")
+    free_steps: int | None = Field(
+        None,
+        ge=0,
+        description="steps allowed without penalty; null: the fewest steps of a successful "
+        "episode in the same group (no penalty when none succeeded)",
+    )
+    per_call_credit: Literal["off", "reward", "token"] = Field(
+        "token",
+        description="ToolPO-style credit per tool call: off; reward (summed into the episode "
+        "reward); token (added to the advantage of that call's tokens, centred per group)",
+    )
+    useful_call: float = Field(0.1, ge=0, description="valid, first-time, successful call")
+    redundant_call: float = Field(0.1, ge=0, description="penalty: the same call repeated")
+    failed_call: float = Field(
+        0.2, ge=0, description="penalty: malformed turn, unknown tool, invalid arguments, step cap"
+    )
+    useful_requires_success: bool = Field(
+        True, description="credit useful calls only in successful episodes (no reward hacking)"
+    )
+
+
+class RLVRHealthParams(Section):
+    """Collapse detection (`tracetune.training.health.HealthCallback`): stop early, say why."""
+
+    enabled: bool = True
+    min_tool_call_rate: float = Field(
+        0.0, ge=0, le=1, description="collapse when the share of episodes calling a tool is <= this"
+    )
+    tool_call_patience: int = Field(3, ge=1, description="consecutive steps at that rate")
+    max_zero_advantage_share: float = Field(
+        0.95, ge=0, le=1, description="collapse when more groups than this have one reward"
+    )
+    zero_advantage_patience: int = Field(8, ge=1, description="consecutive steps above it")
+
+
+class RLVRParams(Section):
+    """Stage `rlvr`: GRPO from the SFT model with rewards from the environment's verifier.
+
+    `mode: rule` runs RLVR only when SFT's held-out TSR (`eval_sft.json` -> candidate.tsr) is
+    below `when_sft_tsr_below`; `always` / `never` force it. Training tasks are drawn from the
+    environment by `seed` (held-out task ids are excluded).
+    """
+
+    mode: Literal["rule", "always", "never"] = "rule"
+    when_sft_tsr_below: float = Field(0.8, ge=0, le=1)
+    use_lora: bool = Field(
+        False, description="train a LoRA adapter (the SFT adapter when there is one)"
+    )
+    lora: LoraParams = LoraParams()
+    families: list[str] = Field(default_factory=list, description="[]: every family")
+    n_tasks: int = Field(256, ge=1, description="training tasks drawn from the environment")
+    steps: int = Field(30, ge=1, description="GRPO optimizer steps")
+    group_size: int = Field(8, ge=2, description="episodes per task (GRPO's G)")
+    tasks_per_step: int = Field(2, ge=1, description="tasks per step; episodes = x group_size")
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: str = "constant"
+    beta: float = Field(0.02, ge=0, description="KL coefficient against the SFT model")
+    epsilon: float = Field(0.2, gt=0, description="PPO clip range")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1, description="per assistant turn")
+    max_episode_steps: int = Field(6, ge=1, description="assistant turns per episode")
+    max_completion_tokens: int = Field(
+        1024, ge=16, description="model + tool tokens after the prompt; longer episodes are cut"
+    )
+    rollout_batch_size: int = Field(32, ge=1, description="episodes decoded together")
+    save_steps: int = Field(10, ge=1)
+    seed: int = 0
+    rewards: RLVRRewardParams = RLVRRewardParams()
+    health: RLVRHealthParams = RLVRHealthParams()
+
+
+def _default_eval_pricing() -> dict[str, Pricing]:
+    # A self-hosted small model costs a fraction of the production agent's API (simulate.pricing).
+    small = Pricing(prompt_per_1k=0.0001, completion_per_1k=0.0002)
+    return {"base": small, "sft": small, "rlvr": small}
+
+
+class EvaluateParams(Section):
+    """Stage `evaluate`: a model's rollouts on the held-out tasks against two baselines.
+
+    Model paths: `models[name]` when given, else `base_model.name_or_path` for `base` and
+    `paths.models/<name>` otherwise (`models/sft`, `models/rlvr`). `pricing[name]` prices each
+    evaluated model's tokens (USD per 1k); the production baseline keeps its logged cost.
+    """
+
+    max_tasks: int = Field(200, ge=1, description="held-out tasks evaluated (families in turn)")
+    batch_size: int = Field(32, ge=1, description="episodes decoded together")
+    max_new_tokens: int = Field(96, ge=1, description="per assistant turn")
+    max_turns: int = Field(8, ge=1, description="assistant turns per episode")
+    greedy: bool = True
+    temperature: float = Field(1.0, gt=0, description="when greedy is false")
+    seed: int = 0
+    decoder: Literal["loop", "hf"] = Field(
+        "loop", description="loop: tracetune's KV-cached batch decoder; hf: model.generate"
+    )
+    models: dict[str, str] = Field(default_factory=dict, description="name -> hub id or path")
+    pricing: dict[str, Pricing] = Field(default_factory=_default_eval_pricing)
 
 
 class TrackingParams(Section):
@@ -166,7 +293,7 @@ class GateParams(Section):
     max_cost_per_task_usd: float = Field(0.005, ge=0)
     min_margin_vs_prompt_only: float = Field(0.05, ge=-1, le=1)
     min_margin_vs_production: float = Field(0.0, ge=-1, le=1)
-    champion_non_inferiority_margin: float = Field(0.05, ge=0, le=1)
+    champion_non_inferiority_margin: float = Field(0.1, ge=0, le=1)
     use_confidence_intervals: bool = True
 
 
@@ -241,7 +368,7 @@ class RawGateParams(Section):
     max_total_tokens: int = Field(2_000_000, ge=1)
     max_cost_usd: float = Field(5.0, gt=0)
     max_latency_s: float = Field(3600.0, gt=0)
-    min_timestamp: datetime = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    min_timestamp: datetime = datetime(2020, 1, 1, tzinfo=UTC)
     max_future_skew_s: float = Field(300.0, ge=0)
 
 
@@ -257,6 +384,7 @@ class ValidateParams(Section):
     raw: RawGateParams = RawGateParams()
     curated: CuratedGateParams = CuratedGateParams()
     failed_rows_shown: int = Field(5, ge=1, description="rows listed per failed expectation")
+    workers: int = Field(1, ge=1, description="processes deriving gate columns (1: in-process)")
 
 
 class CurateParams(Section):
@@ -287,7 +415,7 @@ class OrchestrateParams(Section):
     Schedules, work pools and images are deploy-time settings and live in prefect.yaml only.
     """
 
-    dvc_push: bool = Field(True, description="push the ingested snapshot, then every out at the end")
+    dvc_push: bool = Field(True, description="push the ingested snapshot, then all outs")
     dvc_pull: bool = Field(False, description="pull the DVC cache first (no shared workspace)")
     transient_retries: int = Field(3, ge=0, description="S3/network retries; training: never")
     retry_delay_s: float = Field(10.0, ge=0)
@@ -302,6 +430,9 @@ class OrchestrateParams(Section):
     gpu_deployment: str = Field(
         "train-stage/gpu-train", description="`flow/deployment` that runs one training stage"
     )
+    approval_deployment: str = Field(
+        "approval/approval", description="`flow/deployment` a registered challenger waits in"
+    )
 
 
 class Params(Section):
@@ -311,6 +442,8 @@ class Params(Section):
     simulate: SimulateParams = SimulateParams()
     base_model: BaseModelParams = BaseModelParams()
     sft: SFTParams = SFTParams()
+    rlvr: RLVRParams = RLVRParams()
+    evaluate: EvaluateParams = EvaluateParams()
     ingest: IngestParams = IngestParams()
     gates: ValidateParams = ValidateParams()  # `validate` would shadow BaseModel.validate
     curate: CurateParams = CurateParams()

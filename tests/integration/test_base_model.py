@@ -33,6 +33,7 @@ TINY = BaseModelBuild(
     heads=2,
     max_positions=1024,
     seq_len=1024,
+    copy_warmup=0.5,
     pretrain_steps=12,
     batch_size=2,
     lr=3e-3,
@@ -134,7 +135,13 @@ def test_tiny_build_learns_and_is_cached_by_config_hash(
     info = json.loads((out / "tracetune_build.json").read_text())
     assert math.isfinite(info["pretrain"]["final_loss"])
     assert info["pretrain"]["final_loss"] < info["pretrain"]["first_loss"]  # it learned
-    assert set(info["probes"]) == {"user_to_call", "result_to_call", "result_to_answer"}
+    assert set(info["probes"]) == {
+        "user_to_call_copied",
+        "user_to_call_exact",
+        "result_to_call_copied",
+        "result_to_call_exact",
+        "result_to_answer_copied",
+    }
     second = stage.run(params, progress=False)
     assert second["status"] == "cached" and second["final_loss"] == first["final_loss"]
     metrics = json.loads((params.paths.metrics / "base_model.json").read_text())
@@ -176,4 +183,5 @@ def test_default_base_model_copies_unseen_ids_into_tool_calls(tmp_path: Path) ->
         build_base_model(build, path, progress=False, probes_per_kind=1)
     model, tokenizer = load_model(path, device="cpu")
     rates = run_probes(model, tokenizer, n=40, seed=123)
-    assert rates["user_to_call"] >= 0.3, rates
+    assert rates["user_to_call_copied"] >= 0.3, rates
+    assert rates["result_to_call_copied"] >= 0.1, rates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -84,17 +85,23 @@ def test_kinds_can_be_switched_off() -> None:
 def test_trajectory_stays_coherent(scrubber: Scrubber) -> None:
     """find_customer: the email in the user text, the arguments and the result is one pseudonym."""
     email = "dara.berg64@example.com"
-    record = {
+    record: dict[str, Any] = {
         "task_id": f"latest_order_by_email:{email}",
         "messages": [
-            {"role": "user", "content": f"I'm {email}. Status of my latest order? Call 555-201-3344."},
+            {
+                "role": "user",
+                "content": f"I'm {email}. Status of my latest order? Call 555-201-3344.",
+            },
             {
                 "role": "assistant",
                 "tool_calls": [
                     {
                         "id": "call_1",
                         "type": "function",
-                        "function": {"name": "find_customer", "arguments": json.dumps({"email": email})},
+                        "function": {
+                            "name": "find_customer",
+                            "arguments": json.dumps({"email": email}),
+                        },
                     }
                 ],
             },

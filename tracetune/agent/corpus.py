@@ -16,6 +16,9 @@ names (`fetch_shipment`, `lookup_sensor_by_email`, ...), argument names, id form
 - (c) chains of 2-4 calls, parallel calls in one turn, tool errors, and answering without tools
   (small talk, facts given in the system prompt) when the question needs none;
 - (d) ending every assistant turn with `<|im_end|>` (the chat template puts it in the loss).
+- (e) copy drills (`ep_copy_drill`, `ep_echo`): short conversations that are mostly copying;
+  pre-training starts with them, because the copy circuit only forms after ~1,000 steps of
+  dense copying (measured on this model: 0% id copying without them, 92% with them).
 
 It must never contain the environment's tools or tasks: the entity vocabulary leaves out the
 support desk's nouns (customer, order, product) and `tests/integration/test_base_model.py`
@@ -641,6 +644,62 @@ def ep_not_found(rng: random.Random, b: Builder) -> None:
     )
 
 
+def ep_copy_drill(rng: random.Random, b: Builder) -> None:
+    """Dense copying: the user spells out a call's values; the answer quotes the result.
+
+    Short and mostly copy tokens, so the copy mechanism (induction over digit-by-digit ids)
+    gets many examples per second of CPU; the richer episodes above then use it.
+    """
+    (kind,) = distinct_kinds(rng, 1, b.nouns)
+    keys = [kind.id_arg, *rng.sample(["email", "amount", "code", "ref", "label", "owner"], 2)]
+    keys = keys[: rng.randint(1, 3)]
+    makers = {
+        "email": lambda: random_email(rng),
+        "amount": lambda: random_decimal(rng),
+        "code": lambda: rng.choice(CODES),
+        "ref": lambda: random_id(rng, _prefix(rng), rng.randint(3, 6), rng.choice(("-", ""))),
+        "label": lambda: f"{rng.choice(LABEL_ADJ)} {rng.choice(LABEL_NOUN)}",
+        "owner": lambda: random_person(rng),
+    }
+    args = {k: makers[k]() if k in makers else kind.new_id(rng) for k in keys}
+    name = f"{rng.choice(LOOKUP_VERBS + SET_VERBS)}_{kind.noun}"
+    props = {k: {"type": "number"} if k == "amount" else {"type": "string"} for k in args}
+    b.offer(tool_schema(name, f"Run {human(name)}.", props, rng))
+    sep = rng.choice((" ", ": ", "="))
+    say = human if rng.random() < 0.5 else str
+    spelled = ", ".join(f"{say(k)}{sep}{show(v)}" for k, v in args.items())
+    b.user(rng.choice((f"Call {name} with {spelled}.", f"Use {name} for {spelled}, please.",
+                       f"{spelled}: run {name}.")))  # fmt: skip
+    field = rng.choice(("result", "value", "token", "answer", "match"))
+    value = rng.choice((kind.new_id(rng), random_email(rng), random_decimal(rng)))
+    b.calls([(name, args)], [{field: value, **dict(list(args.items())[:1])}])
+    b.answer(rng.choice((f"The {field} is {show(value)}.", f"{show(value)}")))
+
+
+def ep_echo(rng: random.Random, b: Builder) -> None:
+    """Pure copying: repeat a few random values exactly (the induction drill).
+
+    Measured: a 2-layer model needs ~1,000 steps of dense copying before it copies digit-by-
+    digit ids at all (before that it writes plausible ids of its own); the same steps spent on
+    full conversations taught format and tool choice but no copying.
+    """
+    values = [
+        rng.choice(
+            (
+                random_id(rng, _prefix(rng), rng.randint(3, 6), rng.choice(("-", "_", ""))),
+                random_email(rng),
+                json.dumps(random_decimal(rng)),
+                f"{rng.choice(LABEL_ADJ)} {rng.choice(LABEL_NOUN)}",
+            )
+        )
+        for _ in range(rng.randint(1, 4))
+    ]
+    joined = rng.choice((" ", ", ", "; ")).join(values)
+    b.user(rng.choice((f"Repeat exactly: {joined}", f"Copy these values: {joined}",
+                       f"Please echo {joined}")))  # fmt: skip
+    b.answer(joined)
+
+
 def ep_no_tool(rng: random.Random, b: Builder) -> None:
     """(c) answer without tools: facts from the system prompt, small talk, echoing a code."""
     style = rng.choice(("fact", "fact", "chat", "echo"))
@@ -701,8 +760,12 @@ EPISODES: dict[str, tuple[Episode, float]] = {
     "parallel": (ep_parallel, 0.05),
     "not_found": (ep_not_found, 0.07),
     "no_tool": (ep_no_tool, 0.10),
+    "copy_drill": (ep_copy_drill, 0.0),  # drawn only for drill conversations
+    "echo": (ep_echo, 0.0),
 }
 MAX_TOOLS = 8  # like the environments we serve: a handful of tools in the prompt
+DRILL_RATE = 0.3  # conversations that are copy drills only (short, no distractor tools)
+DRILLS = {"copy_drill", "echo"}
 
 
 def generate_conversation(
@@ -713,20 +776,31 @@ def generate_conversation(
     `episodes` fixes the requests (names of `EPISODES`) instead of drawing them.
     """
     b = Builder(rng)
-    if episodes is None:
+    drill = episodes is None and rng.random() < DRILL_RATE
+    if drill:
+        episodes = rng.choices(("copy_drill", "echo"), k=rng.randint(2, 5))
+    elif episodes is None:
         names = list(EPISODES)
         weights = [EPISODES[n][1] for n in names]
-        k = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+        # several requests share one (token-expensive) tool listing: more learning per token
+        k = rng.choices((1, 2, 3, 4), weights=(3, 3, 2, 2))[0]
         episodes = rng.choices(names, weights=weights, k=k)
     if rng.random() < 0.25:  # facts in the system prompt that no request asks about
         b.facts.update({s: _fact_value(rng) for s in rng.sample(FACT_SUBJECTS, 2)})
     for name in episodes:
         EPISODES[name][0](rng, b)
     room = max(0, MAX_TOOLS - len(b.tools))
-    tools = b.tools + distractor_tools(rng, rng.randint(0 if b.tools else 1, min(room, 4)), b.nouns)
+    most = 0 if drill else min(room, 6 if rng.random() < 0.2 else 2)  # sometimes a long list
+    least = 0 if b.tools or drill else 1
+    tools = b.tools + distractor_tools(rng, rng.randint(least, most), b.nouns)
     rng.shuffle(tools)
     messages = [{"role": "system", "content": system_prompt(rng, b.facts)}, *b.messages]
     return {"messages": messages, "tools": tools, "episodes": list(episodes)}
+
+
+def is_drill(conv: Conversation) -> bool:
+    """A conversation made only of copy drills (pre-training starts with these)."""
+    return set(conv["episodes"]) <= DRILLS
 
 
 def generate_corpus(n: int, seed: int) -> list[Conversation]:

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SHARED_PREFIX_ATTENTION = "tracetune_shared_prefix"
-SCORE_BUDGET = 1 << 24  # attention scores held at once (floats); longer prompts go in row chunks
 # Per-layer (keys, values) of the shared prefix, batch 1, while a decode runs.
 _PREFIX_KV: ContextVar[list[tuple[Any, Any]] | None] = ContextVar("_PREFIX_KV", default=None)
 
@@ -51,6 +50,7 @@ class DecodeOutput:
     token_ids: list[int]
     stopped: bool
     logprobs: list[float] | None = None
+    cache: RowCache | None = None  # with keep_cache: this row's keys/values for its next turn
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
@@ -80,7 +80,7 @@ def growing_cache(reserve: int) -> Any:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    class _BufferedLayer(DynamicLayer):  # type: ignore[misc]
+    class _BufferedLayer(DynamicLayer):
         def __init__(self) -> None:
             super().__init__()
             self._kbuf: Any = None
@@ -95,6 +95,7 @@ def growing_cache(reserve: int) -> Any:
             stale = (
                 buf is None
                 or old == 0
+                or self.keys is None
                 or buf.data_ptr() != self.keys.data_ptr()  # replaced by select/repeat
                 or buf.shape[0] != key_states.shape[0]
                 or buf.shape[2] < new
@@ -131,37 +132,61 @@ def shared_prefix_attention(
 
     `key`/`value` hold only the rows' own tokens (the cache never sees the prefix); the mask
     covers those columns. The prefix comes before every query, so it is visible to all.
-    All rows' queries score the prefix in one matmul (rows in chunks when the scores would pass
-    `SCORE_BUDGET`, e.g. a batch of long new prompts).
+    A decode step (one query per row) scores the prefix for all rows in one matmul, reading it
+    once; a turn's new prompt tokens (many queries) use SDPA over the broadcast prefix.
     """
-    import torch
 
     prefix = _PREFIX_KV.get()
     if prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     pk, pv = prefix[module.layer_idx]
-    batch, heads, q_len, _ = query.shape
-    per_row = heads * q_len * (pk.shape[2] + key.shape[2])
-    rows = max(1, SCORE_BUDGET // max(1, per_row))
-    if rows >= batch:
-        return _prefix_attention(query, key, value, attention_mask, pk, pv, scaling), None
-    parts = [
-        _prefix_attention(
-            query[i : i + rows],
-            key[i : i + rows],
-            value[i : i + rows],
-            None if attention_mask is None else attention_mask[i : i + rows],
-            pk,
-            pv,
-            scaling,
-        )
-        for i in range(0, batch, rows)
-    ]
-    return torch.cat(parts, dim=0), None
+    if query.shape[2] > 1:
+        return _prefill_attention(query, key, value, attention_mask, pk, pv, scaling), None
+    return _prefix_attention(query, key, value, attention_mask, pk, pv, scaling), None
+
+
+def _prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Many queries per row (a turn's new prompt): the prefix broadcast to every row, then the
+    fused SDPA kernel, which beats hand-written attention at this size."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads, own = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    p_len = pk.shape[2]
+    keys = torch.cat([pk.expand(batch, -1, -1, -1), key], dim=2)
+    values = torch.cat([pv.expand(batch, -1, -1, -1), value], dim=2)
+    if groups > 1:
+        keys = keys[:, :, None].expand(batch, kv_heads, groups, p_len + own, dim)
+        keys = keys.reshape(batch, heads, p_len + own, dim)
+        values = values[:, :, None].expand(batch, kv_heads, groups, p_len + own, dim)
+        values = values.reshape(batch, heads, p_len + own, dim)
+    if attention_mask is None:
+        rows = torch.arange(q_len, device=query.device)[:, None] + (own - q_len)
+        own_mask = torch.arange(own, device=query.device)[None, :] <= rows
+        own_mask = own_mask[None, None].expand(batch, 1, q_len, own)
+    else:
+        own_mask = attention_mask
+    if own_mask.dtype == torch.bool:
+        visible = torch.ones((batch, 1, q_len, p_len), dtype=torch.bool, device=query.device)
+    else:
+        visible = torch.zeros((batch, 1, q_len, p_len), dtype=own_mask.dtype, device=query.device)
+    mask = torch.cat([visible, own_mask.expand(batch, 1, q_len, own)], dim=-1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def _prefix_attention(
@@ -173,7 +198,7 @@ def _prefix_attention(
     pv: torch.Tensor,
     scaling: float | None,
 ) -> torch.Tensor:
-    """`shared_prefix_attention` for one chunk of rows; returns [B, q, heads, dim]."""
+    """One query per row (a decode step): all rows score the prefix in one matmul, read once."""
     import torch
 
     batch, heads, q_len, dim = query.shape
@@ -241,7 +266,9 @@ def supports_shared_prefix(model: PreTrainedModel) -> bool:
 
 
 @contextmanager
-def _attention_with_prefix(model: PreTrainedModel, prefix_kv: list[tuple[Any, Any]]) -> Iterator[None]:
+def _attention_with_prefix(
+    model: PreTrainedModel, prefix_kv: list[tuple[Any, Any]]
+) -> Iterator[None]:
     """Route the model's attention through `shared_prefix_attention` for the block."""
     _register_attention()
     token = _PREFIX_KV.set(prefix_kv)
@@ -300,7 +327,45 @@ def _encode_prefix(model: PreTrainedModel, prefix: Sequence[int]) -> list[tuple[
     cache = DynamicCache()
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+@dataclass(frozen=True)
+class RowCache:
+    """One row's own keys/values after a decode (the shared prefix excluded), for reuse.
+
+    `ids` are the tokens they cover: the prompt after the prefix, then the generated tokens
+    that were fed back (all but the last). `prefix` is the shared prefix they were computed
+    after; reuse is only valid behind the same prefix.
+    """
+
+    prefix: tuple[int, ...]
+    ids: list[int]
+    kv: list[tuple[Any, Any]]  # per layer: keys, values of shape [kv_heads, len(ids), dim]
+
+    def usable_for(self, prefix: Sequence[int], own: Sequence[int]) -> int:
+        """How many leading tokens of `own` (a prompt after `prefix`) this cache covers.
+
+        Keys and values at a position depend only on the tokens up to it, so any common prefix
+        of the cached ids and the new prompt is exact; one token is always left to compute (the
+        next token's logits come from it).
+        """
+        if tuple(prefix) != self.prefix:
+            return 0
+        return min(common_prefix_len([self.ids, own]), len(own) - 1)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    stop_ids: Sequence[int]
+    pad_id: int
+    greedy: bool
+    temperature: float
+    generators: Sequence[torch.Generator] | None
+    keep_logprobs: bool
+    keep_cache: bool
 
 
 def decode_batch(
@@ -315,12 +380,17 @@ def decode_batch(
     generators: Sequence[torch.Generator] | None = None,
     prefix_len: int | None = None,
     keep_logprobs: bool = False,
+    caches: Sequence[RowCache | None] | None = None,
+    keep_cache: bool = False,
 ) -> list[DecodeOutput]:
     """Generate one continuation per prompt, all rows in one KV-cached loop.
 
     `prefix_len` tokens at the start of every prompt are encoded once and shared (default: the
     longest common prefix; always at least one token short of the shortest prompt).
     `generators` (one per row) make sampling reproducible per row; greedy decoding ignores them.
+    `caches` (one per row, from an earlier call's `keep_cache=True`) spare re-encoding what a
+    row's prompt shares with its previous turn: multi-turn episodes then encode only the new
+    tool results. Caches are used with the shared prefix only (full-attention models).
     """
     import torch
 
@@ -328,43 +398,89 @@ def decode_batch(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if generators is not None and len(generators) != len(prompts):
-        raise ValueError("one generator per prompt")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    for name, per_row in (("generators", generators), ("caches", caches)):
+        if per_row is not None and len(per_row) != len(prompts):
+            raise ValueError(f"one entry of {name} per prompt")
     shortest = min(len(p) for p in prompts)
     shared = common_prefix_len(prompts) if prefix_len is None else prefix_len
     shared = max(0, min(shared, shortest - 1))
+    settings = _Settings(max_new_tokens, stop_ids, pad_id, greedy, temperature, generators,
+                         keep_logprobs, keep_cache)  # fmt: skip
     with torch.inference_mode():
         if shared and supports_shared_prefix(model):
-            prefix_kv = _encode_prefix(model, prompts[0][:shared])
-            with _attention_with_prefix(model, prefix_kv):
-                return _decode(model, prompts, shared, max_new_tokens, stop_ids, pad_id,
-                               greedy, temperature, generators, keep_logprobs)  # fmt: skip
-        return _decode(model, prompts, 0, max_new_tokens, stop_ids, pad_id,
-                       greedy, temperature, generators, keep_logprobs)  # fmt: skip
+            prefix = tuple(prompts[0][:shared])
+            reuse = _reusable(prefix, prompts, caches)
+            with _attention_with_prefix(model, _encode_prefix(model, prefix)):
+                return _decode(model, prompts, prefix, reuse, settings)
+        return _decode(model, prompts, (), [None] * len(prompts), settings)
+
+
+def _reusable(
+    prefix: tuple[int, ...],
+    prompts: Sequence[Sequence[int]],
+    caches: Sequence[RowCache | None] | None,
+) -> list[tuple[RowCache, int] | None]:
+    """Per row: a cache and how many of its tokens to reuse, or None."""
+    out: list[tuple[RowCache, int] | None] = []
+    for i, prompt in enumerate(prompts):
+        cache = caches[i] if caches is not None else None
+        n = cache.usable_for(prefix, prompt[len(prefix) :]) if cache is not None else 0
+        out.append((cache, n) if cache is not None and n > 0 else None)
+    return out
+
+
+def _history_cache(
+    reuse: Sequence[tuple[RowCache, int] | None], reserve: int, device: Any
+) -> tuple[Any, torch.Tensor]:
+    """A batch cache pre-filled with each row's reused tokens (left-padded) and its mask."""
+    import torch
+
+    lengths = [r[1] if r is not None else 0 for r in reuse]
+    width = max(lengths)
+    batch = len(reuse)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    cache = growing_cache(reserve=reserve)
+    if width == 0:
+        return cache, mask
+    sample = next(r[0] for r in reuse if r is not None)
+    for layer, (k0, v0) in enumerate(sample.kv):
+        keys = k0.new_zeros((batch, k0.shape[0], width, k0.shape[2]))
+        values = v0.new_zeros((batch, v0.shape[0], width, v0.shape[2]))
+        for i, entry in enumerate(reuse):
+            if entry is not None:
+                row, n = entry
+                keys[i, :, width - n :] = row.kv[layer][0][:, :n]
+                values[i, :, width - n :] = row.kv[layer][1][:, :n]
+        cache.update(keys, values, layer)
+    for i, n in enumerate(lengths):
+        if n:
+            mask[i, width - n :] = 1
+    return cache, mask
 
 
 def _decode(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
-    skip: int,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    pad_id: int,
-    greedy: bool,
-    temperature: float,
-    generators: Sequence[torch.Generator] | None,
-    keep_logprobs: bool,
+    prefix: tuple[int, ...],
+    reuse: Sequence[tuple[RowCache, int] | None],
+    s: _Settings,
 ) -> list[DecodeOutput]:
-    """The loop proper. The first `skip` tokens of each prompt are already attended to through
-    the shared prefix, so the cache and the mask cover only what follows them."""
+    """The loop proper. The shared prefix is attended to through `shared_prefix_attention`, so
+    the cache and the mask cover only each row's own tokens: its reused ones, then the rest of
+    its prompt, then what it generates. Rows that finished leave the batch once they are half
+    of it (`PRUNE_AT`): the steps left cost what the rows still running need."""
     import torch
 
     device = next(model.parameters()).device
-    batch = len(prompts)
-    cache = growing_cache(reserve=max_new_tokens + 1)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    ids, mask = _left_pad([p[skip:] for p in prompts], pad_id, device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0) + skip
+    skip = len(prefix)
+    reused = [r[1] if r is not None else 0 for r in reuse]
+    new_rows = [p[skip + n :] for p, n in zip(prompts, reused, strict=True)]
+    ids, new_mask = _left_pad(new_rows, s.pad_id, device)
+    cache, old_mask = _history_cache(reuse, ids.shape[1] + s.max_new_tokens + 1, device)
+    mask = torch.cat([old_mask, new_mask], dim=1)
+    positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + skip)[:, old_mask.shape[1] :]
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -373,54 +489,133 @@ def _decode(
         use_cache=True,
         logits_to_keep=1,
     )
+    loop = _Loop(prompts, prefix, s, mask, device)
     logits = out.logits[:, -1, :]
     next_pos = positions[:, -1:] + 1
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    one = torch.ones((batch, 1), dtype=mask.dtype, device=device)
-    new_tokens: list[torch.Tensor] = []
-    chosen_logprobs: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        token = _choose(logits, greedy, temperature, generators)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        if keep_logprobs:
-            temp = 1.0 if greedy else max(temperature, 1e-5)
-            logp = torch.log_softmax(logits.float() / temp, dim=-1)
-            chosen_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
-        new_tokens.append(token)
-        done = done | torch.isin(token, stops)
-        if step == max_new_tokens - 1 or bool(done.all()):
+    for step in range(s.max_new_tokens):
+        token = loop.choose(logits)
+        if step == s.max_new_tokens - 1 or loop.all_done():
             break
-        mask = torch.cat([mask, one], dim=1)
+        if loop.should_prune():
+            keep = loop.prune(cache, fed=step)
+            cache.batch_select_indices(keep)
+            token, next_pos = token[keep], next_pos[keep]
+        loop.mask = torch.cat([loop.mask, torch.ones_like(next_pos)], dim=1)
         out = model(
             input_ids=token[:, None],
-            attention_mask=mask,
+            attention_mask=loop.mask,
             position_ids=next_pos,
             past_key_values=cache,
             use_cache=True,
         )
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
-    return _collect(new_tokens, chosen_logprobs, stops, keep_logprobs)
+    return loop.finish(cache, fed=step)  # the last chosen token is never fed back
 
 
-def _collect(
-    new_tokens: list[torch.Tensor],
-    logprobs: list[torch.Tensor],
-    stops: torch.Tensor,
-    keep_logprobs: bool,
-) -> list[DecodeOutput]:
-    """Per-row token lists cut just after the first stop token."""
-    import torch
+PRUNE_AT = 0.5  # drop finished rows once they are this share of the rows still in the batch
+PRUNE_MIN_ROWS = 2  # a batch of one has nothing to drop
 
-    if not new_tokens:
-        return []
-    tokens = torch.stack(new_tokens, dim=1).cpu()
-    lps = torch.stack(logprobs, dim=1).cpu() if keep_logprobs else None
-    stop_set = set(stops.cpu().tolist())
-    outputs = []
-    for i, row in enumerate(tokens.tolist()):
-        cut = next((k + 1 for k, t in enumerate(row) if t in stop_set), None)
-        kept = row[:cut] if cut is not None else row
-        row_lp = lps[i, : len(kept)].tolist() if lps is not None else None
-        outputs.append(DecodeOutput(token_ids=kept, stopped=cut is not None, logprobs=row_lp))
-    return outputs
+
+class _Loop:
+    """Book-keeping of one decode: which original rows are still in the batch, their tokens,
+    log-probs, and (with `keep_cache`) each row's keys/values cut out when it leaves."""
+
+    def __init__(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prefix: tuple[int, ...],
+        s: _Settings,
+        mask: torch.Tensor,
+        device: Any,
+    ) -> None:
+        import torch
+
+        self.prompts, self.prefix, self.s = prompts, prefix, s
+        self.mask = mask
+        self.prompt_width = mask.shape[1]
+        self.prompt_mask = mask.bool()
+        self.rows = list(range(len(prompts)))  # original index of each current row
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.logprobs: list[list[float]] = [[] for _ in prompts]
+        self.stopped = [False] * len(prompts)
+        self.caches: list[RowCache | None] = [None] * len(prompts)
+        self.stop_set = set(s.stop_ids)
+        self.generators = list(s.generators) if s.generators is not None else None
+        self.device = device
+        self._torch = torch
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pick each current row's next token and record it (finished rows get padding)."""
+        torch = self._torch
+        s = self.s
+        token = _choose(logits, s.greedy, s.temperature, self.generators)
+        finished = torch.tensor([self.stopped[r] for r in self.rows], device=token.device)
+        token = torch.where(finished, torch.full_like(token, s.pad_id), token)
+        picked = token.tolist()
+        if s.keep_logprobs:
+            temp = 1.0 if s.greedy else max(s.temperature, 1e-5)
+            logp = torch.log_softmax(logits.float() / temp, dim=-1)
+            chosen = logp.gather(1, token[:, None]).squeeze(1).tolist()
+        for k, row in enumerate(self.rows):
+            if self.stopped[row]:
+                continue
+            self.tokens[row].append(picked[k])
+            if s.keep_logprobs:
+                self.logprobs[row].append(chosen[k])
+            self.stopped[row] = picked[k] in self.stop_set
+        return token
+
+    def all_done(self) -> bool:
+        return all(self.stopped[r] for r in self.rows)
+
+    def should_prune(self) -> bool:
+        done = sum(self.stopped[r] for r in self.rows)
+        return len(self.rows) >= PRUNE_MIN_ROWS and done >= PRUNE_AT * len(self.rows)
+
+    def prune(self, cache: Any, fed: int) -> torch.Tensor:
+        """Cut out the finished rows (saving their caches); returns the indices kept."""
+        keep = [k for k, r in enumerate(self.rows) if not self.stopped[r]]
+        if self.s.keep_cache and self.prefix:
+            for k, row in enumerate(self.rows):
+                if self.stopped[row]:
+                    self.caches[row] = self._row_cache(cache, k, row, fed)
+        index = self._torch.tensor(keep, dtype=self._torch.long, device=self.device)
+        self.rows = [self.rows[k] for k in keep]
+        self.mask = self.mask.index_select(0, index)
+        self.prompt_mask = self.prompt_mask.index_select(0, index)
+        if self.generators is not None:
+            self.generators = [self.generators[k] for k in keep]
+        return index
+
+    def _row_cache(self, cache: Any, k: int, row: int, fed: int) -> RowCache:
+        """Row `row` (current index `k`): its real prompt positions and its generated tokens but
+        the last. The last (the stop token, or the one chosen at the cap) is fed back only when
+        other rows go on; leaving it out always keeps what a row caches independent of the
+        batch it ran in (its next turn recomputes that one token)."""
+        torch = self._torch
+        kept = min(len(self.tokens[row]) - 1, fed)
+        real = torch.nonzero(self.prompt_mask[k]).squeeze(1)
+        width = self.prompt_width
+        generated = torch.arange(width, width + kept, device=real.device)
+        index = torch.cat([real, generated])
+        kv = [
+            (layer.keys[k].index_select(1, index), layer.values[k].index_select(1, index))
+            for layer in cache.layers
+        ]
+        ids = list(self.prompts[row][len(self.prefix) :]) + self.tokens[row][:kept]
+        return RowCache(self.prefix, ids, kv)
+
+    def finish(self, cache: Any, fed: int) -> list[DecodeOutput]:
+        if self.s.keep_cache and self.prefix:
+            for k, row in enumerate(self.rows):
+                self.caches[row] = self._row_cache(cache, k, row, fed)
+        return [
+            DecodeOutput(
+                token_ids=self.tokens[i],
+                stopped=self.stopped[i],
+                logprobs=self.logprobs[i] if self.s.keep_logprobs else None,
+                cache=self.caches[i],
+            )
+            for i in range(len(self.prompts))
+        ]

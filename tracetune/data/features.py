@@ -7,11 +7,12 @@ so it is unit-tested on its own; the gates then say "`unanswered_calls` is 0 for
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 REQUIRED_FIELDS = (
     "trajectory_id",
@@ -67,8 +68,8 @@ def arguments_ok(arguments: Any) -> bool:
     if not isinstance(arguments, str):
         return isinstance(arguments, dict)
     try:
-        return isinstance(json.loads(arguments), dict)
-    except ValueError:
+        return isinstance(orjson.loads(arguments), dict)
+    except orjson.JSONDecodeError:
         return False
 
 
@@ -183,6 +184,22 @@ def raw_row(record: dict[str, Any], known_tools: frozenset[str], line: int = 0) 
         "latency_s": _number(record.get("latency_s")),
         "timestamp_s": epoch_seconds(record.get("timestamp")),
     }
+
+
+def _raw_rows_chunk(args: tuple[list[bytes], frozenset[str], int]) -> list[dict[str, Any]]:
+    lines, known, first = args
+    return [raw_row(orjson.loads(line), known, first + i) for i, line in enumerate(lines)]
+
+
+def raw_rows(
+    lines: Iterable[bytes], known_tools: frozenset[str], workers: int = 1
+) -> Iterator[dict[str, Any]]:
+    """Gate rows for JSONL lines (line numbers from 1), derived in `workers` processes."""
+    from tracetune.trajectories.io import chunked, ordered_map
+
+    jobs = ((chunk, known_tools, 1 + i * 1000) for i, chunk in enumerate(chunked(lines, 1000)))
+    for rows in ordered_map(_raw_rows_chunk, jobs, workers):
+        yield from rows
 
 
 CURATED_COLUMNS: dict[str, str] = {

@@ -128,7 +128,7 @@ def champion_drift_problem(candidate: ModelVersion, champion: ModelVersion | Non
         rate_of(cand_eval, "candidate"),
         rate_of(champ_eval, "champion"),
         str(champion.version),
-        GateParams.model_validate(gate),
+        GateParams.model_validate({k: v for k, v in gate.items() if k in GateParams.model_fields}),
     )
     if check.passed:
         return None
@@ -202,6 +202,13 @@ def _version_or_none(registry: Registry, version: str | None) -> ModelVersion | 
         return None
 
 
+def _snapshot(registry: Registry) -> tuple[dict[str, str], ChampionState]:
+    """Aliases and champion state from one read of the registered model (one request)."""
+    model = registry.model()
+    aliases = {k: str(v) for k, v in (model.aliases or {}).items()}
+    return aliases, load_state(model.tags.get(STATE_TAG))
+
+
 def set_challenger(registry: Registry, version: str) -> bool:
     """Point `challenger` at a READY, gate-passed version (never at a half-registered one).
 
@@ -237,22 +244,25 @@ def approve(registry: Registry, version: str, by: str, note: str = "") -> Decisi
         problem = promotable_problem(mv)
         if problem:
             raise NotPromotableError(f"cannot approve {registry.name} v{mv.version}: {problem}")
-        current = registry.alias(CHAMPION)
+        aliases, recorded = _snapshot(registry)
+        current = aliases.get(CHAMPION)
         drift = champion_drift_problem(mv, _version_or_none(registry, current))
         if drift:
             raise NotPromotableError(f"cannot approve {registry.name} v{mv.version}: {drift}")
         at = utc_now()
         version = str(mv.version)
         _set_version_tags(registry, version, _decision_tags(mv, "approved", by, at, note))
-        state = reconcile(registry.state(), current, at)
+        state = reconcile(recorded, current, at)
         if current == version:
-            text = _write_state(registry, record(state, Event(APPROVE, version, current, by, at,
-                                                              note or "already champion")))  # fmt: skip
+            event = Event(APPROVE, version, current, by, at, note or "already champion")
+            text = _write_state(registry, record(state, event))
             _verify(registry, CHAMPION, version, text)
             message = f"{registry.name} v{version} is already {CHAMPION}; approval recorded"
-            return Decision(APPROVE, registry.name, version, current, version, by, at, note, message)
+            return Decision(
+                APPROVE, registry.name, version, current, version, by, at, note, message
+            )
         registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
-        if registry.alias(CHALLENGER) == version:
+        if aliases.get(CHALLENGER) == version:
             registry.client.delete_registered_model_alias(registry.name, CHALLENGER)
         text = _write_state(registry, push(state, Event(APPROVE, version, current, by, at, note)))
         _verify(registry, CHAMPION, version, text)
@@ -270,15 +280,18 @@ def _record_refusal(
         version = str(mv.version)
         at = utc_now()
         _set_version_tags(registry, version, _decision_tags(mv, status, by, at, note))
-        current = registry.alias(CHAMPION)
-        if registry.alias(CHALLENGER) == version:
+        aliases, recorded = _snapshot(registry)
+        current = aliases.get(CHAMPION)
+        if aliases.get(CHALLENGER) == version:
             registry.client.delete_registered_model_alias(registry.name, CHALLENGER)
-        state = reconcile(registry.state(), current, at)
+        state = reconcile(recorded, current, at)
         text = _write_state(registry, record(state, Event(action, version, current, by, at, note)))
         _verify(registry, None, None, text)
     message = f"{registry.name} v{version} {status} by {by}"
     if current == version:
-        message += f"; it is still {CHAMPION}: run `tracetune rollback {registry.name}` to demote it"
+        message += (
+            f"; it is still {CHAMPION}: run `tracetune rollback {registry.name}` to demote it"
+        )
     return Decision(action, registry.name, version, current, current, by, at, note, message)
 
 
@@ -299,11 +312,12 @@ def rollback(registry: Registry, by: str, note: str = "") -> Decision:
     if not by.strip():
         raise RegistryError("a rollback needs the operator's name (--by)")
     with registry.lock():
-        current = registry.alias(CHAMPION)
+        aliases, recorded = _snapshot(registry)
+        current = aliases.get(CHAMPION)
         if current is None:
             raise NoPreviousChampionError(f"{registry.name} has no {CHAMPION} to roll back")
         at = utc_now()
-        state = reconcile(registry.state(), current, at)
+        state = reconcile(recorded, current, at)
         target, skipped, popped = rollback_target(
             state, current, lambda v: rollback_problem(_version_or_none(registry, v))
         )
@@ -313,9 +327,7 @@ def rollback(registry: Registry, by: str, note: str = "") -> Decision:
                 + (f" (skipped unusable v{', v'.join(skipped)})" if skipped else "")
             )
         registry.client.set_registered_model_alias(registry.name, CHAMPION, target)
-        registry.client.set_model_version_tag(
-            registry.name, current, ROLLED_BACK, f"{at} by {by}"
-        )
+        registry.client.set_model_version_tag(registry.name, current, ROLLED_BACK, f"{at} by {by}")
         event = Event(ROLLBACK, target, current, by, at, note, skipped)
         text = _write_state(registry, record(popped, event))
         _verify(registry, CHAMPION, target, text)

@@ -93,11 +93,28 @@ def open_registry(
     from tracetune.tracking import tracking_uri
 
     uri = tracking_uri(tracking)
+    # Not `mlflow.set_registry_uri`: it exports MLFLOW_REGISTRY_URI, which would then outrank
+    # the params of every later call in this process. MLflow's default registry is the store.
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(registry_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+    with store_init_lock(uri, lock_timeout_s):
+        client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+        client.search_registered_models(max_results=1)  # opens the registry store too
     return Registry(client, name or tracking.registered_model, uri, lock_timeout_s)
+
+
+@contextmanager
+def store_init_lock(uri: str, timeout_s: float) -> Iterator[None]:
+    """Open a local store under a file lock: MLflow creates and migrates a fresh SQLite
+    database on first use, and two processes doing that at once fail ("table exists")."""
+    from tracetune.registry.locking import file_lock, local_store_path
+
+    store = local_store_path(uri)
+    if store is None:
+        yield
+        return
+    with file_lock(store.with_name(f"{store.name}.init.lock"), timeout_s):
+        yield
 
 
 def ensure_registered_model(registry: Registry, description: str = "") -> None:
@@ -119,7 +136,9 @@ def wait_until_ready(registry: Registry, version: str, timeout_s: float = 300.0)
         if mv.status == READY:
             return mv
         if mv.status == "FAILED_REGISTRATION":
-            raise RegistryError(f"{registry.name} v{version} failed to register: {mv.status_message}")
+            raise RegistryError(
+                f"{registry.name} v{version} failed to register: {mv.status_message}"
+            )
         if time.monotonic() >= deadline:
             raise RegistryError(f"{registry.name} v{version} not READY after {timeout_s:.0f} s")
         time.sleep(0.5)

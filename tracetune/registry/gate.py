@@ -153,7 +153,9 @@ def tsr_floor(candidate: Rate, params: GateParams) -> Check:
     return _floor_check("min_tsr", candidate.p, params.min_tsr, "TSR")
 
 
-def margin_check(name: str, candidate: Rate, other: Rate, margin: float, label: str, ci: bool) -> Check:
+def margin_check(
+    name: str, candidate: Rate, other: Rate, margin: float, label: str, ci: bool
+) -> Check:
     """Superiority by `margin` (negative: non-inferiority) over another arm."""
     d, lower, _ = diff_interval(candidate, other)
     observed = lower if ci else d

@@ -18,7 +18,13 @@ from typing import Any
 MAX_EVENTS = 300  # ~250 bytes each; MLflow allows 100k characters per registered-model tag
 MAX_STACK = 200
 
-APPROVE, REJECT, ROLLBACK, RECONCILE, EXPIRE = "approve", "reject", "rollback", "reconcile", "expire"
+APPROVE, REJECT, ROLLBACK, RECONCILE, EXPIRE = (
+    "approve",
+    "reject",
+    "rollback",
+    "reconcile",
+    "expire",
+)
 
 
 def utc_now() -> str:

@@ -110,7 +110,7 @@ def outs_for(outs: list[DvcOut], target: Path, root: Path) -> list[DvcOut]:
 def file_md5(path: Path) -> str | None:
     if not path.is_file():
         return None
-    digest = hashlib.md5()  # noqa: S324 - an identity hash, as DVC uses, not security
+    digest = hashlib.md5()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)

@@ -152,7 +152,7 @@ def server_lock(
     model_name: str,
     timeout_s: float,
     ttl_s: float = DEFAULT_TTL_S,
-    poll_s: float = 0.05,
+    poll_s: float = 0.2,
 ) -> Iterator[str]:
     """The registered-model lock (see the module docstring); yields the owner id."""
     import random

@@ -32,6 +32,7 @@ from tracetune.registry.client import (
     ensure_registered_model,
     json_tag,
     open_registry,
+    store_init_lock,
     wait_until_ready,
 )
 from tracetune.registry.gate import CANDIDATE, Verdict, evaluate_gate, validate_eval
@@ -43,7 +44,11 @@ if TYPE_CHECKING:
 AUTO_APPROVER = "auto-approve"
 ARM_METRICS = ("tsr", "tsr_ci_low", "tsr_ci_high", "n", "steps_mean", "steps_median",
                "tokens_in", "tokens_out", "cost_per_task_usd", "latency_s")  # fmt: skip
-ARMS = {"candidate": "", "baseline_prompt_only": "prompt_only.", "baseline_production": "production."}
+ARMS = {
+    "candidate": "",
+    "baseline_prompt_only": "prompt_only.",
+    "baseline_production": "production.",
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,9 @@ def resolve_model_dir(path: Path) -> Path:
     raise FileNotFoundError(f"no model (config.json) in {path} or {path / 'merged'}")
 
 
-def candidate_paths(params: Params, candidate: str, metrics: Mapping[str, Any] | None = None) -> CandidatePaths:
+def candidate_paths(
+    params: Params, candidate: str, metrics: Mapping[str, Any] | None = None
+) -> CandidatePaths:
     """Paths by convention; the eval file's `model_path` (what was really evaluated) wins."""
     eval_file = params.paths.metrics / f"eval_{candidate}.json"
     model_dir = params.paths.models / candidate
@@ -268,17 +275,21 @@ def register_candidate(
     import mlflow
 
     from tracetune.registry.approval import approve, set_challenger
-    from tracetune.tracking import git_commit
+    from tracetune.tracking import configure, git_commit
 
     started = time.perf_counter()
     eval_path = eval_file or candidate_paths(params, candidate).eval_file
     metrics = load_eval(eval_path)
     default = candidate_paths(params, candidate, metrics)
-    paths = CandidatePaths(eval_path, model_dir or default.model_dir, report_dir or default.report_dir)
+    paths = CandidatePaths(
+        eval_path, model_dir or default.model_dir, report_dir or default.report_dir
+    )
     resolve_model_dir(paths.model_dir)  # fail before anything is written
 
     settings = params.registry
     registry = open_registry(params.tracking, lock_timeout_s=settings.lock_timeout_s)
+    with store_init_lock(registry.tracking_uri, settings.lock_timeout_s):
+        configure(params.tracking)  # two first runs on a fresh store would race to create it
     ensure_registered_model(registry, "tracetune agent models (docs/registry.md)")
     champion_block, champion_version = champion_reference(registry)
     verdict = evaluate_gate(metrics, settings.gate, champion_block, champion_version)

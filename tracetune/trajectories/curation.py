@@ -45,10 +45,13 @@ def canonical_arguments(arguments: Any) -> str:
     """Arguments as canonical JSON (sorted keys), or the raw text when they do not parse."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except ValueError:
+            arguments = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
             return arguments
-    return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+    try:
+        return orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits
+        return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
 
 
 def redundant_calls(messages: Sequence[dict[str, Any]]) -> int:
@@ -67,8 +70,8 @@ def is_error_result(content: Any) -> bool:
     if not isinstance(content, str) or '"error"' not in content:
         return False
     try:
-        value = json.loads(content)
-    except ValueError:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
         return False
     return isinstance(value, dict) and "error" in value
 
@@ -121,23 +124,20 @@ def exact_key(record: dict[str, Any]) -> str:
     return _digest(orjson.dumps([record.get("task_id"), record.get("messages")]))
 
 
-def _norm(text: str) -> str:
-    return _NON_WORD.sub(" ", text.lower()).strip()
-
-
 def near_key(record: dict[str, Any]) -> str:
     """The episode with case, whitespace, punctuation, JSON key order and call ids normalised."""
     parts = []
     for message in record.get("messages") or ():
-        content = message.get("content")
-        if message.get("role") == "tool" and isinstance(content, str):
-            content = canonical_arguments(content)
-        parts.append(f"{message.get('role')}|{_norm(content or '')}")
+        role, content = message.get("role"), message.get("content")
+        parts.append(str(role))
+        if isinstance(content, str):
+            parts.append(canonical_arguments(content) if role == "tool" else content)
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            args = canonical_arguments(function.get("arguments"))
-            parts.append(f"call|{function.get('name')}|{_norm(args)}")
-    return _digest("\n".join(parts).encode())
+            parts.append(str(function.get("name")))
+            parts.append(canonical_arguments(function.get("arguments")))
+    text = _NON_WORD.sub(" ", " | ".join(parts).lower()).strip()
+    return _digest(text.encode())
 
 
 class Judged(NamedTuple):
@@ -153,15 +153,11 @@ def judge_chunk(args: tuple[list[str], CurateParams]) -> list[Judged]:
     out = []
     for line in lines:
         record = orjson.loads(line)
-        out.append(
-            Judged(
-                line,
-                str(record.get("family")),
-                golden_failures(record, params, line),
-                exact_key(record),
-                near_key(record),
-            )
-        )
+        failures = golden_failures(record, params, line)
+        golden = not failures  # only golden trajectories take part in dedupe: key them alone
+        exact = exact_key(record) if golden and params.dedupe_exact else ""
+        near = near_key(record) if golden and params.dedupe_near else ""
+        out.append(Judged(line, str(record.get("family")), failures, exact, near))
     return out
 
 

@@ -19,6 +19,7 @@ import json
 import shutil
 import sqlite3
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
 from tracetune.trajectories.pii import Scrubber, resolve_key
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import LogSource, SourceObject, open_source
+from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject, open_source
 
 CHUNK_LINES = 500
 
@@ -159,14 +160,14 @@ def parse_line(
         apply_mapping(record, mapping)
     except MappingError as exc:
         return reject(q.MAPPING, str(exc), text, tid)
-    before = scrubber.counts.copy()
+    scrubber.hits.clear()
     scrubber.scrub_obj(record)
     try:
         trajectory = Trajectory.model_validate(record)
     except ValidationError as exc:
         reason, detail = q.schema_reason(exc)
         return reject(reason, detail, text, q.trajectory_id_of(record))
-    hits = scrubber.counts - before
+    hits = scrubber.hits
     return Parsed(
         uri,
         number,
@@ -269,7 +270,6 @@ class ReadPlan:
     offset: int
     first_line: int  # line number of the first line read (1-based)
     kind: str  # new / appended / rewritten
-    head: str
 
 
 def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> list[ReadPlan]:
@@ -277,15 +277,18 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
     plans = []
     for obj in source.objects():
         mark = index.mark(obj.uri)
-        head = source.head_hash(obj)
         if mark is None:
-            plans.append(ReadPlan(obj, 0, 1, "new", head))
+            plans.append(ReadPlan(obj, 0, 1, "new"))
         elif mark.fingerprint == obj.fingerprint:
             report.files["unchanged"] += 1
-        elif obj.appendable and mark.head == head and obj.size >= mark.offset:
-            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended", head))
+        elif (
+            obj.appendable
+            and obj.size >= mark.offset
+            and source.head_hash(obj, min(HEAD_BYTES, mark.offset)) == mark.head
+        ):
+            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended"))
         else:
-            plans.append(ReadPlan(obj, 0, 1, "rewritten", head))
+            plans.append(ReadPlan(obj, 0, 1, "rewritten"))
     return plans
 
 
@@ -313,10 +316,11 @@ def iter_planned_lines(
                     number += 1
                     offset += len(raw)
                     yield obj.uri, number, raw, None
-        except (OSError, EOFError, ValueError) as exc:  # truncated/corrupt gzip, bad stream
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
             number += 1
             yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
-        marks[obj.uri] = FileMark(obj.fingerprint, plan.head, offset, number)
+        head = source.head_hash(obj, min(HEAD_BYTES, offset)) if obj.appendable else ""
+        marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
 
 
 def _parses(raw: bytes) -> bool:

@@ -36,7 +36,8 @@ _CARD = r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"
 _PHONE = (
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"
 )
-_PREFILTER = re.compile(r"@|\d{3}")
+# Cheap test for "could hold PII": an @, a grouped digit run (phones, spaced cards) or a long one.
+_PREFILTER = re.compile(r"@|\d{3,4}[ .-]\d{3,4}|\d{4}[ -]\d{4}|\d{13}")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -63,7 +64,7 @@ class Scrubber:
     (the same customers), but memory must not grow with the input.
     """
 
-    CACHE_LIMIT = 50_000
+    CACHE_LIMIT = 20_000  # entries per cache: a few MB at most
 
     def __init__(self, params: PiiParams, key: bytes | None = None) -> None:
         self.params = params
@@ -78,7 +79,9 @@ class Scrubber:
         self.enabled = params.enabled and bool(kinds)
         self._pattern = re.compile("|".join(kinds)) if kinds else None
         self._cache: dict[tuple[str, str], str] = {}
-        self.counts: Counter[str] = Counter()
+        self._texts: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
+        self.counts: Counter[str] = Counter()  # every replacement so far, by kind
+        self.hits: Counter[str] = Counter()  # replacements since the caller last cleared it
 
     # --- pseudonyms ---------------------------------------------------------------------------
     def pseudonym(self, kind: str, value: str) -> str:
@@ -103,14 +106,34 @@ class Scrubber:
         if kind == "phone" and not 9 <= sum(c.isdigit() for c in value) <= 15:
             return value
         self.counts[kind] += 1
+        self.hits[kind] += 1
         return self.pseudonym(kind, value)
 
     # --- scrubbing ----------------------------------------------------------------------------
     def scrub_text(self, text: str) -> str:
-        """`text` with every detected PII value replaced (unchanged when none is found)."""
-        if not self.enabled or self._pattern is None or not _PREFILTER.search(text):
+        """`text` with every detected PII value replaced (unchanged when none is found).
+
+        Results are cached (bounded): system prompts and tool results repeat across thousands of
+        trajectories, and scanning them again is most of the cost of the scrub.
+        """
+        if not self.enabled or self._pattern is None or len(text) < 6:
             return text
-        return self._pattern.sub(self._replace, text)
+        cached = self._texts.get(text)
+        if cached is not None:
+            out, hits = cached
+            for kind, n in hits:
+                self.counts[kind] += n
+                self.hits[kind] += n
+            return out
+        before = dict(self.hits)
+        out = self._pattern.sub(self._replace, text) if _PREFILTER.search(text) else text
+        hits = tuple(
+            (k, n - before.get(k, 0)) for k, n in self.hits.items() if n != before.get(k, 0)
+        )
+        if len(self._texts) >= self.CACHE_LIMIT:
+            self._texts.clear()
+        self._texts[text] = (out, hits)
+        return out
 
     def scrub_obj(self, obj: Any) -> Any:
         """Scrub every string value of a JSON-like object in place (dict keys are left alone).
@@ -118,18 +141,20 @@ class Scrubber:
         Works on decoded values, never on JSON text: a regex over JSON text would meet escapes
         (`\\n555-123-4567`, `\\u00f6`) and either miss PII or break the document.
         """
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                if isinstance(value, str):
-                    obj[key] = self.scrub_text(value)
-                elif isinstance(value, dict | list):
-                    self.scrub_obj(value)
-        elif isinstance(obj, list):
-            for i, value in enumerate(obj):
-                if isinstance(value, str):
-                    obj[i] = self.scrub_text(value)
-                elif isinstance(value, dict | list):
-                    self.scrub_obj(value)
+        if not isinstance(obj, dict | list):
+            return obj
+        scrub = self.scrub_text
+        stack = [obj]
+        while stack:
+            node = stack.pop()
+            items = node.items() if type(node) is dict else enumerate(node)
+            for key, value in items:
+                kind = type(value)
+                if kind is str:
+                    if len(value) >= 6:
+                        node[key] = scrub(value)
+                elif kind is dict or kind is list:
+                    stack.append(value)
         return obj
 
 

@@ -46,8 +46,8 @@ class LogSource(ABC):
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
         """The object's decompressed bytes from `offset` (offsets only for appendable objects)."""
 
-    def head_hash(self, obj: SourceObject) -> str:
-        """Hash of the first bytes: tells an appended file from a replaced one."""
+    def head_hash(self, obj: SourceObject, n: int = HEAD_BYTES) -> str:
+        """Hash of the first `n` bytes: tells an appended file from a replaced one."""
         return ""
 
 
@@ -68,14 +68,14 @@ class LocalSource(LogSource):
             if file.is_file() and _is_log(file.name):
                 size = file.stat().st_size
                 obj = SourceObject(str(file), size, "", file.name.endswith(".gz"), False)
-                head = self.head_hash(obj)
+                head = self.head_hash(obj, HEAD_BYTES)
                 yield SourceObject(
                     str(file), size, f"{size}:{head}", obj.compressed, not obj.compressed
                 )
 
-    def head_hash(self, obj: SourceObject) -> str:
+    def head_hash(self, obj: SourceObject, n: int = HEAD_BYTES) -> str:
         with open(obj.uri, "rb") as handle:
-            return hashlib.sha1(handle.read(HEAD_BYTES)).hexdigest()
+            return hashlib.sha1(handle.read(n)).hexdigest()
 
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
         handle = open(obj.uri, "rb", buffering=READ_BUFFER)  # noqa: SIM115 - the caller closes it
@@ -105,11 +105,13 @@ class _BodyReader(io.RawIOBase):
 
 
 class S3Source(LogSource):
-    def __init__(self, uri: str, endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(
+        self, uri: str, endpoint_url: str | None = None, client: Any = None, page_size: int = 1000
+    ) -> None:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:
             raise ValueError(f"ingest.source '{uri}' must look like s3://bucket/prefix")
-        self.uri, self.bucket, self.prefix = uri, bucket, prefix
+        self.uri, self.bucket, self.prefix, self.page_size = uri, bucket, prefix, page_size
         if client is None:
             import boto3
 
@@ -118,7 +120,10 @@ class S3Source(LogSource):
 
     def objects(self) -> Iterator[SourceObject]:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self.page_size}
+        )
+        for page in pages:
             for item in page.get("Contents", ()):
                 key = item["Key"]
                 if _is_log(key):
@@ -137,12 +142,16 @@ class S3Source(LogSource):
         return _gunzip(stream) if obj.compressed else stream
 
 
-class _GzipStream(io.BufferedReader):
-    """Decompressed lines of a gzip stream; closing it closes the underlying stream too."""
+class _GzipStream(gzip.GzipFile):
+    """Decompressed lines of a gzip stream; closing it closes the underlying stream too.
+
+    No extra read-ahead buffer: when the file is truncated, every line before the damage is
+    still delivered (the error then names the line where reading stopped).
+    """
 
     def __init__(self, inner: IO[bytes]) -> None:
         self._inner = inner
-        super().__init__(gzip.GzipFile(fileobj=inner), READ_BUFFER)
+        super().__init__(fileobj=inner, mode="rb")
 
     def close(self) -> None:
         try:
@@ -152,7 +161,7 @@ class _GzipStream(io.BufferedReader):
 
 
 def _gunzip(handle: IO[bytes]) -> IO[bytes]:
-    return _GzipStream(handle)
+    return _GzipStream(handle)  # type: ignore[return-value]  # a binary stream
 
 
 def open_source(source: str, endpoint_url: str | None = None) -> LogSource:

@@ -1,0 +1,167 @@
+"""Orchestration overhead: what the Prefect flow costs on top of the stages it runs, in one run.
+
+On a fresh copy of the working tree (what `git clone` gives: tracked and not-ignored files, no
+data, models or DVC cache), with a fresh PREFECT_HOME unless told otherwise:
+
+1. the README's main command, `TRACETUNE_VENV=<this venv> scripts/dev.sh run`, timed from the
+   outside (interpreter start, Prefect's temporary API start and stop, the flow, every stage);
+2. from the run record the flow writes (`metrics/orchestration.json`): each stage's own time,
+   measured around its `dvc repro --single-item` subprocess (the DVC pushes count as stages),
+   and the flow's wall time;
+3. with `--with-dvc`, the plain reference: `dvc repro` of the same pipeline on another fresh
+   copy, no Prefect at all.
+
+Overhead of the flow = (flow wall - stage time) / flow wall: what Prefect's tasks, state
+tracking, logging, artifacts and the dvc.yaml read add while the pipeline runs. Overhead of the
+command adds what happens before and after the flow (imports, the temporary API).
+
+    .venv/bin/python bench/bench_orchestration.py              # the embedded default
+    .venv/bin/python bench/bench_orchestration.py --tiny       # scaled-down params, seconds
+    .venv/bin/python bench/bench_orchestration.py --with-dvc   # also the plain `dvc repro`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_SHARE = 0.05
+
+
+def fresh_copy(dst: Path, src: Path = REPO) -> Path:
+    """What `git clone` of the working tree gives, uncommitted edits included."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for rel in filter(None, (os.fsdecode(p) for p in listed)):
+        if (src / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+    (dst / "dvc.lock").unlink(missing_ok=True)  # a clone has no results yet
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+def scale_down(root: Path) -> None:
+    """The tests' tiny params (tests/integration/flow_support.py), for a quick look."""
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    from flow_support import TINY
+
+    from flows.retrain import override_params
+
+    override_params(root / "params.yaml", TINY)
+
+
+def keep_shared_venv(clone: Path, venv: Path) -> None:
+    """Stop `scripts/dev.sh` in the copy from re-installing the project into the shared venv.
+
+    Its set-up re-runs `pip install -e .` when pyproject.toml is newer than the venv's stamp;
+    run from the copy, that would point the shared editable install at a temporary directory.
+    The copy's requirement files are dated just before the stamp (they equal the repository's,
+    which the stamp already covers); set-up time is therefore not part of the figure.
+    """
+    stamp = venv / ".tracetune-installed"
+    if not stamp.exists():
+        raise SystemExit(f"{venv} is not set up: run scripts/dev.sh setup in {REPO} first")
+    older = stamp.stat().st_mtime - 1
+    for rel in ("pyproject.toml", "requirements/constraints.txt"):
+        os.utime(clone / rel, (older, older))
+
+
+def timed(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+    """Wall seconds of a command; its output goes to `log` (it is long)."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        subprocess.run(argv, cwd=cwd, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - started
+
+
+def bench_env(prefect_home: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["TRACETUNE_VENV"] = str(Path(sys.executable).parents[1])
+    if prefect_home is not None:
+        env["PREFECT_HOME"] = str(prefect_home)
+    return env
+
+
+def report(command_s: float, record: dict[str, Any], dvc_s: float | None) -> str:
+    lines = [f"{'stage':<18} {'status':<11} {'seconds':>9}"]
+    for stage in record["stages"]:
+        if stage["status"] in {"ran", "up-to-date", "dispatched"}:
+            lines.append(f"{stage['name']:<18} {stage['status']:<11} {stage['seconds']:>9.1f}")
+    stage_s, flow_s = record["stage_s"], record["wall_s"]
+    flow_share = (flow_s - stage_s) / flow_s
+    cmd_share = (command_s - stage_s) / command_s
+    verdict = "met" if flow_share <= TARGET_SHARE else "MISSED"
+    lines += [
+        "",
+        f"stages (own time, sum of dvc repro/push subprocesses): {stage_s:8.1f} s",
+        f"flow wall time:                                        {flow_s:8.1f} s",
+        f"README command (scripts/dev.sh run) wall time:         {command_s:8.1f} s",
+        f"orchestration overhead in the flow: {flow_s - stage_s:6.1f} s = "
+        f"{100 * flow_share:4.1f}% (target <= {100 * TARGET_SHARE:.0f}%: {verdict})",
+        f"overhead of the whole command:      {command_s - stage_s:6.1f} s = "
+        f"{100 * cmd_share:4.1f}% (adds interpreter start, imports, Prefect's temporary API)",
+    ]
+    if dvc_s is not None:
+        lines.append(
+            f"plain `dvc repro` of the same pipeline: {dvc_s:7.1f} s; "
+            f"README command / dvc repro = {command_s / dvc_s:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the tests' scaled-down params")
+    parser.add_argument("--with-dvc", action="store_true", help="also time plain `dvc repro`")
+    parser.add_argument(
+        "--reuse-prefect-home",
+        action="store_true",
+        help="keep ~/.prefect (its database exists) instead of a fresh PREFECT_HOME",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the copies and logs")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="tracetune-bench-orch-"))
+    try:
+        clone = fresh_copy(work / "clone")
+        if args.tiny:
+            scale_down(clone)
+        home = None if args.reuse_prefect_home else work / "prefect-home"
+        keep_shared_venv(clone, Path(sys.executable).parents[1])
+        command_s = timed(["scripts/dev.sh", "run"], clone, bench_env(home), work / "command.log")
+        record = json.loads((clone / "metrics" / "orchestration.json").read_text())
+        dvc_s = None
+        if args.with_dvc:
+            plain = fresh_copy(work / "plain")
+            if args.tiny:
+                scale_down(plain)
+            dvc_bin = str(Path(sys.executable).parent)
+            env = bench_env(home) | {"PATH": f"{dvc_bin}{os.pathsep}{os.environ['PATH']}"}
+            dvc_s = timed([sys.executable, "-m", "dvc", "repro"], plain, env, work / "dvc.log")
+        params = "tiny (tests)" if args.tiny else "embedded default (params.yaml)"
+        print(f"orchestration benchmark: {params}, fresh copy at {clone}")
+        print(f"load average after: {os.getloadavg()[0]:.1f} (CPU cores: {os.cpu_count()})")
+        print(report(command_s, record, dvc_s))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

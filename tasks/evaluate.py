@@ -1,0 +1,167 @@
+"""Stage `evaluate@<model>`: a model on the held-out tasks against the two baselines.
+
+`python -m tasks.evaluate MODEL [PARAMS_FILE]` (MODEL: `base`, `sft`, `rlvr`, ...). Outputs
+(dvc.yaml): `metrics/eval_<model>.json` (the shape the registry gate reads), the report, the
+rollouts and the cache record in `reports/eval/<model>/`, PNG plots in
+`reports/eval_plots/<model>/`, and an MLflow run `evaluate_<model>` with the flattened metrics
+and the files as artifacts.
+
+Evaluating `base` *is* the prompt-only baseline; its rollouts stay in `reports/eval/base/` and
+any later evaluation reuses them while their cache key still matches (tracetune.evaluation.
+harness), else it re-runs the base model and refreshes that cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks._common import stage_params, write_json
+from tracetune.config import Params
+
+
+def eval_paths(params: Params, model: str) -> dict[str, Path]:
+    reports = params.paths.reports
+    return {
+        "out": reports / "eval" / model,
+        "plots": reports / "eval_plots" / model,
+        "metrics": params.paths.metrics / f"eval_{model}.json",
+        "baseline": reports / "eval" / "base",
+    }
+
+
+def _settings(params: Params, model: str, path: str, heldout_total: int) -> dict[str, Any]:
+    ev = params.evaluate
+    return {
+        "model": model,
+        "model_path": path,
+        "heldout_tasks_before_cap": heldout_total,
+        "max_tasks": ev.max_tasks,
+        "batch_size": ev.batch_size,
+        "max_new_tokens": ev.max_new_tokens,
+        "max_turns": ev.max_turns,
+        "environment_max_steps": params.environment.max_steps,
+        "decoding": "greedy" if ev.greedy else f"sampled, T={ev.temperature}, seed={ev.seed}",
+        "decoder": ev.decoder,
+        "pricing": ev.pricing[model].model_dump() if model in ev.pricing else None,
+        "environment": params.environment.class_path,
+    }
+
+
+def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
+    """Evaluate `model`; returns (and writes) the metrics payload."""
+    import mlflow
+
+    from tracetune.agent.rollout import EnvPool, env_factory_from_params
+    from tracetune.evaluation import harness
+    from tracetune.evaluation.metrics import deltas, flatten, summarize
+    from tracetune.evaluation.plots import write_plots
+    from tracetune.evaluation.report import render_report
+    from tracetune.tracking import stage_run
+
+    ev = params.evaluate
+    paths = eval_paths(params, model)
+    harness.pricing_for(ev, model)  # fail before any rollout when prices are missing
+    envs = EnvPool(env_factory_from_params(params.environment))
+    probe = envs.acquire()
+    heldout = harness.select_heldout(probe, params)
+    envs.release(probe)
+    if not heldout.tasks:
+        raise RuntimeError(f"no held-out tasks to evaluate in {params.paths.curated_dir}")
+
+    path = harness.model_path(params, model)
+    started = time.perf_counter()
+    candidate = harness.run_model(model, path, heldout.tasks, params, envs, progress)
+    seconds = time.perf_counter() - started
+    key = harness.cache_key(path, heldout.tasks, params)
+    harness.write_rollouts(paths["out"], candidate, key, {"model": model, "model_path": path})
+
+    if model == harness.PROMPT_ONLY:
+        prompt_only = candidate
+    else:
+        prompt_only = _prompt_only(params, heldout.tasks, envs, paths["baseline"], progress)
+    production = harness.production_baseline(params.paths.ingested, params.split)
+
+    base_pricing = harness.pricing_for(ev, harness.PROMPT_ONLY)
+    arms = {
+        "candidate": summarize(candidate, harness.pricing_for(ev, model)),
+        "baseline_prompt_only": summarize(prompt_only, base_pricing),
+        "baseline_production": summarize(production),
+    }
+    payload: dict[str, Any] = {
+        "model": model,
+        "model_path": path,
+        "n_tasks": len(heldout.tasks),
+        **arms,
+        "delta": deltas(*arms.values()),
+    }
+    settings = _settings(params, model, path, heldout.total)
+    plot_files = write_plots(payload, paths["plots"])
+    report = paths["out"] / "report.md"
+    rel = [Path("..", "..", "eval_plots", model, p.name).as_posix() for p in plot_files]
+    report.write_text(render_report(payload, settings, rel))
+    write_json(paths["metrics"], payload)
+
+    tags = {"tracetune.model": model, "model_path": path, "eval_cache_key": key}
+    with stage_run(params.tracking, f"evaluate_{model}", tags):
+        mlflow.log_params({k: str(v) for k, v in settings.items()})
+        mlflow.log_metrics(flatten({k: payload[k] for k in (*arms, "delta", "n_tasks")}))
+        mlflow.log_metric("rollout_seconds", seconds)
+        mlflow.log_artifact(str(paths["metrics"]))
+        mlflow.log_artifact(str(report))
+        mlflow.log_artifact(str(paths["out"] / harness.ROLLOUTS_FILE))
+        mlflow.log_artifacts(str(paths["plots"]), artifact_path="plots")
+    return payload
+
+
+def _prompt_only(
+    params: Params, tasks: list[Any], envs: Any, baseline_dir: Path, progress: bool
+) -> list[Any]:
+    """The base model's rollouts: the cached ones when their key matches, else a fresh run."""
+    from tracetune.evaluation import harness
+
+    path = harness.model_path(params, harness.PROMPT_ONLY)
+    key = harness.cache_key(path, tasks, params)
+    cached = harness.load_cached_rollouts(baseline_dir, key)
+    if cached is not None:
+        return cached
+    fresh = harness.run_model(harness.PROMPT_ONLY, path, tasks, params, envs, progress)
+    meta = {"model": harness.PROMPT_ONLY, "model_path": path}
+    harness.write_rollouts(baseline_dir, fresh, key, meta)
+    return fresh
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m tasks.evaluate MODEL [PARAMS_FILE]", file=sys.stderr)
+        raise SystemExit(2)
+    model, rest = args[0], args[1:]
+    params = stage_params(rest)
+    payload = run(params, model)
+    table = Table(title=f"Evaluation of {model} on {payload['n_tasks']} held-out tasks")
+    table.add_column("arm")
+    for column in ("tsr", "95% CI", "n", "steps", "cost/task $"):
+        table.add_column(column, justify="right")
+    for arm in ("candidate", "baseline_prompt_only", "baseline_production"):
+        block = payload[arm]
+        tsr = block["tsr"]
+        table.add_row(
+            arm,
+            "n/a" if tsr is None else f"{tsr:.3f}",
+            f"[{block['tsr_ci_low']:.3f}, {block['tsr_ci_high']:.3f}]",
+            str(block["n"]),
+            "n/a" if block["steps_mean"] is None else f"{block['steps_mean']:.2f}",
+            "n/a" if block["cost_per_task_usd"] is None else f"{block['cost_per_task_usd']:.6f}",
+        )
+    Console().print(table)
+    Console().print(f"delta: {payload['delta']}")
+
+
+if __name__ == "__main__":
+    main()

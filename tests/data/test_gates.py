@@ -1,0 +1,200 @@
+"""GX gates on real batches: a normal simulated batch passes, corrupted ones fail with a report."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tracetune.config import (
+    CuratedGateParams,
+    CurateParams,
+    IngestParams,
+    RawGateParams,
+    SplitParams,
+)
+from tracetune.data import features as f
+from tracetune.data.gates import curated_checks, raw_checks, run_gate
+from tracetune.environments.support_desk import SupportDesk
+from tracetune.trajectories.curation import curate, exact_key
+from tracetune.trajectories.ingest import IngestPaths, ingest
+from tracetune.trajectories.io import iter_lines
+from tracetune.trajectories.pii import pii_in
+from tracetune.trajectories.split import split_curated
+
+KNOWN = frozenset(SupportDesk().tool_names())
+NOW = datetime(2026, 11, 22, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory, sim_lines: list[str]) -> list[dict[str, Any]]:
+    """A normal ingested batch of simulated production logs (faults and all)."""
+    root = tmp_path_factory.mktemp("batch")
+    (root / "logs").mkdir()
+    (root / "logs/a.jsonl").write_text("\n".join(sim_lines) + "\n")
+    paths = IngestPaths(root / "b", root / "q", root / "i.sqlite", root / "s.json", root / "r")
+    ingest(IngestParams(source=str(root / "logs")), paths)
+    return [orjson.loads(x) for x in iter_lines(paths.batches)]
+
+
+def raw_gate(records: list[dict[str, Any]], docs: Path):  # type: ignore[no-untyped-def]
+    rows = (f.raw_row(r, KNOWN, n) for n, r in enumerate(records, 1))
+    return run_gate("raw", raw_checks(RawGateParams(), KNOWN, NOW), f.RAW_COLUMNS, rows, docs)
+
+
+# --- derived columns: pure functions ---------------------------------------------------------
+def test_derived_columns_on_hand_made_trajectories() -> None:
+    call = {"id": "c1", "function": {"name": "get_order", "arguments": '{"order_id": "O-1"}'}}
+    ok: list[dict[str, Any]] = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{}"},
+        {"role": "assistant", "content": "a"},
+    ]
+    assert f.roles_ok(ok) and f.unanswered_calls(ok) == 0 and f.orphan_tool_messages(ok) == 0
+    assert not f.roles_ok(ok[:3])  # ends on a tool call
+    assert not f.roles_ok([ok[0], ok[3], ok[1], ok[4]])  # tool before any call
+    assert not f.roles_ok([ok[1], ok[0], ok[4]])  # system not first
+    assert f.unanswered_calls(ok[:3] + ok[4:]) == 1
+    assert f.orphan_tool_messages([ok[1], {"role": "tool", "tool_call_id": "zz"}]) == 1
+    bad_call = {"id": "c2", "function": {"name": "lookup_record", "arguments": '{"order_id": '}}
+    calls = f.tool_calls([{"role": "assistant", "tool_calls": [call, bad_call]}])
+    assert f.bad_arguments(calls) == 1 and f.unknown_tools(calls, KNOWN) == 1
+    assert f.empty_assistant_turns([{"role": "assistant", "content": " "}]) == 1
+    assert f.epoch_seconds("2026-11-01T00:00:00Z") == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    assert f.epoch_seconds("2026-11-01T00:00:00") is None
+
+
+# --- the raw-batch gate --------------------------------------------------------------------
+def test_raw_gate_passes_a_normal_batch(batch: list[dict[str, Any]], tmp_path: Path) -> None:
+    rows = [f.raw_row(r, KNOWN) for r in batch]
+    assert any(r["bad_arguments"] for r in rows) and any(r["unknown_tools"] for r in rows)
+    result = raw_gate(batch, tmp_path / "docs")
+    assert result.success, result.summary()
+    assert result.rows == len(batch) and result.docs is None
+    metrics = result.metrics()
+    assert metrics["success"] and metrics["failed"] == 0 and metrics["evaluated"] >= 15
+
+
+def corrupt(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logger faults: tool answers lost, roles shuffled, clocks in the future, absurd costs."""
+    bad = copy.deepcopy(batch)
+    future = (NOW + timedelta(days=30)).isoformat()
+    for i, record in enumerate(bad):
+        if i % 3 == 0:
+            record["messages"] = [m for m in record["messages"] if m["role"] != "tool"]
+        elif i % 3 == 1:
+            record["messages"] = record["messages"][::-1]
+        if i % 10 == 0:
+            record["timestamp"] = future
+        if i % 10 == 1:
+            record["cost_usd"] = 12_345.0
+    return bad
+
+
+def test_raw_gate_fails_a_corrupted_batch(batch: list[dict[str, Any]], tmp_path: Path) -> None:
+    result = raw_gate(corrupt(batch), tmp_path / "docs")
+    assert not result.success
+    failed = {r.check.column for r in result.failed}
+    assert {"roles_ok", "unanswered_calls", "timestamp_s", "cost_usd"} <= failed
+    assert result.docs is not None and result.docs.exists()
+    assert list((tmp_path / "docs" / "validations").rglob("*.html"))
+    summary = result.summary()
+    assert "FAILED" in summary and "every tool call is answered" in summary
+    assert "trajectory_id=" in summary and len(summary.splitlines()) < 60
+
+
+# --- the curated-set gate ------------------------------------------------------------------
+def curated_set(batch: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    out = io.StringIO()
+    curate((json.dumps(r) for r in batch), CurateParams(), out)
+    split_curated(
+        iter(out.getvalue().splitlines()), root, SplitParams(heldout_fraction=0.25, seed=0)
+    )
+    rows = []
+    heldout = frozenset(orjson.loads(x)["task_id"] for x in iter_lines(root / "heldout.jsonl"))
+    for split in ("heldout", "train"):
+        for n, line in enumerate(iter_lines(root / f"{split}.jsonl"), 1):
+            rec = orjson.loads(line)
+            rows.append(f.curated_row(rec, split, exact_key(rec), heldout, len(pii_in(rec)), n))
+    return rows
+
+
+def curated_gate(rows: list[dict[str, Any]], docs: Path):  # type: ignore[no-untyped-def]
+    checks = curated_checks(CuratedGateParams(min_rows=50), SupportDesk().families())
+    return run_gate(
+        "curated", checks, f.CURATED_COLUMNS, iter(rows), docs, ("trajectory_id", "split")
+    )
+
+
+def test_curated_gate_passes_then_catches_leaks_duplicates_and_pii(
+    batch: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = curated_set(batch, tmp_path / "curated")
+    result = curated_gate(rows, tmp_path / "docs")
+    assert result.success, result.summary()
+
+    heldout_task = next(r["task_id"] for r in rows if r["split"] == "heldout")
+    bad = [dict(r) for r in rows]
+    bad[-1] |= {"task_id": heldout_task, "leaks_heldout_task": 1}  # a held-out task in train
+    bad += [dict(r) for r in rows[:10]]  # duplicates
+    bad[0] |= {"empty_assistant_turns": 1, "pii_found": 2}
+    result = curated_gate(bad, tmp_path / "docs2")
+    assert not result.success
+    assert {r.check.column for r in result.failed} == {
+        "leaks_heldout_task",
+        "content_hash",
+        "empty_assistant_turns",
+        "pii_found",
+    }
+    assert result.docs is not None and result.docs.exists()
+
+
+def test_curated_gate_fails_a_small_narrow_set(batch: list[dict[str, Any]], tmp_path: Path) -> None:
+    rows = [r for r in curated_set(batch, tmp_path / "c") if r["family"] == "order_status"]
+    result = curated_gate(rows, tmp_path / "docs")
+    failed = {r.check.expectation for r in result.failed}
+    assert "ExpectTableRowCountToBeBetween" in failed
+    assert "ExpectColumnDistinctValuesToContainSet" in failed
+
+
+def test_stage_exits_non_zero_with_report_on_a_bad_batch(
+    batch: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m tasks.validate_raw` on an ingested corrupted batch: exit 1, summary, Data Docs."""
+    import yaml
+
+    from tasks import validate_raw
+
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corrupt(batch)))
+    paths = {
+        "raw_logs": str(src),
+        "ingested": str(tmp_path / "ingested"),
+        "quarantine": str(tmp_path / "quarantine"),
+        "ingest_state": str(tmp_path / "state.json"),
+        "ingest_index": str(tmp_path / "index.sqlite"),
+        "reports": str(tmp_path / "reports"),
+        "metrics": str(tmp_path / "metrics"),
+    }
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"paths": paths, "ingest": {"source": str(src)}}))
+    from tasks import ingest as ingest_stage
+
+    ingest_stage.main([str(params_file)])
+    with pytest.raises(SystemExit) as exit_info:
+        validate_raw.main([str(params_file)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "GX gate 'raw' FAILED" in err and "unanswered_calls" in err
+    assert (tmp_path / "reports/gx/raw/index.html").exists()
+    assert (tmp_path / "reports/gx/raw/summary.txt").read_text().startswith("GX gate 'raw' FAILED")
+    assert not (tmp_path / "metrics/validate_raw.json").exists()

@@ -1,0 +1,222 @@
+"""Ingest: quarantine with reasons, read = accepted + quarantined, incremental watermark."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from tracetune.config import IngestParams
+from tracetune.trajectories.ingest import (
+    IngestPaths,
+    QuarantineRateExceeded,
+    ingest,
+    last_batch_file,
+    read_state,
+)
+from tracetune.trajectories.io import read_trajectories
+from tracetune.trajectories.pii import find_pii
+
+
+def good(i: int, **changes: object) -> dict:
+    record = {
+        "trajectory_id": f"t-{i}",
+        "task_id": f"customer_tier:C-{i:04d}",
+        "family": "customer_tier",
+        "timestamp": "2026-11-01T00:00:00+00:00",
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": f"Which tier is C-{i:04d} in? I am ana{i}@mailbox.org"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_customer", "arguments": '{"customer_id": "C"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"tier": "gold"}'},
+            {"role": "assistant", "content": "Gold."},
+        ],
+        "success": True,
+        "steps": 2,
+        "error_retries": 0,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+        "cost_usd": 0.001,
+        "latency_s": 1.0,
+    }
+    record.update(changes)
+    return record
+
+
+def line(record: object) -> bytes:
+    return json.dumps(record).encode() + b"\n"
+
+
+@pytest.fixture
+def bad_lines() -> list[tuple[bytes, str]]:
+    """Every kind of bad line, with the reason it must be quarantined for."""
+    tool_first = good(0)
+    tool_first["messages"] = [{"role": "tool", "content": "x"}, *tool_first["messages"]]
+    return [
+        (b'{"trajectory_id": "t-x", "task_id": \n', "invalid_json"),
+        (b"not json at all, mail bob@mailbox.org\n", "invalid_json"),
+        (b"\xff\xfe garbage\n", "invalid_utf8"),
+        (b"   \n", "blank_line"),
+        (b"[1, 2, 3]\n", "not_an_object"),
+        (line(good(101, steps="three")), "schema:steps"),
+        (line({k: v for k, v in good(102).items() if k != "messages"}), "schema:messages"),
+        (line(good(103, timestamp="2026-11-01T00:00:00")), "schema:timestamp"),
+        (line(good(104, cost_usd=-1)), "schema:cost_usd"),
+        (line(good(105, surprise=1)), "schema:surprise"),
+        (line(tool_first | {"trajectory_id": "t-106"}), "schema:messages"),
+        (
+            line(good(107, messages=[{"role": "robot", "content": "x"}, {"role": "user"}])),
+            "schema:messages.role",
+        ),
+        (line(good(1)), "duplicate_trajectory_id"),
+    ]
+
+
+def make_paths(root: Path) -> IngestPaths:
+    return IngestPaths(
+        root / "ingested",
+        root / "quarantine",
+        root / "state/index.sqlite",
+        root / "state/watermark.json",
+        root / "reports/rejected.jsonl",
+    )
+
+
+def params(source: Path | str, **kw: object) -> IngestParams:
+    return IngestParams(source=str(source), **kw)
+
+
+def quarantine_records(paths: IngestPaths) -> list[dict]:
+    return [json.loads(x) for f in sorted(paths.quarantine.glob("*.jsonl")) for x in f.open()]
+
+
+def test_every_bad_line_is_quarantined_with_its_reason(tmp_path: Path, bad_lines) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "logs"
+    src.mkdir()
+    goods = [line(good(i)) for i in range(1, 40)]
+    (src / "a.jsonl").write_bytes(b"".join(goods[:20]) + b"".join(raw for raw, _ in bad_lines))
+    (src / "b.jsonl").write_bytes(b"".join(goods[20:]))
+    paths = make_paths(tmp_path)
+    report = ingest(params(src, max_quarantine_rate=0.5), paths)
+
+    assert report.read == report.accepted + report.quarantined == 39 + len(bad_lines)
+    assert report.accepted == 39 and report.duplicates == 1
+    records = quarantine_records(paths)
+    assert [r["reason"] for r in records] == [reason for _, reason in bad_lines]
+    assert all(r["source"].endswith("a.jsonl") for r in records)
+    assert [r["line"] for r in records] == list(range(21, 21 + len(bad_lines)))
+    assert all(r["detail"] for r in records)
+    assert not any(find_pii(r["raw"]) for r in records), "quarantine must be scrubbed too"
+    accepted = list(read_trajectories(paths.batches))
+    assert len(accepted) == 39 and len({t.trajectory_id for t in accepted}) == 39
+    assert not any(find_pii(t.to_json()) for t in accepted)
+    assert report.pii["email"] == 39
+
+
+def test_rerun_ingests_nothing_new_then_only_the_new(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(10)))
+    paths = make_paths(tmp_path)
+    first = ingest(params(src), paths)
+    assert (first.batch, first.accepted) == (1, 10)
+
+    again = ingest(params(src), paths)
+    assert again.batch is None and again.read == 0 and again.files["unchanged"] == 1
+
+    with (src / "a.jsonl").open("ab") as handle:  # appended lines: only the tail is read
+        handle.write(b"".join(line(good(i)) for i in range(10, 13)))
+    with gzip.open(src / "b.jsonl.gz", "wb") as handle:  # a new compressed file
+        handle.write(b"".join(line(good(i)) for i in range(13, 15)))
+    third = ingest(params(src), paths)
+    assert (third.batch, third.read, third.accepted) == (2, 5, 5)
+    assert third.files == {"appended": 1, "new": 1}
+    assert last_batch_file(paths.state, paths.batches) == paths.batches / "batch-000002.jsonl"
+    ids = [t.trajectory_id for t in read_trajectories(paths.batches)]
+    assert sorted(ids) == sorted(f"t-{i}" for i in range(15))
+    state = read_state(paths.state)
+    assert state["batches"] == 2 and state["totals"]["accepted"] == 15
+    assert state["files"][str(src / "a.jsonl")]["lines"] == 13
+
+
+def test_rewritten_file_never_duplicates_a_trajectory(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(5)))
+    paths = make_paths(tmp_path)
+    ingest(params(src), paths)
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(3, 8)))  # replaced
+    report = ingest(params(src), paths)
+    assert report.files["rewritten"] == 1
+    assert (report.accepted, report.duplicates) == (3, 2)
+    assert len(list(read_trajectories(paths.batches))) == 8
+
+
+def test_partial_last_line_waits_for_the_writer(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    full = line(good(1))
+    (src / "a.jsonl").write_bytes(line(good(0)) + full[:40])
+    paths = make_paths(tmp_path)
+    first = ingest(params(src), paths)
+    assert (first.accepted, first.quarantined, first.held_back) == (1, 0, 1)
+    (src / "a.jsonl").write_bytes(line(good(0)) + full)
+    second = ingest(params(src), paths)
+    assert (second.accepted, second.quarantined) == (1, 0)
+
+
+def test_too_many_bad_lines_fail_and_commit_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(line(good(0)) + b"broken\n" * 3)
+    paths = make_paths(tmp_path)
+    with pytest.raises(QuarantineRateExceeded, match=r"75\.00%"):
+        ingest(params(src, max_quarantine_rate=0.1), paths)
+    assert not list(paths.batches.glob("*")) and not list(paths.quarantine.glob("*"))
+    assert len(paths.rejected.read_text().splitlines()) == 3
+    report = ingest(params(src, max_quarantine_rate=0.9), paths)  # the watermark did not move
+    assert (report.batch, report.accepted, report.quarantined) == (1, 1, 3)
+
+
+def test_workers_give_the_same_batch(tmp_path: Path, sim_lines: list[str]) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(sim_lines) + "\n")
+    one, two = make_paths(tmp_path / "one"), make_paths(tmp_path / "two")
+    r1 = ingest(params(src, workers=1), one)
+    r2 = ingest(params(src, workers=2), two)
+    assert r1.as_dict() | {"seconds": 0, "trajectories_per_s": 0} == r2.as_dict() | {
+        "seconds": 0,
+        "trajectories_per_s": 0,
+    }
+    name = "batch-000001.jsonl"
+    assert (one.batches / name).read_bytes() == (two.batches / name).read_bytes()
+    assert r1.read == len(sim_lines) and r1.quarantined > 0 and r1.pii
+
+
+def test_truncated_gzip_keeps_what_it_could_read(tmp_path: Path) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    data = gzip.compress(b"".join(line(good(i)) for i in range(200)))
+    (src / "a.jsonl.gz").write_bytes(data[: len(data) // 2])
+    paths = make_paths(tmp_path)
+    report = ingest(params(src, max_quarantine_rate=0.5), paths)
+    assert report.accepted > 0 and report.reasons == {"unreadable_file": 1}
+    (record,) = quarantine_records(paths)
+    assert record["line"] == report.accepted + 1 and "EOFError" in record["detail"]
+
+
+def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ingest(params(tmp_path / "nope"), make_paths(tmp_path))

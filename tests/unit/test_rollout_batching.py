@@ -1,0 +1,208 @@
+"""The rollout engine with a real tiny model: batching must not change what an episode does.
+
+Episodes at different turns share one left-padded, KV-cached decode; the shared prefix
+(system prompt + tools) is stored once. Under greedy fp32 decoding a batch of episodes must give
+exactly the trajectories the same episodes give one at a time, and the hand-written decode loop
+must agree with `model.generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rollout_support import tiny_model_dir
+
+from tracetune.agent.rollout import (
+    EnvPool,
+    ModelPolicy,
+    RolloutConfig,
+    TurnRequest,
+    env_factory_from_params,
+    run_rollouts,
+)
+from tracetune.config import EnvironmentParams, Pricing
+from tracetune.environments.base import Task
+from tracetune.environments.support_desk import SupportDesk
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def policy(model_dir: Path) -> ModelPolicy:
+    """The tiny model, its turns prefilled with `<tool_call>` so that episodes go multi-turn
+    (a malformed call is a failed step, not an end): every later turn re-uses the earlier ones'
+    keys and values, and batches mix episodes at different turns."""
+    return ModelPolicy.from_pretrained(
+        model_dir, name="tiny", device="cpu", max_new_tokens=20, response_prefix="<tool_call>\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[Task]:
+    return SupportDesk().tasks(6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pool() -> EnvPool:
+    return EnvPool(env_factory_from_params(EnvironmentParams()))
+
+
+def _comparable(results: list[Any]) -> list[dict[str, Any]]:
+    return [r.trajectory.model_dump(exclude={"timestamp", "latency_s"}) for r in results]
+
+
+def test_batched_and_one_at_a_time_greedy_rollouts_are_identical(
+    policy: ModelPolicy, tasks: list[Task], pool: EnvPool
+) -> None:
+    def run(batch: int) -> list[Any]:
+        config = RolloutConfig(max_new_tokens=20, max_turns=3, batch_size=batch)
+        return run_rollouts(tasks, policy, pool, config, pricing=Pricing(), progress=False)
+
+    batched, single = run(4), run(1)  # 4 < 6 tasks: slots refill, turns mix in a batch
+    assert _comparable(batched) == _comparable(single)
+    assert sum(len(r.turns) for r in batched) > len(tasks)  # multi-turn episodes
+    for result in batched:
+        usage = result.trajectory.usage
+        assert usage.prompt_tokens == sum(t.prompt_tokens for t in result.turns) > 0
+        assert 0 < usage.completion_tokens <= (20 + 2) * len(result.turns)  # + the prefill
+        assert result.trajectory.model == "tiny"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model_dir: Path, tasks: list[Task]) -> None:
+    sampler = ModelPolicy.from_pretrained(
+        model_dir, name="tiny", device="cpu", max_new_tokens=12, greedy=False, seed=7
+    )
+    env = SupportDesk()
+    requests = [TurnRequest(i, 0, t, env.reset(t), env.tool_schemas()) for i, t in enumerate(tasks)]
+    together = [o.text for o in sampler.generate(requests)]
+    alone = [sampler.generate([r])[0].text for r in requests]
+    assert together == alone
+    assert len(set(together)) > 1  # really sampled, not one string
+    sampler.seed = 8
+    assert [o.text for o in sampler.generate(requests)] != together
+
+
+def test_decode_loop_matches_model_generate(policy: ModelPolicy, tasks: list[Task]) -> None:
+    env = SupportDesk()
+    requests = [TurnRequest(i, 0, t, env.reset(t), env.tool_schemas()) for i, t in enumerate(tasks)]
+    ours = policy.generate(requests)
+    policy.decoder = "hf"
+    try:
+        theirs = policy.generate(requests)
+    finally:
+        policy.decoder = "loop"
+    assert [o.text for o in ours] == [o.text for o in theirs]
+    assert [o.completion_tokens for o in ours] == [o.completion_tokens for o in theirs]
+
+
+def test_shared_prefix_attention_matches_full_attention_with_grouped_heads() -> None:
+    """A random GQA model (4 query heads, 2 kv heads): prefix-shared logits equal plain ones."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tracetune.agent.decoding import decode_batch
+    from tracetune.agent.rollout import torch_threads
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    prefix = torch.randint(3, 97, (40,)).tolist()
+    prompts = [prefix + torch.randint(3, 97, (n,)).tolist() for n in (5, 9, 2)]
+    kwargs: dict[str, Any] = {"max_new_tokens": 8, "stop_ids": [0], "pad_id": 1}
+    with torch_threads(1):
+        shared = decode_batch(model, prompts, prefix_len=40, keep_logprobs=True, **kwargs)
+        plain = [decode_batch(model, [p], prefix_len=0, keep_logprobs=True, **kwargs)[0]
+                 for p in prompts]  # fmt: skip
+    assert [s.token_ids for s in shared] == [p.token_ids for p in plain]
+    for s, p in zip(shared, plain, strict=True):
+        assert s.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+
+
+def test_reusing_a_turns_keys_and_values_changes_nothing(
+    policy: ModelPolicy, tasks: list[Task], pool: EnvPool
+) -> None:
+    """Multi-turn episodes encode only their new tokens (cached per episode) or everything:
+    the trajectories must be the same, and the cache must really cover the previous turn."""
+    from tracetune.agent.decoding import decode_batch
+
+    config = RolloutConfig(max_new_tokens=20, max_turns=3, batch_size=3)
+    policy.reuse_cache = False
+    try:
+        fresh = run_rollouts(tasks, policy, pool, config, progress=False)
+    finally:
+        policy.reuse_cache = True
+    reused = run_rollouts(tasks, policy, pool, config, progress=False)
+    assert _comparable(reused) == _comparable(fresh)
+    assert any(len(r.turns) > 1 for r in reused)  # there was a later turn to reuse for
+
+    env = SupportDesk()
+    request = TurnRequest(0, 0, tasks[0], env.reset(tasks[0]), env.tool_schemas())
+    first = policy.encode(request)
+    n = policy.shared_prefix_len([request], [first])
+    assert n > 0
+    kwargs: dict[str, Any] = {"max_new_tokens": 6, "stop_ids": [], "pad_id": policy.pad_id}
+    with torch_threads_1():
+        [out] = decode_batch(policy.model, [first], prefix_len=n, keep_cache=True, **kwargs)
+        assert out.cache is not None
+        assert out.cache.ids == first[n:] + out.token_ids[:-1]  # the last token was never fed
+        longer = first + out.token_ids + first[-5:]
+        assert out.cache.usable_for(first[:n], longer[n:]) == len(out.cache.ids)
+        [again] = decode_batch(policy.model, [longer], prefix_len=n, caches=[out.cache], **kwargs)
+        [plain] = decode_batch(policy.model, [longer], prefix_len=n, **kwargs)
+    assert again.token_ids == plain.token_ids
+
+
+def torch_threads_1() -> Any:
+    from tracetune.agent.rollout import torch_threads
+
+    return torch_threads(1)
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_anything(
+    policy: ModelPolicy, tasks: list[Task], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop tokens picked so that half the rows stop early: they are pruned mid-decode, and
+    tokens, log-probs and each row's kept keys/values equal those of a row decoded alone."""
+    from tracetune.agent import decoding
+
+    env = SupportDesk()
+    requests = [TurnRequest(i, 0, t, env.reset(t), env.tool_schemas()) for i, t in enumerate(tasks)]
+    prompts = [policy.encode(r) for r in requests]
+    n = policy.shared_prefix_len(requests, prompts)
+    base: dict[str, Any] = {"max_new_tokens": 12, "pad_id": policy.pad_id, "prefix_len": n}
+    with torch_threads_1():
+        free = decoding.decode_batch(policy.model, prompts, stop_ids=[], **base)
+    stops = sorted({out.token_ids[2 + i] for i, out in enumerate(free[:3])})
+    prunes: list[int] = []
+    prune = decoding._Loop.prune
+
+    def counted(self: Any, cache: Any, fed: int) -> Any:
+        prunes.append(len(self.rows))
+        return prune(self, cache, fed)
+
+    monkeypatch.setattr(decoding._Loop, "prune", counted)  # counts; the real prune runs
+    kwargs = {**base, "stop_ids": stops, "keep_cache": True, "keep_logprobs": True}
+    with torch_threads_1():
+        batched = decoding.decode_batch(policy.model, prompts, **kwargs)
+        alone = [decoding.decode_batch(policy.model, [p], **kwargs)[0] for p in prompts]
+    assert prunes and prunes[0] == len(prompts)
+    for b, a in zip(batched, alone, strict=True):
+        assert b.token_ids == a.token_ids and b.stopped == a.stopped
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert b.cache is not None and a.cache is not None and b.cache.ids == a.cache.ids
+        for (bk, bv), (ak, av) in zip(b.cache.kv, a.cache.kv, strict=True):
+            assert torch.allclose(bk, ak, atol=1e-4) and torch.allclose(bv, av, atol=1e-4)
+    assert sum(b.stopped for b in batched) >= 3
