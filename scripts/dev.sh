@@ -10,8 +10,18 @@ VENV=${TRACETUNE_VENV:-.venv}
 PY="$VENV/bin/python"
 
 setup() {
-  local stamp="$VENV/.tracetune-installed"
-  if [[ -f "$stamp" && "$stamp" -nt pyproject.toml && "$stamp" -nt requirements/constraints.txt ]]; then
+  # The stamp records what was installed (dependency files' hashes) and from where (the editable
+  # install's checkout): content, not mtimes, because a fresh clone has new mtimes everywhere.
+  local stamp="$VENV/.tracetune-installed" want deps
+  deps=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
+  want="$deps $(pwd)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  if [[ -f "$stamp" && "$(cut -d' ' -f1 "$stamp")" == "$deps" ]]; then
+    echo "==> pointing $VENV at this checkout ($(pwd))"
+    "$PY" -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored" || true
+    echo "$want" >"$stamp"
     return 0
   fi
   echo "==> setting up $VENV (first run takes a few minutes)"
@@ -22,7 +32,7 @@ setup() {
   "$PY" -m pip install -q -c requirements/constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
   "$PY" -c "import torch, transformers, trl, peft, prefect, mlflow, great_expectations, dvc, boto3" \
     || { echo "setup failed: packages missing" >&2; exit 1; }
-  touch "$stamp"
+  echo "$want" >"$stamp"
 }
 
 # Quiet, offline, reproducible defaults for every command below.

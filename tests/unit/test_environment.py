@@ -139,6 +139,9 @@ def test_verifier_rejects_wrong_answers_and_wrong_writes(env: SupportDesk) -> No
     task = env.tasks(1, seed=0, families=["order_status"])[0]
     env.reset(task)
     status = task.check["word"]
+    guessed = env.verify(f"It is {status}.")  # right word, but no tool ever returned it
+    assert not guessed.success and "a guess" in guessed.details["reasons"][0]
+    env.step(Call("get_order", {"order_id": task.params["args"][0]}))
     assert env.verify(f"It is {status}.").success
     other = next(s for s in ("pending", "shipped", "delivered") if s != status)
     assert not env.verify(f"It is {other}.").success
@@ -154,6 +157,14 @@ def test_verifier_rejects_wrong_answers_and_wrong_writes(env: SupportDesk) -> No
     assert not outcome.success and any(
         "unexpected" in r or "should be" in r for r in outcome.details["reasons"]
     )
+
+
+def test_amounts_must_come_out_of_a_tool(env: SupportDesk) -> None:
+    task = env.tasks(1, seed=3, families=["customer_spend"])[0]
+    env.reset(task)
+    answer = f"They spent {task.check['number']:.2f} USD."
+    assert not env.verify(answer).success  # the right number, computed by no tool
+    assert run_scripted(env, task, oracle_solver(task)).outcome.success  # the tools' number
 
 
 def test_numbers_in_ignores_ids() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tracetune.config import Params, parse_params
+from tracetune.environments.base import Call
 from tracetune.environments.support_desk import SupportDesk
 from tracetune.trajectories.schema import Trajectory
 from tracetune.trajectories.simulator import write_logs
@@ -108,12 +109,15 @@ def test_wrong_answers_are_verified_failures(
     batch: tuple[Params, list[str], dict[str, Any]],
 ) -> None:
     _, lines, _ = batch
-    env = SupportDesk()
+    env = SupportDesk(max_steps=100)  # over-long sessions replay in full
     by_id = {t.id: t for t in env.tasks(N, seed=21)}
     for r in _sessions(_parsed(lines)[0])[:200]:
         env.reset(by_id[r["task_id"]])
-        # Replaying the logged final answer through the verifier gives the logged verdict for
-        # read-only tasks (write tasks also depend on the calls made).
+        # Replaying the logged calls, then the final answer, through the verifier gives the
+        # logged verdict for read-only tasks (write tasks also depend on the world's state).
+        for m in r["messages"]:
+            for tc in m.get("tool_calls") or []:
+                env.step(Call(tc["function"]["name"], tc["function"]["arguments"]))
         if "state" not in by_id[r["task_id"]].check:
             assert env.verify(r.get("final_answer")).success == r["success"]
 

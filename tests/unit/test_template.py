@@ -60,13 +60,10 @@ CONVERSATION: list[dict[str, Any]] = [
 
 EXPECTED = (
     "<|im_start|>system\nYou are a test assistant.\n\n# Tools\n\n"
-    "You may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-    '{"type":"function","function":{"name":"get_thing","description":"Get a thing by id.",'
-    '"parameters":{"type":"object","properties":{"thing_id":{"type":"string"}},'
-    '"required":["thing_id"]}}}\n</tools>\n\n'
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    "Function signatures (name, description, parameters: type or allowed values) within "
+    "<tools></tools> XML tags:\n<tools>\n"
+    '{"name":"get_thing","description":"Get a thing by id.","parameters":{"thing_id":"string"}}'
+    "\n</tools>\n\nCall a function within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
     "<|im_start|>user\nStatus of things X-1 and X-2?<|im_end|>\n"
     "<|im_start|>assistant\n"
@@ -90,7 +87,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def test_render_is_qwen_layout_with_compact_tools(tokenizer: Any) -> None:
+def test_render_is_qwen_layout_with_compact_signatures(tokenizer: Any) -> None:
     assert render_messages(tokenizer, CONVERSATION, TOOLS) == EXPECTED
 
 
@@ -163,11 +160,43 @@ def test_generation_prompt_is_a_prefix_of_the_conversation(tokenizer: Any) -> No
         assert full_ids[: len(prompt_ids)] == prompt_ids
 
 
-def test_tool_lines_are_compact_json() -> None:
-    text, _ = render_with_spans(CONVERSATION, TOOLS)
+def test_tool_lines_are_compact_signatures() -> None:
+    """Every schema fact the model needs survives the compaction: names, types, enums, optional."""
+    tools = [
+        *TOOLS,
+        {
+            "type": "function",
+            "function": {
+                "name": "set_mode",
+                "description": "Set a mode.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "mode": {"type": "string", "enum": ["on", "off"]},
+                        "note": {"type": "string"},
+                    },
+                    "required": ["mode"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+    ]
+    text, _ = render_with_spans(CONVERSATION, tools)
     block = text.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
     lines = block.split("\n")
-    assert [json.loads(line) for line in lines] == TOOLS
+    assert [json.loads(line) for line in lines] == [
+        {
+            "name": "get_thing",
+            "description": "Get a thing by id.",
+            "parameters": {"thing_id": "string"},
+        },
+        {
+            "name": "set_mode",
+            "description": "Set a mode.",
+            "parameters": {"mode": ["on", "off"], "note": "string"},
+            "optional": ["note"],
+        },
+    ]
     assert all(", " not in line and '": ' not in line for line in lines)
 
 

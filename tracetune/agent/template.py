@@ -2,9 +2,10 @@
 
 Why a template of our own: TRL's `assistant_only_loss=True` needs `{% generation %}` markers, and
 most hub templates have none (STACK.md: TRL only swaps in a training variant for templates it
-recognises by exact string). Ours renders the same text as Qwen2.5 for the same messages, puts
+recognises by exact string). Ours keeps the Qwen2.5 layout and tool-call format, puts
 each assistant turn's `<|im_end|>` inside the generation block (the model must learn to stop),
-and writes tool schemas as compact one-line JSON to keep the CPU token budget small.
+and writes each tool as a compact one-line JSON signature (name, description, parameter
+types or allowed values) to keep the CPU token budget small.
 
 Logged tool-call arguments are JSON *strings* (OpenAI format). The template writes a string
 that looks like a JSON object as-is, so `normalize_messages` first rewrites each valid one in the

@@ -12,9 +12,19 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
+
+
+@lru_cache(maxsize=1024)
+def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    """A checked validator for one tool schema (keyed by its canonical JSON; validators are
+    stateless, so environments share them)."""
+    schema = json.loads(schema_json)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
 
 
 @dataclass(frozen=True)
@@ -95,13 +105,14 @@ class Environment(ABC):
         self.calls_made = 0
         self.errors = 0
         self.call_log: list[tuple[str, str, bool]] = []
+        self.observations: list[str] = []  # every tool result of the episode, errors included
         self._registry: dict[str, Tool] = {t.name: t for t in self._tools()}
-        # Schemas are checked once here, not on every call (that check dominated step time).
+        # Schemas are checked once per process, not per call or per environment: evaluation and
+        # RLVR build one environment per episode, and the check dominated their set-up time.
         self._validators = {
-            t.name: jsonschema.Draft202012Validator(t.parameters) for t in self._registry.values()
+            t.name: _validator(json.dumps(t.parameters, sort_keys=True))
+            for t in self._registry.values()
         }
-        for validator in self._validators.values():
-            validator.check_schema(validator.schema)
 
     # --- what subclasses provide -------------------------------------------------------
     @abstractmethod
@@ -145,6 +156,7 @@ class Environment(ABC):
         self.calls_made = 0
         self.errors = 0
         self.call_log = []
+        self.observations = []
         self._reset(task)
         return [
             {"role": "system", "content": self.system_prompt},
@@ -162,6 +174,7 @@ class Environment(ABC):
             self.errors += 1
         key = _call_key(call)
         self.call_log.append((call.name, key, obs.error is None))
+        self.observations.append(obs.content)
         return obs
 
     def _execute(self, call: Call) -> Observation:

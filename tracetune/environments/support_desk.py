@@ -293,6 +293,8 @@ class SupportDesk(Environment):
             reasons.append("no final answer")
         else:
             reasons += _check_answer(answer, check)
+            if not reasons:
+                reasons += _check_grounded(check, self.observations)
         reasons += self._check_state(check)
         success = not reasons
         return Outcome(
@@ -392,6 +394,23 @@ def _check_answer(answer: str, check: dict[str, Any]) -> list[str]:
         elif len(found) > 3:
             reasons.append("answer lists too many amounts")
     return reasons
+
+
+def _check_grounded(check: dict[str, Any], observations: Sequence[str]) -> list[str]:
+    """A fact the answer states must have come out of a tool in this episode.
+
+    Why: a status or tier has a handful of possible values, so an agent that guesses without
+    looking ("delivered") would otherwise pass a share of lookups it never made. Facts from the
+    system prompt (`phrase` only: policy questions) need no tool.
+    """
+    if "word" in check:
+        if not any(check["word"] in text.lower() for text in observations):
+            return [f"'{check['word']}' was never returned by a tool (a guess)"]
+    elif "number" in check:
+        seen = (x for text in observations for x in numbers_in(text))
+        if not any(abs(x - check["number"]) <= 0.011 for x in seen):
+            return [f"the amount {check['number']:.2f} was never returned by a tool (a guess)"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
