@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from tracetune.config import PiiParams
-from tracetune.trajectories.pii import Scrubber, find_pii, has_pseudonym, luhn_ok, pii_in
+from tracetune.trajectories.pii import (
+    Scrubber,
+    find_pii,
+    has_pseudonym,
+    is_email_pseudonym,
+    luhn_ok,
+    pii_in,
+)
 
 
 @pytest.fixture
@@ -52,7 +60,10 @@ def test_pseudonyms_are_consistent_and_case_insensitive(scrubber: Scrubber) -> N
     a = scrubber.scrub_text("I'm Ana.Smith1@Example.com")
     b = scrubber.scrub_text('{"email": "ana.smith1@example.com"}')
     pseudonym = a.split()[-1]
-    assert pseudonym.endswith("@example.invalid") and pseudonym in b
+    assert pseudonym in b and pseudonym != "ana.smith1@example.com"
+    # the shape of a real address (a model learns to copy emails, not a hex tag), same domain
+    assert re.fullmatch(r"[a-z]+\.[a-z]+\d{5}@example\.com", pseudonym)
+    assert is_email_pseudonym(pseudonym) and not is_email_pseudonym("ana.smith1@example.com")
 
 
 def test_scrub_is_idempotent(scrubber: Scrubber) -> None:

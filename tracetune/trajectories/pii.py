@@ -4,9 +4,16 @@ Why pseudonyms and not `[REDACTED]`: a `find_customer(email)` trajectory carries
 user text, the tool arguments and the tool results. A keyed hash (HMAC) maps the same value to the
 same pseudonym everywhere, so the scrubbed trajectory still reads as one coherent episode (the
 model still learns to copy the user's email into the tool call) while the value itself is gone.
-Pseudonyms are built so that the detectors never match them again (`.invalid` is a reserved
-top-level domain, RFC 6761), which makes the scrub idempotent and lets tests scan curated files
-with the same detectors.
+
+Email pseudonyms keep the shape of an email a model will meet in production
+(`ana.smith1@example.com` -> `mara.lind03817@example.com`: made-up first and last names, digits,
+the original domain) instead of a hex tag: measured on the embedded default, a model fine-tuned
+on `user_<hex>@example.invalid` pseudonyms learned to write that shape, not to copy the user's
+address, and scored 0% on email tasks. The last two digits are a public checksum of the rest, so
+the detectors recognise a pseudonym and never replace it again (the scrub is idempotent, and tests
+scan curated files with the same detectors). The price: a real address that happens to have
+exactly this shape, names from our lists and a matching checksum (about 1 in 100 of those) is
+taken for a pseudonym and kept. Phones and cards become `<phone:tag>` / `<card:tag>`.
 
 The key comes from an environment variable (`ingest.pii.key_env`); without it a fixed
 development key is used and the ingest metrics say so: with a public key, pseudonyms of guessable
@@ -19,13 +26,85 @@ import hashlib
 import hmac
 import os
 import re
+import zlib
 from collections import Counter
 from typing import Any
 
 from tracetune.config import PiiParams
 
 DEV_KEY = b"tracetune-development-key"
-PSEUDONYM_DOMAIN = "example.invalid"
+PSEUDONYM_DOMAIN = "example.invalid"  # earlier pseudonyms (`user_<hex>@example.invalid`)
+PSEUDO_FIRST = (
+    "ada",
+    "alba",
+    "arne",
+    "bela",
+    "cato",
+    "dario",
+    "edda",
+    "elin",
+    "faro",
+    "gita",
+    "hale",
+    "ines",
+    "iver",
+    "jara",
+    "joss",
+    "kaja",
+    "lale",
+    "lior",
+    "mara",
+    "milo",
+    "nela",
+    "niko",
+    "oda",
+    "olin",
+    "pera",
+    "quin",
+    "rada",
+    "remi",
+    "sela",
+    "siv",
+    "tala",
+    "teo",
+    "ulla",
+    "vada",
+    "vito",
+    "wela",
+    "yara",
+    "yoel",
+    "zana",
+    "zeno",
+)
+PSEUDO_LAST = (
+    "aberg",
+    "bardo",
+    "castel",
+    "dunmore",
+    "ekdal",
+    "falk",
+    "gerrit",
+    "holm",
+    "ilves",
+    "jarva",
+    "kestner",
+    "lind",
+    "moravec",
+    "norberg",
+    "ostrom",
+    "pellan",
+    "quist",
+    "rask",
+    "sandell",
+    "tamsin",
+    "ulver",
+    "varga",
+    "wendt",
+    "ystad",
+    "zorn",
+)
+_PSEUDO_EMAIL = re.compile(r"([a-z]+)\.([a-z]+)(\d{3})(\d{2})@(.+)")
+_FIRST_SET, _LAST_SET = frozenset(PSEUDO_FIRST), frozenset(PSEUDO_LAST)
 
 # Emails: a conservative RFC 5322 subset (what real logs hold).
 _EMAIL = r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])"
@@ -89,8 +168,8 @@ class Scrubber:
         cached = self._cache.get((kind, norm))
         if cached is not None:
             return cached
-        tag = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).hexdigest()[:10]
-        out = f"user_{tag}@{PSEUDONYM_DOMAIN}" if kind == "email" else f"<{kind}:{tag}>"
+        digest = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).digest()
+        out = _email_pseudonym(digest, norm) if kind == "email" else f"<{kind}:{digest.hex()[:10]}>"
         if len(self._cache) >= self.CACHE_LIMIT:
             self._cache.clear()
         self._cache[(kind, norm)] = out
@@ -99,8 +178,8 @@ class Scrubber:
     def _replace(self, match: re.Match[str]) -> str:
         kind = match.lastgroup or ""
         value = match.group(0)
-        if kind == "email" and value.lower().endswith(".invalid"):
-            return value  # already a pseudonym (or another reserved .invalid address)
+        if kind == "email" and is_email_pseudonym(value):
+            return value  # already a pseudonym
         if kind == "card" and self.params.card_luhn and not luhn_ok(re.sub(r"\D", "", value)):
             return value
         if kind == "phone" and not 9 <= sum(c.isdigit() for c in value) <= 15:
@@ -179,4 +258,32 @@ def pii_in(obj: Any) -> list[str]:
 
 def has_pseudonym(text: str) -> bool:
     """True when `text` holds a pseudonym this module wrote."""
-    return f"@{PSEUDONYM_DOMAIN}" in text or "<phone:" in text or "<card:" in text
+    if "<phone:" in text or "<card:" in text:
+        return True
+    return "@" in text and any(is_email_pseudonym(m) for m in re.findall(_EMAIL, text))
+
+
+def _checksum(name: str) -> str:
+    return f"{zlib.crc32(name.encode()) % 100:02d}"
+
+
+def _email_pseudonym(digest: bytes, email: str) -> str:
+    """`first.lastNNNCC@domain`: names and NNN from the keyed digest, CC the public checksum."""
+    first = PSEUDO_FIRST[digest[0] % len(PSEUDO_FIRST)]
+    last = PSEUDO_LAST[digest[1] % len(PSEUDO_LAST)]
+    number = int.from_bytes(digest[2:4], "big") % 1000
+    domain = email.rsplit("@", 1)[-1]
+    name = f"{first}.{last}{number:03d}@{domain}"
+    return f"{first}.{last}{number:03d}{_checksum(name)}@{domain}"
+
+
+def is_email_pseudonym(value: str) -> bool:
+    """An address this module wrote (current shape), or a reserved `.invalid` one (RFC 6761)."""
+    value = value.lower()
+    if value.endswith(".invalid"):
+        return True
+    m = _PSEUDO_EMAIL.fullmatch(value)
+    if m is None or m.group(1) not in _FIRST_SET or m.group(2) not in _LAST_SET:
+        return False
+    name = f"{m.group(1)}.{m.group(2)}{m.group(3)}@{m.group(5)}"
+    return m.group(4) == _checksum(name)
