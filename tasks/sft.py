@@ -17,7 +17,7 @@ from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.environments.base import load_environment
 from tracetune.tracking import stage_run
-from tracetune.training.sft import SFTResult, file_md5, train_sft
+from tracetune.training.sft import SFTResult, file_md5, is_main_process, train_sft
 
 
 def sft_paths(params: Params) -> dict[str, Path]:
@@ -71,6 +71,17 @@ def run(params: Params) -> SFTResult:
             f"curated train set missing: {paths['train']} (run the curate stage)"
         )
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
+    if not is_main_process():  # `accelerate launch` (infra/accelerate): rank 0 tracks and writes
+        with tempfile.TemporaryDirectory() as tmp:
+            train = filter_families(paths["train"], params.sft.exclude_families, Path(tmp))
+            return train_sft(
+                params.sft,
+                params.base_model.name_or_path,
+                train,
+                env.tool_schemas(),
+                paths["out"],
+                paths["checkpoints"],
+            )
     data_md5 = file_md5(paths["train"])
     with stage_run(params.tracking, "sft", {"data.train_md5": data_md5}) as active:
         mlflow.log_params(flat("sft", params.sft.model_dump(mode="json")))

@@ -126,3 +126,47 @@ def test_crashed_run_resumes_from_last_checkpoint(
     changed = _params(max_steps=5, save_steps=2, learning_rate=1e-3)
     fresh = train_sft(changed, str(tiny_base), golden_train, TOOLS, out, ck)
     assert fresh.resumed_from is None  # another run's checkpoints are never resumed
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_trains_once_and_tracks_once(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    """The multi-GPU path (`accelerate launch`, infra/accelerate) as DDP on two CPU processes:
+    both ranks train, rank 0 alone writes the model, the metrics and one MLflow run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    curated = tmp_path / "data" / "curated"
+    curated.mkdir(parents=True)
+    shutil.copy(golden_train, curated / "train.jsonl")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["base_model"]["name_or_path"] = str(tiny_base)
+    params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params["tracking"]["artifact_location"] = str(tmp_path / "mlartifacts")
+    params["sft"] |= {"max_steps": 4, "max_examples": 16, "batch_size": 2, "logging_steps": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(repo)
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    config = repo / "infra" / "accelerate" / "cpu_ddp.yaml"
+    done = subprocess.run(
+        [*launch, "--config_file", str(config), "-m", "tasks.sft"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "models" / "sft" / "merged" / "config.json").exists()
+    assert (tmp_path / "metrics" / "sft.json").exists()
+    mlflow.set_tracking_uri(params["tracking"]["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=[params["tracking"]["experiment"]])
+    assert len(runs) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -207,6 +208,18 @@ def prepare_checkpoints(checkpoint_dir: Path, run_id: str) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun job, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _main_process_first() -> Any:
+    """A context where rank 0 runs first and the other ranks wait (a no-op alone)."""
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
 def file_md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as fh:
@@ -246,7 +259,8 @@ def train_sft(
     if params.use_lora:
         model = attach_lora(model, params)
     run_id = fingerprint(params, base_model, file_md5(train_path))
-    resume = prepare_checkpoints(checkpoint_dir, run_id)
+    with _main_process_first():  # under `accelerate launch`, rank 0 alone may wipe checkpoints
+        resume = prepare_checkpoints(checkpoint_dir, run_id)
     cuda = next(model.parameters()).device.type == "cuda"
     trainer = SFTTrainer(
         model=model,
@@ -259,7 +273,9 @@ def train_sft(
     output = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_start
     history = [h for h in trainer.state.log_history if "loss" in h]
-    save_model(trainer.model, tokenizer, out_dir, params.use_lora)  # type: ignore[arg-type]
+    if trainer.is_world_process_zero():
+        save_model(trainer.model, tokenizer, out_dir, params.use_lora)  # type: ignore[arg-type]
+    trainer.accelerator.wait_for_everyone()
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
