@@ -7,7 +7,8 @@ assistant masks), so the differences are the trainer set-up only:
   of 8, lr 2e-5), exactly what a TRL script gets without tuning;
 * systems-only: the reference's hyperparameters with our systems settings (fp32 on CPU, no
   gradient checkpointing, length-grouped batches): a pure tokens/s comparison;
-* tracetune: our defaults from params.yaml (`sft:`), which also change the learning rate.
+* tracetune: our defaults from params.yaml (`sft:`), which also change the learning rate;
+* tracetune_packed: the same with `sft.batching: packed` (padding-free best-fit packing).
 
 Reported: real (non-pad) tokens/s of each; the held-out assistant-only loss after training,
 computed the same way for all; and time-to-equal-loss: how long tracetune's run took to first
@@ -47,9 +48,12 @@ class _Clock:
             ) -> None:
                 if logs and "loss" in logs:
                     clock.points.append((time.perf_counter() - clock.start, float(logs["loss"])))
+                if logs and "num_tokens" in logs:  # TRL's count of real (non-pad) tokens
+                    clock.tokens = (time.perf_counter() - clock.start, float(logs["num_tokens"]))
 
         self.start = 0.0
         self.points: list[tuple[float, float]] = []
+        self.tokens: tuple[float, float] = (0.0, 0.0)
         self.callback = CB()
 
 
@@ -91,15 +95,13 @@ def run_one(name: str, base: str, dataset: Any, config: Any, evalset: Any) -> di
     out = trainer.train()
     seconds = time.perf_counter() - started
     steps = int(out.global_step)
-    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    lengths = sorted(len(x) for x in dataset["input_ids"])
-    mean_len = sum(lengths) / len(lengths)
-    tokens = steps * batch * mean_len
+    at, tokens = clock.tokens  # real tokens trained up to the last log, and when
     return {
         "name": name,
         "steps": steps,
         "seconds": round(seconds, 1),
-        "tokens_per_s": round(tokens / seconds, 1),
+        "real_tokens": int(tokens),
+        "tokens_per_s": round(tokens / max(at, 1e-9), 1),
         "final_train_loss": clock.points[-1][1] if clock.points else math.nan,
         "heldout_loss": round(heldout_loss(trainer.model, evalset), 4),
         "curve": clock.points,
@@ -127,15 +129,17 @@ def config_for(kind: str, out: Path, sft: SFTParams, steps: int) -> Any:
     }
     if kind == "systems_only":
         return SFTConfig(**common, **systems)
-    return SFTConfig(
-        **common,
-        **systems,
-        learning_rate=sft.learning_rate,
-        per_device_train_batch_size=sft.batch_size,
-        lr_scheduler_type=sft.lr_scheduler,
-        warmup_steps=sft.warmup_ratio,
-        max_length=sft.max_length,
-    )
+    ours = {
+        "learning_rate": sft.learning_rate,
+        "per_device_train_batch_size": sft.batch_size,
+        "lr_scheduler_type": sft.lr_scheduler,
+        "warmup_steps": sft.warmup_ratio,
+        "max_length": sft.max_length,
+    }
+    if kind == "tracetune_packed":  # `sft.batching: packed`: padding-free BFD packing
+        systems |= {"train_sampling_strategy": "random"}
+        ours |= {"packing": True, "packing_strategy": "bfd", "padding_free": True}
+    return SFTConfig(**common, **systems, **ours)
 
 
 def main() -> None:
@@ -157,11 +161,11 @@ def main() -> None:
     evalset, _ = build_dataset(tokenizer, rows[:32], tools, params.sft.max_length)
     out = Path(args.out)
     results = []
-    for kind in ("reference", "systems_only", "tracetune"):
+    for kind in ("reference", "systems_only", "tracetune", "tracetune_packed"):
         config = config_for(kind, out, params.sft, args.steps)
         print(f"== {kind}: {args.steps} steps, batch {config.per_device_train_batch_size}")
         results.append(run_one(kind, base, dataset, config, evalset))
-    ref, sys_only, ours = results
+    ref, sys_only, ours, packed = results
     target = ref["final_train_loss"]
     reach = next((t for t, loss in ours["curve"] if loss <= target), None)
     summary = {
@@ -170,6 +174,9 @@ def main() -> None:
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results],
         "tokens_per_s_ratio_systems_only": round(sys_only["tokens_per_s"] / ref["tokens_per_s"], 2),
         "tokens_per_s_ratio_tracetune": round(ours["tokens_per_s"] / ref["tokens_per_s"], 2),
+        "tokens_per_s_ratio_tracetune_packed": round(
+            packed["tokens_per_s"] / ref["tokens_per_s"], 2
+        ),
         "time_to_reference_loss_s": None if reach is None else round(reach, 1),
         "time_to_equal_loss_speedup": None if reach is None else round(ref["seconds"] / reach, 2),
     }

@@ -158,24 +158,57 @@ def _flat_scalars(payload: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if isinstance(v, (int, float, str, bool))}
 
 
-PREFERRED_COLUMNS = ("model", "tsr", "mean_steps", "steps", "tokens", "cost_usd", "latency_s")
+PREFERRED_COLUMNS = ("model", "tsr", "tsr_95ci", "steps_mean", "cost_per_task_usd", "latency_s")
+BASELINE_ARMS = ("baseline_prompt_only", "baseline_production")
+
+
+def _arm_row(name: str, arm: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's columns for one evaluated arm (`candidate` or a baseline)."""
+    row: dict[str, Any] = {"candidate": name, "tsr": arm.get("tsr")}
+    low, high = arm.get("tsr_ci_low"), arm.get("tsr_ci_high")
+    if isinstance(low, int | float) and isinstance(high, int | float):
+        row["tsr_95ci"] = f"[{low:.3f}, {high:.3f}]"
+    for key in ("steps_mean", "cost_per_task_usd", "latency_s", "n"):
+        if key in arm:
+            row[key] = arm[key]
+    return row
 
 
 def eval_rows(metrics_dir: Path) -> list[dict[str, Any]]:
-    """One row per `eval_<name>.json`, in base -> sft -> rlvr order (then the rest)."""
+    """One row per `eval_<name>.json` (base -> sft -> rlvr, then the rest), then one per baseline.
+
+    Files in the evaluate stage's shape (`candidate`, `baseline_*`, `delta`) give TSR with its
+    interval, steps, cost and the TSR delta against production; other files their top-level
+    numbers and strings.
+    """
     order = {"base": 0, "baseline": 0, "prompt": 0, "sft": 1, "rlvr": 2, "champion": 3}
     files = sorted(
         metrics_dir.glob("eval_*.json"),
         key=lambda p: (order.get(p.stem.removeprefix("eval_"), 9), p.stem),
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    baselines: dict[str, dict[str, Any]] = {}
     for path in files:
         try:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(payload, dict):
-            rows.append({"candidate": path.stem.removeprefix("eval_"), **_flat_scalars(payload)})
+        if not isinstance(payload, dict):
+            continue
+        name = path.stem.removeprefix("eval_")
+        candidate = payload.get("candidate")
+        if not isinstance(candidate, dict):
+            rows.append({"candidate": name, **_flat_scalars(payload)})
+            continue
+        row = _arm_row(name, candidate)
+        delta = payload.get("delta")
+        if isinstance(delta, dict) and "tsr_vs_production" in delta:
+            row["tsr_vs_production"] = delta["tsr_vs_production"]
+        rows.append(row)
+        for arm in BASELINE_ARMS:
+            if isinstance(payload.get(arm), dict):
+                baselines.setdefault(arm, payload[arm])
+    rows += [_arm_row(arm, baselines[arm]) for arm in BASELINE_ARMS if arm in baselines]
     return rows
 
 

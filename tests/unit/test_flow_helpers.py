@@ -130,6 +130,33 @@ def test_eval_table_orders_candidates_and_puts_key_metrics_first(tmp_path: Path)
     assert markdown_table([]) == ""
 
 
+def test_eval_table_reads_the_evaluate_stage_shape_and_adds_the_baselines(
+    tmp_path: Path,
+) -> None:
+    def arm(tsr: float) -> dict[str, Any]:
+        ci = {"tsr_ci_low": tsr - 0.05, "tsr_ci_high": tsr + 0.05}
+        return {"tsr": tsr, **ci, "steps_mean": 2.5, "cost_per_task_usd": 0.0002, "n": 200,
+                "per_family": {"x": {"tsr": 1.0}}}  # fmt: skip
+
+    for name, tsr in (("sft", 0.44), ("rlvr", 0.45)):
+        payload = {
+            "model": name,
+            "candidate": arm(tsr),
+            "baseline_prompt_only": arm(0.0),
+            "baseline_production": arm(0.71),
+            "delta": {"tsr_vs_production": round(tsr - 0.71, 3)},
+        }
+        (tmp_path / f"eval_{name}.json").write_text(json.dumps(payload))
+    rows = eval_rows(tmp_path)
+    names = [r["candidate"] for r in rows]
+    assert names == ["sft", "rlvr", "baseline_prompt_only", "baseline_production"]
+    assert rows[0]["tsr"] == 0.44 and rows[0]["tsr_95ci"] == "[0.390, 0.490]"
+    assert rows[1]["tsr_vs_production"] == -0.26
+    table = markdown_table(rows)
+    assert table.splitlines()[0].startswith("| candidate | tsr | tsr_95ci | steps_mean |")
+    assert "per_family" not in table
+
+
 def test_artifact_keys_are_what_prefect_accepts() -> None:
     assert artifact_key("validate_raw", "report", "") == "validate-raw-report"
     assert artifact_key("evaluate@sft", "failure") == "evaluate-sft-failure"
