@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also time model.generate batched")
     parser.add_argument("--plain", action="store_true", help="also time model.generate alone")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for every mode (default: auto)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -76,6 +79,8 @@ def main() -> None:
                                          max_new_tokens=args.max_new_tokens)  # fmt: skip
     tasks = SupportDesk().tasks(args.tasks, seed=args.seed)
     pool = EnvPool(env_factory_from_params(EnvironmentParams())).warm(args.batch)
+    if args.threads:
+        policy.cpu_threads = args.threads
     policy.generate([])  # nothing: imports are done before the clocks start
 
     rows: dict[str, dict[str, Any]] = {}

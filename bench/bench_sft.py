@@ -109,8 +109,10 @@ def run_one(name: str, base: str, dataset: Any, config: Any, evalset: Any) -> di
 
 
 def config_for(kind: str, out: Path, sft: SFTParams, steps: int) -> Any:
+    import torch
     from trl import SFTConfig
 
+    cuda = torch.cuda.is_available()
     common = {
         "output_dir": str(out / kind),
         "report_to": [],
@@ -121,9 +123,9 @@ def config_for(kind: str, out: Path, sft: SFTParams, steps: int) -> Any:
         "seed": 0,
     }
     if kind == "reference":
-        return SFTConfig(**common)  # TRL's defaults, untouched
+        return SFTConfig(**common, use_cpu=not cuda)  # TRL defaults (bf16 on CPU needs use_cpu)
     systems = {
-        "bf16": False,
+        "bf16": cuda,
         "gradient_checkpointing": False,
         "train_sampling_strategy": "group_by_length",
     }

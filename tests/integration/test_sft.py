@@ -128,7 +128,6 @@ def test_crashed_run_resumes_from_last_checkpoint(
     assert fresh.resumed_from is None  # another run's checkpoints are never resumed
 
 
-@pytest.mark.slow
 def test_accelerate_launch_two_processes_trains_once_and_tracks_once(
     tiny_base: Path, golden_train: Path, tmp_path: Path
 ) -> None:
