@@ -13,6 +13,7 @@ dispatched to the `gpu` pool through the `train-stage/gpu-train` deployment).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -248,7 +249,9 @@ class Pipeline:
         else:
             from flows.approval import approval
 
-            decision = approval(version=version, params_file=str(self.root / PARAMS_FILE))
+            # params hold repo-relative paths (the MLflow store): resolve them where DVC does
+            with contextlib.chdir(self.root):
+                decision = approval(version=version, params_file=str(self.root / PARAMS_FILE))
             note, status = f"v{version}: {decision.get('action', decision)}", "ran"
         result = StageResult("promote", status, round(time.perf_counter() - started, 3), note)
         self.results.append(result)

@@ -119,6 +119,7 @@ def run(params: Params) -> RLVRResult:
             result = _train(params, paths, decision)
         else:
             skip_rlvr(paths["sft"], paths["out"], decision)
+            _mark_no_checkpoints(paths["checkpoints"], decision.reason)
             result = RLVRResult(ran=False, decision=decision.as_dict())
         log_history(result.history)
         summary = {k: v for k, v in result.metrics().items() if isinstance(v, int | float)}
@@ -149,6 +150,13 @@ def _train(params: Params, paths: dict[str, Path], decision: Decision) -> RLVRRe
     return train_rlvr(
         rl, paths["sft"], tasks, factory, paths["out"], paths["checkpoints"], decision, env_key
     )
+
+
+def _mark_no_checkpoints(checkpoint_dir: Path, reason: str) -> None:
+    """A skipped run still leaves its checkpoints out (dvc.yaml lists it, and DVC fails a
+    stage whose out is missing); a marker says why it holds no checkpoint."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / "SKIPPED").write_text(f"RLVR skipped: {reason}\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,6 +135,8 @@ def test_rule_skips_rlvr_when_sft_is_good_enough(tmp_path: Path) -> None:
     assert metrics["mlflow_run_id"]
     curve = (tmp_path / "reports" / "rlvr" / "curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward,") and len(curve) == 1
+    # every out dvc.yaml lists exists, or `dvc repro` fails the skipped stage
+    assert "skipped" in (tmp_path / "models" / "rlvr_checkpoints" / "SKIPPED").read_text()
 
 
 def test_health_callback_tells_the_trainer_to_stop() -> None:
