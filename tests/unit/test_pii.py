@@ -7,6 +7,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracetune.config import PiiParams
 from tracetune.trajectories.pii import (
@@ -137,3 +139,51 @@ def test_escaped_text_is_scrubbed_after_decoding(scrubber: Scrubber) -> None:
     record = json.loads(json.dumps({"content": "hi\n555-123-4567\nj\u00f6rg@example.com"}))
     scrubber.scrub_obj(record)
     assert not pii_in(record) and "\n<phone:" in record["content"]
+
+
+_PIECES = [
+    "ana.smith1@example.com",
+    "+1 555-201-3344",
+    "4111 1111 1111 1111",
+    "O-10423",
+    "2026-11-01T00:00:00+00:00",
+    "call me",
+    "\x00",
+    "\n",
+    "1234.5678",
+    "shipped",
+]
+
+
+@st.composite
+def _json_objects(draw: st.DrawFn) -> Any:
+    text = st.lists(st.sampled_from(_PIECES), max_size=4).map(" ".join)
+    leaves = text | st.integers() | st.none()
+    return draw(
+        st.recursive(
+            leaves,
+            lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4),
+            max_leaves=12,
+        )
+    )
+
+
+def _scrub_each_string(scrubber: Scrubber, value: Any) -> Any:
+    if isinstance(value, str):
+        return scrubber.scrub_text(value)
+    if isinstance(value, list):
+        return [_scrub_each_string(scrubber, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrub_each_string(scrubber, v) for k, v in value.items()}
+    return value
+
+
+@settings(max_examples=200, deadline=None)
+@given(_json_objects())
+def test_scrub_obj_equals_scrubbing_every_string_alone(value: Any) -> None:
+    """The one-pass prefilter over joined strings picks exactly the strings that need a scrub."""
+    record = {"messages": [value]}
+    one_by_one, joined = Scrubber(PiiParams(), key=b"k"), Scrubber(PiiParams(), key=b"k")
+    expected = _scrub_each_string(one_by_one, record)
+    assert joined.scrub_obj(record) == expected
+    assert joined.counts == one_by_one.counts
