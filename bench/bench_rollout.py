@@ -13,9 +13,9 @@ Same tasks, same greedy decoding, same environment, in one run:
 - `--plain`: also the plain reference a simple harness would be: `model.generate`, one episode
   at a time, the whole conversation re-encoded every turn.
 
-Model loading and environment construction happen before the clocks start (a rollout job pays
-them once). The script checks that both modes produced identical trajectories and prints the
-ratio of episodes per second.
+Model loading, environment construction and a two-episode warm-up of each mode happen before
+the clocks start (a rollout job pays them once). The script checks that both modes produced
+identical trajectories and prints the ratio of episodes per second.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def main() -> None:
     if args.threads:
         policy.cpu_threads = args.threads
     policy.generate([])  # nothing: imports are done before the clocks start
+    # Warm-up, both modes, before the clocks: first-call costs (template compilation, the system
+    # turn's tokens, allocator and kernel warm-up) are paid once per job, not per episode, and
+    # would otherwise fall on whichever mode runs first.
+    _run(policy, tasks[:2], pool, args.batch, args)
+    _run(policy, tasks[:2], pool, 1, args)
 
     rows: dict[str, dict[str, Any]] = {}
     rows[f"batched ({args.batch})"] = _run(policy, tasks, pool, args.batch, args)

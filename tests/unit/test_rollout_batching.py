@@ -206,3 +206,20 @@ def test_rows_that_finish_leave_the_batch_without_changing_anything(
         for (bk, bv), (ak, av) in zip(b.cache.kv, a.cache.kv, strict=True):
             assert torch.allclose(bk, ak, atol=1e-4) and torch.allclose(bv, av, atol=1e-4)
     assert sum(b.stopped for b in batched) >= 3
+
+
+def test_row_groups_cover_the_batch_and_skip_only_padding() -> None:
+    """Decode-step groups: contiguous, every row once, each skipping only columns that are
+    padding for all of its rows (rows are sorted longest first)."""
+    from tracetune.agent.decoding import GROUP_COST, _row_groups
+
+    assert _row_groups([7], 7) == [(0, 1, 0)]
+    widths = [3000, 2990, 900, 880, 40, 35, 30, 12]
+    groups = _row_groups(widths, 3000)
+    assert groups[0][0] == 0 and groups[-1][1] == len(widths)
+    assert all(groups[k][1] == groups[k + 1][0] for k in range(len(groups) - 1))
+    for start, end, skip in groups:
+        assert skip == 3000 - max(widths[start:end])
+    assert len(groups) > 1  # long and short rows are not padded to one width
+    assert _row_groups([10, 9, 8], 10) == [(0, 3, 0)]  # too small to be worth a group each
+    assert GROUP_COST > 0

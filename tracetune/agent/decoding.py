@@ -14,6 +14,12 @@ measures both. The loop below also does what `generate` cannot do for agent roll
   instead of 32 times (the step was memory-bound: 59 ms -> see docs/benchmarks.md);
 - **buffered cache**: each row's own keys/values are appended into pre-allocated buffers
   (`growing_cache`) instead of being re-concatenated at every step;
+- **packed prefill**: a turn's new prompt tokens of all rows are encoded as one sequence
+  without padding (`_packed_prefill`); each row attends to the prefix, its reused keys/values
+  and its own new tokens in its own SDPA call, so short rows never pay for the longest one;
+- **decode steps skip padding**: the batch holds rows longest first, and a step's attention
+  runs per group of similar-length rows over only the cache columns the group needs
+  (`_row_groups`); the step's mask is a slice of one additive buffer, not re-built per step;
 - **per-row seeded sampling**: each row draws from its own generator, so an episode samples the
   same tokens whether it runs alone or in a batch of 32 (reproducible RLVR rollouts);
 - log-probabilities of the chosen tokens on request (GRPO needs them).
@@ -41,6 +47,26 @@ if TYPE_CHECKING:
 SHARED_PREFIX_ATTENTION = "tracetune_shared_prefix"
 # Per-layer (keys, values) of the shared prefix, batch 1, while a decode runs.
 _PREFIX_KV: ContextVar[list[tuple[Any, Any]] | None] = ContextVar("_PREFIX_KV", default=None)
+
+
+@dataclass
+class _Packed:
+    """A packed prefill: every row's new tokens in one sequence (batch 1, no padding).
+
+    `bounds` are each row's [start, end) in it; `history` each row's reused keys/values per
+    layer (`[1, kv_heads, n, dim]`), or None; the attention fills `new_kv` (per layer: the
+    packed keys/values) for the decode cache.
+    """
+
+    bounds: list[tuple[int, int]]
+    history: list[list[tuple[Any, Any]] | None]
+    new_kv: dict[int, tuple[Any, Any]]
+
+
+_PACKED: ContextVar[_Packed | None] = ContextVar("_PACKED", default=None)
+# Decode steps: the batch's rows sorted by own length, cut into groups (first row, end row,
+# leading cache columns the group skips: padding for all its rows). See `_row_groups`.
+_GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("_GROUPS", default=None)
 
 
 @dataclass(frozen=True)
@@ -144,9 +170,29 @@ def shared_prefix_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     pk, pv = prefix[module.layer_idx]
+    packed = _PACKED.get()
+    if packed is not None:
+        return _packed_attention(module.layer_idx, query, key, value, pk, pv, scaling, packed), None
     if query.shape[2] > 1:
         return _prefill_attention(query, key, value, attention_mask, pk, pv, scaling), None
-    return _prefix_attention(query, key, value, attention_mask, pk, pv, scaling), None
+    groups = _GROUPS.get()
+    if groups is None:
+        return _prefix_attention(query, key, value, attention_mask, pk, pv, scaling), None
+    import torch
+
+    outs = [
+        _prefix_attention(
+            query[a:b],
+            key[a:b, :, skip:],
+            value[a:b, :, skip:],
+            None if attention_mask is None else attention_mask[a:b, ..., skip:],
+            pk,
+            pv,
+            scaling,
+        )
+        for a, b, skip in groups
+    ]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
 
 
 def _prefill_attention(
@@ -186,6 +232,47 @@ def _prefill_attention(
         visible = torch.zeros((batch, 1, q_len, p_len), dtype=own_mask.dtype, device=query.device)
     mask = torch.cat([visible, own_mask.expand(batch, 1, q_len, own)], dim=-1)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _packed_attention(
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    scaling: float | None,
+    packed: _Packed,
+) -> torch.Tensor:
+    """A packed prefill (batch 1): each row's queries attend to [prefix][its reused keys][its
+    new keys, causally], one SDPA call per row over exactly its own tokens. A row computes the
+    same thing alone or among others (no padding, no other row's tokens in its call)."""
+    import torch
+    import torch.nn.functional as F
+
+    packed.new_kv[layer] = (key, value)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    groups = heads // kv_heads
+    outs = []
+    for row, (start, end) in enumerate(packed.bounds):
+        keys, values = [pk], [pv]
+        history = packed.history[row]
+        if history is not None:
+            keys.append(history[layer][0])
+            values.append(history[layer][1])
+        keys.append(key[:, :, start:end])
+        values.append(value[:, :, start:end])
+        k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        n, total = end - start, k.shape[2]
+        allowed = torch.arange(total, device=query.device)[None, :] <= (
+            torch.arange(n, device=query.device)[:, None] + (total - n)
+        )
+        q = query[:, :, start:end]
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous()
 
 
@@ -460,6 +547,117 @@ def _history_cache(
     return cache, mask
 
 
+_NO_MASK_SHAPE = (1, 1, 1, 1)  # a 4D mask is passed through as-is; the packed attention ignores it
+
+
+def _packed_prefill(
+    model: PreTrainedModel,
+    new_rows: Sequence[Sequence[int]],
+    reuse: Sequence[tuple[RowCache, int] | None],
+    skip: int,
+    reserve: int,
+    device: Any,
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Encode every row's new prompt tokens in one forward without padding (`_Packed`).
+
+    The rows' tokens are concatenated into one sequence (batch 1): the linear layers see only
+    real tokens, and each row attends to the shared prefix, its reused keys/values and its own
+    new tokens (`_packed_attention`), so a short row never pays for the longest one. Returns the
+    decode cache (each row's reused + new keys/values, left-padded, `reserve` spare positions),
+    its 0/1 mask, the next-token logits of every row, the rows' next positions, the original
+    index of each batch row (longest first) and each batch row's own length.
+    """
+    import torch
+
+    reused = [r[1] if r is not None else 0 for r in reuse]
+    bounds: list[tuple[int, int]] = []
+    flat: list[int] = []
+    positions: list[int] = []
+    for row, n in zip(new_rows, reused, strict=True):
+        bounds.append((len(flat), len(flat) + len(row)))
+        flat.extend(row)
+        positions.extend(range(skip + n, skip + n + len(row)))
+    history: list[list[tuple[Any, Any]] | None] = [
+        None if r is None else [(k[None, :, : r[1]], v[None, :, : r[1]]) for k, v in r[0].kv]
+        for r in reuse
+    ]
+    packed = _Packed(bounds, history, {})
+    last = torch.tensor([end - 1 for _, end in bounds], dtype=torch.long, device=device)
+    token = _PACKED.set(packed)
+    try:
+        out = model(
+            input_ids=torch.tensor([flat], dtype=torch.long, device=device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+            attention_mask=torch.zeros(_NO_MASK_SHAPE, dtype=torch.bool, device=device),
+            use_cache=False,
+            logits_to_keep=last,
+        )
+    finally:
+        _PACKED.reset(token)
+    widths = [n + end - start for n, (start, end) in zip(reused, bounds, strict=True)]
+    width, batch = max(widths), len(bounds)
+    # The decode batch holds the rows longest first, so that rows of similar length are
+    # neighbours and a decode step can skip the padding of a group of short rows.
+    order = sorted(range(batch), key=lambda i: -widths[i])
+    logits = out.logits[0][order]  # [rows, vocab]: each row's last position
+    cache = growing_cache(reserve=reserve)
+    for layer in range(len(packed.new_kv)):
+        keys, values = packed.new_kv[layer]
+        shape = (batch, keys.shape[1], width + reserve, keys.shape[3])
+        kbuf, vbuf = keys.new_empty(shape), values.new_empty(shape)  # spare: written first
+        for k, i in enumerate(order):
+            (start, end), n = bounds[i], reused[i]
+            own = end - start
+            if widths[i] < width:  # padding: masked, but must be finite (0 x NaN is NaN)
+                kbuf[k, :, : width - widths[i]] = 0
+                vbuf[k, :, : width - widths[i]] = 0
+            kbuf[k, :, width - own : width] = keys[0, :, start:end]
+            vbuf[k, :, width - own : width] = values[0, :, start:end]
+            past = history[i]
+            if past is not None:
+                kbuf[k, :, width - own - n : width - own] = past[layer][0][0]
+                vbuf[k, :, width - own - n : width - own] = past[layer][1][0]
+        _adopt_layer(cache, kbuf, vbuf, width)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for k, i in enumerate(order):
+        mask[k, width - widths[i] :] = 1
+    next_pos = torch.tensor([[skip + widths[i]] for i in order], dtype=torch.long, device=device)
+    return cache, mask, logits, next_pos, order, [widths[i] for i in order]
+
+
+GROUP_COST = 1024  # a group's fixed cost per decode step, in cache cells (row x column) read
+
+
+def _row_groups(widths: Sequence[int], width: int) -> list[tuple[int, int, int]]:
+    """Cut rows sorted longest first into groups that each attend only to the cache columns
+    their longest row needs: the fewest padded cells read, plus `GROUP_COST` per group (each
+    group is a few more small ops per layer). Returns (first row, end row, columns skipped)."""
+    n = len(widths)
+    best = [0] + [2**62] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            cost = best[start] + GROUP_COST + (end - start) * widths[start]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = n
+    while end > 0:
+        start = cut[end]
+        groups.append((start, end, width - widths[start]))
+        end = start
+    return groups[::-1]
+
+
+def _adopt_layer(cache: Any, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
+    """Append a layer to a `growing_cache` whose buffers are `kbuf`/`vbuf` (first `length` used)."""
+    layer = cache.layer_class_to_replicate()
+    layer.lazy_initialization(kbuf, vbuf)
+    layer._kbuf, layer._vbuf = kbuf, vbuf
+    layer.keys, layer.values = kbuf[:, :, :length], vbuf[:, :, :length]
+    cache.layers.append(layer)
+
+
 def _decode(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -477,39 +675,67 @@ def _decode(
     skip = len(prefix)
     reused = [r[1] if r is not None else 0 for r in reuse]
     new_rows = [p[skip + n :] for p, n in zip(prompts, reused, strict=True)]
-    ids, new_mask = _left_pad(new_rows, s.pad_id, device)
-    cache, old_mask = _history_cache(reuse, ids.shape[1] + s.max_new_tokens + 1, device)
-    mask = torch.cat([old_mask, new_mask], dim=1)
-    positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + skip)[:, old_mask.shape[1] :]
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    loop = _Loop(prompts, prefix, s, mask, device)
-    logits = out.logits[:, -1, :]
-    next_pos = positions[:, -1:] + 1
-    for step in range(s.max_new_tokens):
-        token = loop.choose(logits)
-        if step == s.max_new_tokens - 1 or loop.all_done():
-            break
-        if loop.should_prune():
-            keep = loop.prune(cache, fed=step)
-            cache.batch_select_indices(keep)
-            token, next_pos = token[keep], next_pos[keep]
-        loop.mask = torch.cat([loop.mask, torch.ones_like(next_pos)], dim=1)
+    if prefix:
+        groups = None
+        cache, mask, logits, next_pos, order, widths = _packed_prefill(
+            model, new_rows, reuse, skip, s.max_new_tokens + 1, device
+        )
+        # Decode steps get a ready 4D additive mask (0 / -inf): a slice of one buffer per call,
+        # not a mask re-built (and re-concatenated) by the model at every step.
+        width = mask.shape[1]
+        steps = torch.zeros((len(prompts), 1, 1, width + s.max_new_tokens + 1),
+                            dtype=cache.layers[0].keys.dtype, device=device)  # fmt: skip
+        steps[:, 0, 0, :width].masked_fill_(mask == 0, float("-inf"))
+        loop = _Loop(prompts, prefix, s, mask, device, step_mask=steps, order=order)
+        loop.widths = widths
+        row_groups = _row_groups(widths, width)
+        groups = _GROUPS.set(row_groups)
+    else:
+        groups, row_groups = None, []
+        ids, new_mask = _left_pad(new_rows, s.pad_id, device)
+        cache, old_mask = _history_cache(reuse, ids.shape[1] + s.max_new_tokens + 1, device)
+        mask = torch.cat([old_mask, new_mask], dim=1)
+        positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + skip)[:, old_mask.shape[1] :]
         out = model(
-            input_ids=token[:, None],
-            attention_mask=loop.mask,
-            position_ids=next_pos,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
+        loop = _Loop(prompts, prefix, s, mask, device)
         logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
+        next_pos = positions[:, -1:] + 1
+    step = 0
+    try:
+        for step in range(s.max_new_tokens):
+            token = loop.choose(logits)
+            if step == s.max_new_tokens - 1 or loop.all_done():
+                break
+            if loop.should_prune():
+                keep = loop.prune(cache, fed=step)
+                cache.batch_select_indices(keep)
+                token, next_pos = token[keep], next_pos[keep]
+                if prefix:
+                    row_groups[:] = _row_groups(loop.widths, loop.prompt_width)
+            if prefix:
+                attention = loop.mask[..., : loop.prompt_width + step + 1]
+            else:
+                loop.mask = torch.cat([loop.mask, torch.ones_like(next_pos)], dim=1)
+                attention = loop.mask
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+    finally:
+        if groups is not None:
+            _GROUPS.reset(groups)
     return loop.finish(cache, fed=step)  # the last chosen token is never fed back
 
 
@@ -528,20 +754,24 @@ class _Loop:
         s: _Settings,
         mask: torch.Tensor,
         device: Any,
+        step_mask: torch.Tensor | None = None,
+        order: Sequence[int] | None = None,
     ) -> None:
         import torch
 
         self.prompts, self.prefix, self.s = prompts, prefix, s
-        self.mask = mask
+        self.mask = mask if step_mask is None else step_mask  # what the decode steps are given
         self.prompt_width = mask.shape[1]
         self.prompt_mask = mask.bool()
-        self.rows = list(range(len(prompts)))  # original index of each current row
+        # Original index of each current row (the batch may hold them in another order).
+        self.rows = list(order) if order is not None else list(range(len(prompts)))
+        self.widths: list[int] = []  # own prompt length of each current row (when known)
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.logprobs: list[list[float]] = [[] for _ in prompts]
         self.stopped = [False] * len(prompts)
         self.caches: list[RowCache | None] = [None] * len(prompts)
         self.stop_set = set(s.stop_ids)
-        self.generators = list(s.generators) if s.generators is not None else None
+        self.generators = [s.generators[r] for r in self.rows] if s.generators is not None else None
         self.device = device
         self._torch = torch
 
@@ -582,6 +812,8 @@ class _Loop:
                     self.caches[row] = self._row_cache(cache, k, row, fed)
         index = self._torch.tensor(keep, dtype=self._torch.long, device=self.device)
         self.rows = [self.rows[k] for k in keep]
+        if self.widths:
+            self.widths = [self.widths[k] for k in keep]
         self.mask = self.mask.index_select(0, index)
         self.prompt_mask = self.prompt_mask.index_select(0, index)
         if self.generators is not None:

@@ -133,6 +133,10 @@ class _Prefix:
     text: str
     ids: list[int]
     splits: bool | None = None  # does tokenizing the rest alone give the same ids? (checked)
+    bare: str | None = None  # the system turn rendered without the tools
+    # Does rendering the conversation without the tools give the same text after the system
+    # turn? None: not yet checked on a conversation with later turns; False: never use it.
+    tools_only_in_system: bool | None = None
 
 
 class ModelPolicy:
@@ -215,11 +219,8 @@ class ModelPolicy:
         ids are computed once and only the rest of the text is tokenized, when the tokenizer
         splits there (checked once per prefix against tokenizing the whole text).
         """
-        from tracetune.agent.template import render_messages
-
-        text = render_messages(self.tokenizer, request.messages, request.tools, True)
-        text += self.response_prefix
         prefix = self._prefix_of(request)
+        text = self._render(request, prefix) + self.response_prefix
         if prefix is not None and text.startswith(prefix.text) and prefix.splits is not False:
             ids = prefix.ids + self._tokenize(text[len(prefix.text) :])
             if prefix.splits is None:
@@ -227,6 +228,32 @@ class ModelPolicy:
             if prefix.splits:
                 return ids
         return self._tokenize(text)
+
+    def _render(self, request: TurnRequest, prefix: _Prefix | None) -> str:
+        """The prompt text of a request (the chat template with the generation prompt).
+
+        Rendering the tool schemas is most of the template's work, and they only enter the
+        system turn (already rendered in `prefix`): the rest of the conversation is rendered
+        without them and appended. Checked against the full rendering until a conversation
+        with later turns has matched; a template that mismatches is always rendered in full.
+        """
+        from tracetune.agent.template import render_messages
+
+        messages, tools = request.messages, request.tools
+        if prefix is None or not tools or prefix.tools_only_in_system is False:
+            return render_messages(self.tokenizer, messages, tools, True)
+        if prefix.bare is None:
+            prefix.bare = render_messages(self.tokenizer, messages[:1], None, False)
+        rest = render_messages(self.tokenizer, messages, None, True)
+        text = prefix.text + rest[len(prefix.bare) :] if rest.startswith(prefix.bare) else None
+        if prefix.tools_only_in_system is None or text is None:
+            full = render_messages(self.tokenizer, messages, tools, True)
+            if text != full:
+                prefix.tools_only_in_system = False
+                return full
+            if len(messages) > 2:
+                prefix.tools_only_in_system = True
+        return text
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
