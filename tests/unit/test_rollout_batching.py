@@ -223,3 +223,38 @@ def test_row_groups_cover_the_batch_and_skip_only_padding() -> None:
     assert len(groups) > 1  # long and short rows are not padded to one width
     assert _row_groups([10, 9, 8], 10) == [(0, 3, 0)]  # too small to be worth a group each
     assert GROUP_COST > 0
+
+
+def test_prefix_cache_is_reused_and_dropped_when_the_weights_change(
+    policy: ModelPolicy, tasks: list[Task]
+) -> None:
+    """The shared prefix is encoded once across calls, and an in-place weight update (what an
+    optimizer step does) makes the next call encode it again: never stale keys and values."""
+    from tracetune.agent.decoding import PrefixCache, decode_batch
+
+    env = SupportDesk()
+    request = TurnRequest(0, 0, tasks[0], env.reset(tasks[0]), env.tool_schemas())
+    prompt = policy.encode(request)
+    n = policy.shared_prefix_len([request], [prompt])
+    kwargs: dict[str, Any] = {"max_new_tokens": 8, "stop_ids": [], "pad_id": policy.pad_id,
+              "keep_logprobs": True}  # fmt: skip
+    cache = PrefixCache()
+    with torch_threads_1():
+        [a] = decode_batch(policy.model, [prompt], prefix_len=n, prefix_cache=cache, **kwargs)
+        [b] = decode_batch(policy.model, [prompt], prefix_len=n, prefix_cache=cache, **kwargs)
+        assert (cache.misses, cache.hits) == (1, 1) and a.token_ids == b.token_ids
+        weight = policy.model.get_input_embeddings().weight
+        saved = weight.detach().clone()
+        try:
+            with torch.no_grad():
+                weight.add_(torch.randn_like(weight) * 0.5)  # in place, like optimizer.step()
+            [changed] = decode_batch(
+                policy.model, [prompt], prefix_len=n, prefix_cache=cache, **kwargs
+            )
+            [fresh] = decode_batch(policy.model, [prompt], prefix_len=n, **kwargs)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+    assert cache.misses == 2  # the update was noticed
+    assert changed.token_ids == fresh.token_ids
+    assert changed.logprobs == fresh.logprobs

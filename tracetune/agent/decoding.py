@@ -405,6 +405,40 @@ def _choose(
     return torch.cat(picks).to(logits.device)
 
 
+class PrefixCache:
+    """The shared prefix's keys/values, kept across calls while the weights stay the same.
+
+    Why: without it every call re-encodes the ~1k-token system turn, once per round in a batch
+    but once per turn for an episode decoded alone (most of a short turn's cost). Weights are
+    identified by each parameter's storage and in-place version counter, which optimizer steps,
+    `load_state_dict` and `copy_` all bump, so a GRPO step invalidates the entry without anyone
+    calling `clear()`. One entry: a policy has one system turn.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._kv: list[tuple[Any, Any]] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def weights_key(model: PreTrainedModel, prefix: tuple[int, ...]) -> tuple[Any, ...]:
+        params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        return (id(model), prefix, params)
+
+    def encode(self, model: PreTrainedModel, prefix: tuple[int, ...]) -> list[tuple[Any, Any]]:
+        key = self.weights_key(model, prefix)
+        if self._kv is not None and key == self._key:
+            self.hits += 1
+            return self._kv
+        self.misses += 1
+        self._kv, self._key = _encode_prefix(model, prefix), key
+        return self._kv
+
+    def clear(self) -> None:
+        self._key, self._kv = None, None
+
+
 def _encode_prefix(model: PreTrainedModel, prefix: Sequence[int]) -> list[tuple[Any, Any]]:
     """Per-layer keys and values of the shared prefix (batch 1), with the model's own attention."""
     import torch
@@ -469,6 +503,7 @@ def decode_batch(
     keep_logprobs: bool = False,
     caches: Sequence[RowCache | None] | None = None,
     keep_cache: bool = False,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[DecodeOutput]:
     """Generate one continuation per prompt, all rows in one KV-cached loop.
 
@@ -478,6 +513,7 @@ def decode_batch(
     `caches` (one per row, from an earlier call's `keep_cache=True`) spare re-encoding what a
     row's prompt shares with its previous turn: multi-turn episodes then encode only the new
     tool results. Caches are used with the shared prefix only (full-attention models).
+    `prefix_cache` keeps the shared prefix's keys/values between calls (same weights only).
     """
     import torch
 
@@ -499,7 +535,9 @@ def decode_batch(
         if shared and supports_shared_prefix(model):
             prefix = tuple(prompts[0][:shared])
             reuse = _reusable(prefix, prompts, caches)
-            with _attention_with_prefix(model, _encode_prefix(model, prefix)):
+            cache = prefix_cache or PrefixCache()
+            kv = cache.encode(model, prefix)
+            with _attention_with_prefix(model, kv):
                 return _decode(model, prompts, prefix, reuse, settings)
         return _decode(model, prompts, (), [None] * len(prompts), settings)
 

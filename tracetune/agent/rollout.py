@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tracetune.agent.decoding import DecodeOutput, RowCache
+    from tracetune.agent.decoding import DecodeOutput, PrefixCache, RowCache
 
 EnvFactory = Callable[[], Environment]
 
@@ -179,7 +179,10 @@ class ModelPolicy:
         # Text every assistant turn is forced to start with (prefilling), e.g. "<tool_call>\n";
         # it counts as output. Empty for honest evaluation.
         self.response_prefix = response_prefix
+        from tracetune.agent.decoding import PrefixCache
+
         self._row_caches: dict[int, RowCache] = {}
+        self._prefix_cache: PrefixCache = PrefixCache()
 
     @classmethod
     def from_pretrained(
@@ -310,6 +313,7 @@ class ModelPolicy:
                 keep_logprobs=self.keep_tokens,
                 caches=self._caches_for(requests),
                 keep_cache=self.reuse_cache,
+                prefix_cache=self._prefix_cache,
             )
             self._row_caches = {
                 r.episode: o.cache for r, o in zip(requests, outputs, strict=True) if o.cache
@@ -346,6 +350,7 @@ class ModelPolicy:
     def clear_cache(self) -> None:
         """Forget every episode's keys/values (after the weights changed)."""
         self._row_caches = {}
+        self._prefix_cache.clear()
 
     def _generators(self, requests: Sequence[TurnRequest]) -> list[torch.Generator]:
         import torch
