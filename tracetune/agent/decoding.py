@@ -173,8 +173,8 @@ def shared_prefix_attention(
     packed = _PACKED.get()
     if packed is not None:
         return _packed_attention(module.layer_idx, query, key, value, pk, pv, scaling, packed), None
-    if query.shape[2] > 1:
-        return _prefill_attention(query, key, value, attention_mask, pk, pv, scaling), None
+    if query.shape[2] > 1:  # new prompt tokens go through `_packed_prefill`, never here
+        raise RuntimeError("shared-prefix attention over new prompt tokens needs packed prefill")
     groups = _GROUPS.get()
     if groups is None:
         return _prefix_attention(query, key, value, attention_mask, pk, pv, scaling), None
@@ -193,46 +193,6 @@ def shared_prefix_attention(
         for a, b, skip in groups
     ]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None
-
-
-def _prefill_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    pk: torch.Tensor,
-    pv: torch.Tensor,
-    scaling: float | None,
-) -> torch.Tensor:
-    """Many queries per row (a turn's new prompt): the prefix broadcast to every row, then the
-    fused SDPA kernel, which beats hand-written attention at this size."""
-    import torch
-    import torch.nn.functional as F
-
-    batch, heads, q_len, dim = query.shape
-    kv_heads, own = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    p_len = pk.shape[2]
-    keys = torch.cat([pk.expand(batch, -1, -1, -1), key], dim=2)
-    values = torch.cat([pv.expand(batch, -1, -1, -1), value], dim=2)
-    if groups > 1:
-        keys = keys[:, :, None].expand(batch, kv_heads, groups, p_len + own, dim)
-        keys = keys.reshape(batch, heads, p_len + own, dim)
-        values = values[:, :, None].expand(batch, kv_heads, groups, p_len + own, dim)
-        values = values.reshape(batch, heads, p_len + own, dim)
-    if attention_mask is None:
-        rows = torch.arange(q_len, device=query.device)[:, None] + (own - q_len)
-        own_mask = torch.arange(own, device=query.device)[None, :] <= rows
-        own_mask = own_mask[None, None].expand(batch, 1, q_len, own)
-    else:
-        own_mask = attention_mask
-    if own_mask.dtype == torch.bool:
-        visible = torch.ones((batch, 1, q_len, p_len), dtype=torch.bool, device=query.device)
-    else:
-        visible = torch.zeros((batch, 1, q_len, p_len), dtype=own_mask.dtype, device=query.device)
-    mask = torch.cat([visible, own_mask.expand(batch, 1, q_len, own)], dim=-1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous()
 
 
 def _packed_attention(
