@@ -516,35 +516,6 @@ def _reusable(
     return out
 
 
-def _history_cache(
-    reuse: Sequence[tuple[RowCache, int] | None], reserve: int, device: Any
-) -> tuple[Any, torch.Tensor]:
-    """A batch cache pre-filled with each row's reused tokens (left-padded) and its mask."""
-    import torch
-
-    lengths = [r[1] if r is not None else 0 for r in reuse]
-    width = max(lengths)
-    batch = len(reuse)
-    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-    cache = growing_cache(reserve=reserve)
-    if width == 0:
-        return cache, mask
-    sample = next(r[0] for r in reuse if r is not None)
-    for layer, (k0, v0) in enumerate(sample.kv):
-        keys = k0.new_zeros((batch, k0.shape[0], width, k0.shape[2]))
-        values = v0.new_zeros((batch, v0.shape[0], width, v0.shape[2]))
-        for i, entry in enumerate(reuse):
-            if entry is not None:
-                row, n = entry
-                keys[i, :, width - n :] = row.kv[layer][0][:, :n]
-                values[i, :, width - n :] = row.kv[layer][1][:, :n]
-        cache.update(keys, values, layer)
-    for i, n in enumerate(lengths):
-        if n:
-            mask[i, width - n :] = 1
-    return cache, mask
-
-
 _NO_MASK_SHAPE = (1, 1, 1, 1)  # a 4D mask is passed through as-is; the packed attention ignores it
 
 
@@ -690,10 +661,11 @@ def _decode(
         groups = _GROUPS.set(row_groups)
     else:
         groups, row_groups = None, []
-        ids, new_mask = _left_pad(new_rows, s.pad_id, device)
-        cache, old_mask = _history_cache(reuse, ids.shape[1] + s.max_new_tokens + 1, device)
-        mask = torch.cat([old_mask, new_mask], dim=1)
-        positions = ((mask.cumsum(dim=1) - 1).clamp(min=0) + skip)[:, old_mask.shape[1] :]
+        # No shared prefix, so nothing is reused (caches go with the prefix only): plain
+        # left-padded rows in a fresh buffered cache.
+        ids, mask = _left_pad(new_rows, s.pad_id, device)
+        cache = growing_cache(reserve=ids.shape[1] + s.max_new_tokens + 1)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         out = model(
             input_ids=ids,
             attention_mask=mask,

@@ -223,9 +223,7 @@ class Scrubber:
         Works on decoded values, never on JSON text: a regex over JSON text would meet escapes
         (`\\n555-123-4567`, `\\u00f6`) and either miss PII or break the document.
         """
-        if not isinstance(obj, dict | list):
-            return obj
-        if not self.enabled:
+        if not self.enabled or not isinstance(obj, dict | list):
             return obj
         scrub, seen = self.scrub_text, self._texts.get
         stack = [obj]
