@@ -258,3 +258,63 @@ def test_prefix_cache_is_reused_and_dropped_when_the_weights_change(
     assert cache.misses == 2  # the update was noticed
     assert changed.token_ids == fresh.token_ids
     assert changed.logprobs == fresh.logprobs
+
+
+def test_thread_count_follows_the_size_of_each_forward() -> None:
+    """Small forwards keep the caller's thread count, big ones get the wide one, and the
+    caller's count comes back at the end; a wide count no bigger than it changes nothing."""
+    from tracetune.agent.decoding import WIDE_TOKENS, _Threads
+    from tracetune.agent.rollout import torch_threads
+
+    with torch_threads(1):
+        threads = _Threads(2)
+        threads.for_tokens(WIDE_TOKENS - 1)
+        assert torch.get_num_threads() == 1
+        threads.for_tokens(WIDE_TOKENS)
+        assert torch.get_num_threads() == 2
+        threads.for_tokens(1)
+        assert torch.get_num_threads() == 1
+        threads.for_tokens(10 * WIDE_TOKENS)
+        threads.restore()
+        assert torch.get_num_threads() == 1
+        same = _Threads(1)
+        same.for_tokens(10 * WIDE_TOKENS)
+        assert same.wide is None and torch.get_num_threads() == 1
+
+
+def test_wide_threads_change_neither_tokens_nor_the_callers_setting(
+    policy: ModelPolicy, tasks: list[Task]
+) -> None:
+    """The auto thread policy (2 threads for the big forwards) decodes the same tokens as one
+    thread throughout, and leaves torch at the caller's thread count afterwards."""
+    from tracetune.agent.decoding import decode_batch
+
+    env = SupportDesk()
+    requests = [TurnRequest(i, 0, t, env.reset(t), env.tool_schemas()) for i, t in enumerate(tasks)]
+    prompts = [policy.encode(r) for r in requests]
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": 12,
+        "stop_ids": policy.stop_ids,
+        "pad_id": policy.pad_id,
+        "prefix_len": policy.shared_prefix_len(requests, prompts),
+        "keep_logprobs": True,
+    }
+    with torch_threads_1():
+        narrow = decode_batch(policy.model, prompts, **kwargs)
+        wide = decode_batch(policy.model, prompts, wide_threads=2, **kwargs)
+        assert torch.get_num_threads() == 1
+    assert [o.token_ids for o in wide] == [o.token_ids for o in narrow]
+    for w, n in zip(wide, narrow, strict=True):
+        assert w.logprobs == pytest.approx(n.logprobs, abs=1e-4)
+
+
+def test_auto_threads_use_every_core_only_for_big_forwards(model_dir: Path) -> None:
+    """A small CPU model: one thread by default, torch's own count for the big forwards;
+    an explicit thread count turns the wide setting off."""
+    from tracetune.agent.rollout import torch_threads
+
+    with torch_threads(2):
+        auto = ModelPolicy.from_pretrained(model_dir, name="t")
+        fixed = ModelPolicy.from_pretrained(model_dir, name="t", cpu_threads=1)
+    assert (auto.cpu_threads, auto.wide_threads) == (1, 2)
+    assert (fixed.cpu_threads, fixed.wide_threads) == (1, None)

@@ -447,6 +447,34 @@ class _Settings:
     generators: Sequence[torch.Generator] | None
     keep_logprobs: bool
     keep_cache: bool
+    threads: _Threads
+
+
+WIDE_TOKENS = 8  # a forward over at least this many tokens (rows x new tokens) may use more threads
+
+
+class _Threads:
+    """torch's thread count per forward: `wide` threads for a forward over `WIDE_TOKENS` or more
+    tokens, the caller's setting for smaller ones. A one-row decode step of a tiny model is
+    sub-millisecond ops that threads only slow down; a 32-row step or a prefill is work they
+    split (measured on 2 cores, docs/benchmarks.md "Rollouts")."""
+
+    def __init__(self, wide: int | None) -> None:
+        import torch
+
+        self._torch = torch
+        self.narrow = torch.get_num_threads()
+        self.wide = wide if wide is not None and wide > self.narrow else None
+        self.current = self.narrow
+
+    def for_tokens(self, n: int) -> None:
+        want = self.wide if self.wide is not None and n >= WIDE_TOKENS else self.narrow
+        if want != self.current:
+            self._torch.set_num_threads(want)
+            self.current = want
+
+    def restore(self) -> None:
+        self.for_tokens(0)
 
 
 def decode_batch(
@@ -464,6 +492,7 @@ def decode_batch(
     caches: Sequence[RowCache | None] | None = None,
     keep_cache: bool = False,
     prefix_cache: PrefixCache | None = None,
+    wide_threads: int | None = None,
 ) -> list[DecodeOutput]:
     """Generate one continuation per prompt, all rows in one KV-cached loop.
 
@@ -474,6 +503,8 @@ def decode_batch(
     row's prompt shares with its previous turn: multi-turn episodes then encode only the new
     tool results. Caches are used with the shared prefix only (full-attention models).
     `prefix_cache` keeps the shared prefix's keys/values between calls (same weights only).
+    `wide_threads`: torch threads for the forwards over many tokens (`_Threads`); the caller's
+    setting applies to the others. None: the caller's setting throughout.
     """
     import torch
 
@@ -489,9 +520,10 @@ def decode_batch(
     shortest = min(len(p) for p in prompts)
     shared = common_prefix_len(prompts) if prefix_len is None else prefix_len
     shared = max(0, min(shared, shortest - 1))
+    threads = _Threads(wide_threads)
     settings = _Settings(max_new_tokens, stop_ids, pad_id, greedy, temperature, generators,
-                         keep_logprobs, keep_cache)  # fmt: skip
-    with torch.inference_mode():
+                         keep_logprobs, keep_cache, threads)  # fmt: skip
+    with torch.inference_mode(), _restoring(threads):
         if shared and supports_shared_prefix(model):
             prefix = tuple(prompts[0][:shared])
             reuse = _reusable(prefix, prompts, caches)
@@ -500,6 +532,14 @@ def decode_batch(
             with _attention_with_prefix(model, kv):
                 return _decode(model, prompts, prefix, reuse, settings)
         return _decode(model, prompts, (), [None] * len(prompts), settings)
+
+
+@contextmanager
+def _restoring(threads: _Threads) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        threads.restore()
 
 
 def _reusable(
@@ -526,6 +566,7 @@ def _packed_prefill(
     skip: int,
     reserve: int,
     device: Any,
+    threads: _Threads,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Encode every row's new prompt tokens in one forward without padding (`_Packed`).
 
@@ -553,6 +594,7 @@ def _packed_prefill(
     packed = _Packed(bounds, history, {})
     last = torch.tensor([end - 1 for _, end in bounds], dtype=torch.long, device=device)
     token = _PACKED.set(packed)
+    threads.for_tokens(len(flat))
     try:
         out = model(
             input_ids=torch.tensor([flat], dtype=torch.long, device=device),
@@ -647,7 +689,7 @@ def _decode(
     if prefix:
         groups = None
         cache, mask, logits, next_pos, order, widths = _packed_prefill(
-            model, new_rows, reuse, skip, s.max_new_tokens + 1, device
+            model, new_rows, reuse, skip, s.max_new_tokens + 1, device, s.threads
         )
         # Decode steps get a ready 4D additive mask (0 / -inf): a slice of one buffer per call,
         # not a mask re-built (and re-concatenated) by the model at every step.
@@ -666,6 +708,7 @@ def _decode(
         ids, mask = _left_pad(new_rows, s.pad_id, device)
         cache = growing_cache(reserve=ids.shape[1] + s.max_new_tokens + 1)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        s.threads.for_tokens(int(mask.sum()))
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -694,6 +737,7 @@ def _decode(
             else:
                 loop.mask = torch.cat([loop.mask, torch.ones_like(next_pos)], dim=1)
                 attention = loop.mask
+            s.threads.for_tokens(token.shape[0])
             out = model(
                 input_ids=token[:, None],
                 attention_mask=attention,

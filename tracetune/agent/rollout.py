@@ -172,6 +172,8 @@ class ModelPolicy:
         self.seed, self.decoder, self.keep_tokens = seed, decoder, keep_tokens
         self.stop_ids = stop_token_ids(tokenizer)
         self.cpu_threads = cpu_threads if cpu_threads is not None else auto_cpu_threads(model)
+        # Threads for the big forwards (a many-row decode step, a prefill) when threads are auto.
+        self.wide_threads = auto_wide_threads(model) if cpu_threads is None else None
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         self._prefixes: dict[str, _Prefix] = {}
@@ -314,6 +316,7 @@ class ModelPolicy:
                 caches=self._caches_for(requests),
                 keep_cache=self.reuse_cache,
                 prefix_cache=self._prefix_cache,
+                wide_threads=self.wide_threads,
             )
             self._row_caches = {
                 r.episode: o.cache for r, o in zip(requests, outputs, strict=True) if o.cache
@@ -405,6 +408,17 @@ def auto_cpu_threads(model: PreTrainedModel) -> int | None:
         return None
     size = sum(p.numel() for p in model.parameters())
     return 1 if size < SMALL_MODEL_PARAMS else None
+
+
+def auto_wide_threads(model: PreTrainedModel) -> int | None:
+    """torch's own thread count (one per core) for the big forwards of a small model on CPU,
+    whose small forwards run on one thread (`auto_cpu_threads`); None otherwise."""
+    if auto_cpu_threads(model) is None:
+        return None
+    import torch
+
+    n = torch.get_num_threads()
+    return n if n > 1 else None
 
 
 @contextmanager
