@@ -280,6 +280,10 @@ def test_thread_count_follows_the_size_of_each_forward() -> None:
         same = _Threads(1)
         same.for_tokens(10 * WIDE_TOKENS)
         assert same.wide is None and torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), _Threads(2) as failing:  # a forward that raised
+            failing.for_tokens(WIDE_TOKENS)
+            raise RuntimeError("forward failed")
+        assert torch.get_num_threads() == 1
 
 
 def test_wide_threads_change_neither_tokens_nor_the_callers_setting(

@@ -476,6 +476,12 @@ class _Threads:
     def restore(self) -> None:
         self.for_tokens(0)
 
+    def __enter__(self) -> _Threads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
 
 def decode_batch(
     model: PreTrainedModel,
@@ -523,7 +529,7 @@ def decode_batch(
     threads = _Threads(wide_threads)
     settings = _Settings(max_new_tokens, stop_ids, pad_id, greedy, temperature, generators,
                          keep_logprobs, keep_cache, threads)  # fmt: skip
-    with torch.inference_mode(), _restoring(threads):
+    with torch.inference_mode(), threads:
         if shared and supports_shared_prefix(model):
             prefix = tuple(prompts[0][:shared])
             reuse = _reusable(prefix, prompts, caches)
@@ -532,14 +538,6 @@ def decode_batch(
             with _attention_with_prefix(model, kv):
                 return _decode(model, prompts, prefix, reuse, settings)
         return _decode(model, prompts, (), [None] * len(prompts), settings)
-
-
-@contextmanager
-def _restoring(threads: _Threads) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        threads.restore()
 
 
 def _reusable(
