@@ -398,10 +398,11 @@ SMALL_MODEL_PARAMS = 20_000_000
 def auto_cpu_threads(model: PreTrainedModel) -> int | None:
     """1 torch thread for a small model on CPU, else None (leave torch's setting alone).
 
-    A decode step of the tiny default is many sub-millisecond ops; spreading each over threads
-    costs more in synchronisation than it saves, and on a shared 2-core machine a thread that
-    waits for a busy core stalls the step (measured: 16 s with 2 threads against 1.5 s with one
-    for the same rollouts). Big models keep torch's default.
+    A decode step of a few rows of the tiny default is many sub-millisecond ops; spreading each
+    over threads costs more in synchronisation than it saves, and on a shared 2-core machine a
+    thread that waits for a busy core stalls the step (measured: 16 s with 2 threads everywhere
+    against 1.5 s with one for the same rollouts). The big forwards of such a model get torch's
+    count back (`auto_wide_threads`). Big models keep torch's default throughout.
     """
     device = next(model.parameters()).device
     if device.type != "cpu":
