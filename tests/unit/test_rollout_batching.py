@@ -322,3 +322,38 @@ def test_auto_threads_use_every_core_only_for_big_forwards(model_dir: Path) -> N
         fixed = ModelPolicy.from_pretrained(model_dir, name="t", cpu_threads=1)
     assert (auto.cpu_threads, auto.wide_threads) == (1, 2)
     assert (fixed.cpu_threads, fixed.wide_threads) == (1, None)
+
+
+def test_cpu_time_of_other_processes_is_the_machines_minus_ours() -> None:
+    from tracetune.agent.rollout import CpuSample, others_busy_cores
+
+    before = CpuSample(machine_busy_s=100.0, own_s=10.0, at=50.0)
+    after = CpuSample(machine_busy_s=103.0, own_s=11.0, at=52.0)  # 3 s busy, 1 s ours, in 2 s
+    assert others_busy_cores(before, after) == pytest.approx(1.0)
+    assert others_busy_cores(after, after) == 0.0
+    assert others_busy_cores(before, CpuSample(100.5, 11.0, 52.0)) == 0.0  # never negative
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux /proc/stat")
+def test_wide_threads_are_withheld_while_another_process_keeps_a_core_busy() -> None:
+    """A real busy process: the machine's CPU time minus ours shows it, and a forward split
+    over every core is refused (a split forward would wait for that core)."""
+    import subprocess
+    import sys
+    import time
+
+    from tracetune.agent.rollout import CpuContention
+
+    contention = CpuContention()
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"]
+    )
+    try:
+        time.sleep(CpuContention.WINDOW_S + 0.5)
+        allowed = contention.allows(contention.cores)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert contention.others is not None and contention.others >= 0.6  # measured, not assumed
+    assert allowed is False
+    assert contention.cores == 1 or contention.allows(1)  # one thread never needs a spare core
