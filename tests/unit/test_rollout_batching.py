@@ -356,4 +356,14 @@ def test_wide_threads_are_withheld_while_another_process_keeps_a_core_busy() -> 
         busy.wait()
     assert contention.others is not None and contention.others >= 0.6  # measured, not assumed
     assert allowed is False
-    assert contention.cores == 1 or contention.allows(1)  # one thread never needs a spare core
+
+
+def test_core_count_without_an_affinity_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the OS has no `sched_getaffinity` (macOS), the machine's core count is used."""
+    import os
+
+    from tracetune.agent.rollout import CpuContention, usable_cores
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert usable_cores() == (os.cpu_count() or 1)
+    assert CpuContention().cores == usable_cores()

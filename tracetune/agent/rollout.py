@@ -463,6 +463,12 @@ def others_busy_cores(before: CpuSample, after: CpuSample) -> float:
     return max(0.0, others / wall)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS has one, e.g. not macOS)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 class CpuContention:
     """Whether the machine has cores to spare for a forward split over `wide` threads.
 
@@ -476,7 +482,7 @@ class CpuContention:
     SLACK = 0.5  # cores of others' load tolerated (noise, short system tasks)
 
     def __init__(self, cores: int | None = None) -> None:
-        self.cores = cores or len(os.sched_getaffinity(0))
+        self.cores = cores or usable_cores()
         self._last = cpu_sample()
         self.others: float | None = None  # cores busy elsewhere, last window (None: unmeasured)
 
