@@ -479,6 +479,7 @@ class CpuContention:
     """
 
     WINDOW_S = 0.5
+    FIRST_WINDOW_S = 0.1  # the first judgement (since construction) may come sooner
     SLACK = 0.5  # cores of others' load tolerated (noise, short system tasks)
 
     def __init__(self, cores: int | None = None) -> None:
@@ -490,7 +491,8 @@ class CpuContention:
         now = cpu_sample()
         if now is None:
             return True  # no /proc/stat: nothing to judge by, torch's own setting
-        if self._last is None or now.at - self._last.at >= self.WINDOW_S:
+        window = self.WINDOW_S if self.others is not None else self.FIRST_WINDOW_S
+        if self._last is None or now.at - self._last.at >= window:
             if self._last is not None:
                 self.others = others_busy_cores(self._last, now)
             self._last = now
