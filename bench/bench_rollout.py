@@ -89,12 +89,10 @@ def main() -> None:
     from tracetune.config import EnvironmentParams
     from tracetune.environments.support_desk import SupportDesk
 
-    policy = ModelPolicy.from_pretrained(args.model, name="bench",
+    policy = ModelPolicy.from_pretrained(args.model, name="bench", cpu_threads=args.threads,
                                          max_new_tokens=args.max_new_tokens)  # fmt: skip
     tasks = SupportDesk().tasks(args.tasks, seed=args.seed)
     pool = EnvPool(env_factory_from_params(EnvironmentParams())).warm(args.batch)
-    if args.threads:
-        policy.cpu_threads, policy.wide_threads = args.threads, None
     policy.generate([])  # nothing: imports are done before the clocks start
     # Warm-up, both modes, before the clocks: first-call costs (template compilation, the system
     # turn's tokens, allocator and kernel warm-up) are paid once per job, not per episode, and

@@ -174,7 +174,8 @@ class ModelPolicy:
         self.stop_ids = stop_token_ids(tokenizer)
         self.cpu_threads = cpu_threads if cpu_threads is not None else auto_cpu_threads(model)
         # Threads for the big forwards (a many-row decode step, a prefill) when threads are auto.
-        self.wide_threads = auto_wide_threads(model) if cpu_threads is None else None
+        auto_one = cpu_threads is None and self.cpu_threads == 1
+        self.wide_threads = auto_wide_threads() if auto_one else None
         self._contention = CpuContention()
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
@@ -418,11 +419,9 @@ def auto_cpu_threads(model: PreTrainedModel) -> int | None:
     return 1 if size < SMALL_MODEL_PARAMS else None
 
 
-def auto_wide_threads(model: PreTrainedModel) -> int | None:
+def auto_wide_threads() -> int | None:
     """torch's own thread count (one per core) for the big forwards of a small model on CPU,
-    whose small forwards run on one thread (`auto_cpu_threads`); None otherwise."""
-    if auto_cpu_threads(model) is None:
-        return None
+    whose small forwards run on one thread (`auto_cpu_threads`); None on a single core."""
     import torch
 
     n = torch.get_num_threads()
@@ -488,11 +487,11 @@ class CpuContention:
         self.others: float | None = None  # cores busy elsewhere, last window (None: unmeasured)
 
     def allows(self, wide: int) -> bool:
-        now = cpu_sample()
-        if now is None:
-            return True  # no /proc/stat: nothing to judge by, torch's own setting
         window = self.WINDOW_S if self.others is not None else self.FIRST_WINDOW_S
-        if self._last is None or now.at - self._last.at >= window:
+        if self._last is None or time.monotonic() - self._last.at >= window:
+            now = cpu_sample()  # read /proc/stat once per window, not once per call
+            if now is None:
+                return True  # no /proc/stat: nothing to judge by, torch's own setting
             if self._last is not None:
                 self.others = others_busy_cores(self._last, now)
             self._last = now
