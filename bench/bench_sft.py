@@ -7,6 +7,8 @@ assistant masks), so the differences are the trainer set-up only:
   of 8, lr 2e-5), exactly what a TRL script gets without tuning;
 * systems-only: the reference's hyperparameters with our systems settings (fp32 on CPU, no
   gradient checkpointing, length-grouped batches): a pure tokens/s comparison;
+* systems+shared-prefix: the same plus our trainer's shared-prefix batches (the system turn and
+  tool schemas run once per batch, `sft.share_prefix`): still the reference's hyperparameters;
 * tracetune: our defaults from params.yaml (`sft:`), which also change the learning rate;
 * tracetune_packed: the same with `sft.batching: packed` (padding-free best-fit packing).
 
@@ -74,17 +76,21 @@ def heldout_loss(model: Any, dataset: Any) -> float:
     return total / max(count, 1)
 
 
-def run_one(name: str, base: str, dataset: Any, config: Any, evalset: Any) -> dict[str, Any]:
+def run_one(
+    name: str, base: str, dataset: Any, config: Any, evalset: Any, share: bool
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from tracetune.agent.model import load_tokenizer
+    from tracetune.training.prefix import prefix_sharing_trainer
 
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(base)
     clock = _Clock()
-    trainer = SFTTrainer(
+    trainer_class = prefix_sharing_trainer() if share else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=dataset,
@@ -129,7 +135,7 @@ def config_for(kind: str, out: Path, sft: SFTParams, steps: int) -> Any:
         "gradient_checkpointing": False,
         "train_sampling_strategy": "group_by_length",
     }
-    if kind == "systems_only":
+    if kind in ("systems_only", "systems_shared"):
         return SFTConfig(**common, **systems)
     ours = {
         "learning_rate": sft.learning_rate,
@@ -163,11 +169,13 @@ def main() -> None:
     evalset, _ = build_dataset(tokenizer, rows[:32], tools, params.sft.max_length)
     out = Path(args.out)
     results = []
-    for kind in ("reference", "systems_only", "tracetune", "tracetune_packed"):
+    shares = {"systems_shared": True, "tracetune": params.sft.share_prefix}
+    for kind in ("reference", "systems_only", "systems_shared", "tracetune", "tracetune_packed"):
         config = config_for(kind, out, params.sft, args.steps)
+        share = shares.get(kind, False)
         print(f"== {kind}: {args.steps} steps, batch {config.per_device_train_batch_size}")
-        results.append(run_one(kind, base, dataset, config, evalset))
-    ref, sys_only, ours, packed = results
+        results.append(run_one(kind, base, dataset, config, evalset, share))
+    ref, sys_only, sys_shared, ours, packed = results
     target = ref["final_train_loss"]
     reach = next((t for t, loss in ours["curve"] if loss <= target), None)
     summary = {
@@ -175,6 +183,9 @@ def main() -> None:
         "tokens_per_example": round(sum(len(x) for x in dataset["input_ids"]) / len(dataset), 1),
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results],
         "tokens_per_s_ratio_systems_only": round(sys_only["tokens_per_s"] / ref["tokens_per_s"], 2),
+        "tokens_per_s_ratio_systems_shared": round(
+            sys_shared["tokens_per_s"] / ref["tokens_per_s"], 2
+        ),
         "tokens_per_s_ratio_tracetune": round(ours["tokens_per_s"] / ref["tokens_per_s"], 2),
         "tokens_per_s_ratio_tracetune_packed": round(
             packed["tokens_per_s"] / ref["tokens_per_s"], 2

@@ -158,10 +158,22 @@ class SFTParams(Section):
         " packed: padding-free best-fit packing (pays off with flash-attention on GPU);"
         " padded: plain random batches (TRL's default)",
     )
+    share_prefix: bool = Field(
+        True,
+        description="run each batch's common prefix (system turn + tool schemas) once and reuse"
+        " its cache for every row: same loss and gradients, about half the compute"
+        " (tracetune/training/prefix.py); ignored with batching: packed",
+    )
     max_examples: int = Field(0, ge=0, description="0: all curated train examples")
     exclude_families: list[str] = Field(
         default_factory=list,
         description="task families kept out of SFT (e.g. to leave RLVR something to learn)",
+    )
+    rekey_ids: list[str] = Field(
+        default_factory=list,
+        description="regexes of identifiers (order ids, customer ids) re-drawn consistently"
+        " within each trajectory, freshly in every epoch, so the model cannot memorise the world"
+        " (tracetune/training/rekey.py); []: train on the logged ids",
     )
     save_steps: int = Field(200, ge=1)
     logging_steps: int = Field(10, ge=1)

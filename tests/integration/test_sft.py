@@ -169,3 +169,97 @@ def test_accelerate_launch_two_processes_trains_once_and_tracks_once(
     mlflow.set_tracking_uri(params["tracking"]["tracking_uri"])
     runs = mlflow.search_runs(experiment_names=[params["tracking"]["experiment"]])
     assert len(runs) == 1
+
+
+def _loss_and_grads(
+    trainer: Any, model: Any, batch: dict[str, Any], share: bool
+) -> tuple[float, dict[str, Any]]:
+    import tracetune.training.prefix as prefix
+
+    model.zero_grad()
+    saved = prefix.MIN_SHARED
+    prefix.MIN_SHARED = 16 if share else 10**9  # 10**9: never split, the plain TRL batch
+    try:
+        loss = trainer.compute_loss(model, dict(batch))
+    finally:
+        prefix.MIN_SHARED = saved
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shared_prefix_gives_the_plain_batch_loss_and_gradients(
+    tiny_base: Path, golden_train: Path, tmp_path: Path, lora: bool
+) -> None:
+    """The shared-prefix split (prefix once, its cache repeated per row) is the same training
+    step as TRL's plain batch: same loss, same gradient on every trained parameter."""
+    import torch
+
+    from tracetune.agent.model import load_model
+    from tracetune.training.prefix import prefix_sharing_trainer, shared_prefix_length
+    from tracetune.training.sft import attach_lora, trainer_config
+
+    torch.manual_seed(0)
+    model, tok = load_model(str(tiny_base))
+    tok.padding_side = "right"
+    params = _params(use_lora=lora, lora={"dropout": 0.0})
+    if lora:
+        model = attach_lora(model, params)
+        for name, p in model.named_parameters():  # B starts at zero: give the adapter a say
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    dataset, _ = build_dataset(tok, read_trajectories(golden_train, 8), TOOLS, 2048)
+    trainer = prefix_sharing_trainer()(
+        model=model,
+        args=trainer_config(params, tmp_path / "ck", False, []),
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    cut = shared_prefix_length(batch["input_ids"], batch["labels"])
+    assert cut > 400  # the system turn and the tool schemas are shared
+    assert (batch["labels"][:, : cut + 1] == -100).all()  # and none of it is trained
+    plain_loss, plain = _loss_and_grads(trainer, model, batch, share=False)
+    shared_loss, shared = _loss_and_grads(trainer, model, batch, share=True)
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.keys() == shared.keys() and plain
+    for name, grad in plain.items():
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((grad - shared[name]).abs().max()) / scale < 1e-4, name
+
+
+def test_shared_prefix_length_rules() -> None:
+    import torch
+
+    from tracetune.training.prefix import MIN_SHARED, shared_prefix_length
+
+    ids = torch.arange(40).repeat(3, 1)
+    ids[1, 30:] = 99  # rows part at 30
+    labels = torch.full_like(ids, -100)
+    labels[:, 35:] = ids[:, 35:]
+    assert shared_prefix_length(ids, labels) == 30
+    labels[2, 20] = 7  # a trained token before the rows part: cut before it
+    assert shared_prefix_length(ids, labels) == 20
+    labels[0, MIN_SHARED - 1] = 7  # too little left to share
+    assert shared_prefix_length(ids, labels) == 0
+    assert shared_prefix_length(ids[:1], labels[:1]) == 0  # one row: nothing to share
+
+
+def test_rekeyed_ids_train_one_fresh_copy_per_epoch(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    params = _params(max_steps=-1, epochs=2, max_examples=8, rekey_ids=[r"\b[OCP]-\d+\b"])
+    result = train_sft(params, str(tiny_base), golden_train, TOOLS, tmp_path / "s", tmp_path / "c")
+    assert result.examples == 8 and result.epochs == pytest.approx(2.0)
+    assert result.steps == 4  # 2 re-keyed copies of 8 examples, batch 4, one trainer epoch
+    plain = train_sft(
+        _params(max_steps=-1, epochs=2, max_examples=8),
+        str(tiny_base),
+        golden_train,
+        TOOLS,
+        tmp_path / "s2",
+        tmp_path / "c2",
+    )
+    assert plain.train_tokens == pytest.approx(result.train_tokens, rel=0.05)  # per epoch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from tracetune.agent.template import IM_END, normalize_messages
 from tracetune.config import SFTParams
+from tracetune.training.prefix import prefix_sharing_trainer
+from tracetune.training.rekey import compile_patterns, rekeyed_passes
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -152,13 +155,23 @@ def attach_lora(model: PreTrainedModel, params: SFTParams) -> PreTrainedModel:
     return get_peft_model(model, config)  # type: ignore[return-value]
 
 
-def trainer_config(params: SFTParams, output_dir: Path, cuda: bool, report_to: list[str]) -> Any:
-    """TRL config: bf16 and gradient checkpointing only where they pay (GPU), never on CPU."""
+def data_passes(params: SFTParams) -> int:
+    """Copies of the train set in the dataset: one per started epoch when ids are re-keyed."""
+    return math.ceil(params.epochs) if params.rekey_ids else 1
+
+
+def trainer_config(
+    params: SFTParams, output_dir: Path, cuda: bool, report_to: list[str], passes: int = 1
+) -> Any:
+    """TRL config: bf16 and gradient checkpointing only where they pay (GPU), never on CPU.
+
+    `passes` re-keyed copies of the data make one trainer epoch worth `passes` of ours.
+    """
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir),
-        num_train_epochs=params.epochs,
+        num_train_epochs=params.epochs / passes,
         max_steps=params.max_steps,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
@@ -254,17 +267,22 @@ def train_sft(
     tokenizer.padding_side = "right"
     model.train()
     trajectories = read_trajectories(train_path, params.max_examples)
+    passes = data_passes(params)
+    if params.rekey_ids:  # one re-keyed copy per started epoch, trained as one long epoch
+        patterns = compile_patterns(params.rekey_ids)
+        trajectories = rekeyed_passes(trajectories, patterns, passes, params.seed)
     dataset, dropped = build_dataset(tokenizer, trajectories, tools, params.max_length)
-    train_tokens = sum(len(ids) for ids in dataset["input_ids"])
+    train_tokens = sum(len(ids) for ids in dataset["input_ids"]) // passes
     if params.use_lora:
         model = attach_lora(model, params)
     run_id = fingerprint(params, base_model, file_md5(train_path))
     with _main_process_first():  # under `accelerate launch`, rank 0 alone may wipe checkpoints
         resume = prepare_checkpoints(checkpoint_dir, run_id)
     cuda = next(model.parameters()).device.type == "cuda"
-    trainer = SFTTrainer(
+    trainer_class = prefix_sharing_trainer() if params.share_prefix else SFTTrainer
+    trainer = trainer_class(
         model=model,
-        args=trainer_config(params, checkpoint_dir, cuda, report_to or []),
+        args=trainer_config(params, checkpoint_dir, cuda, report_to or [], passes),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=list(callbacks),
@@ -274,16 +292,16 @@ def train_sft(
     train_seconds = time.perf_counter() - train_start
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_world_process_zero():
-        save_model(trainer.model, tokenizer, out_dir, params.use_lora)  # type: ignore[arg-type]
+        save_model(trainer.model, tokenizer, out_dir, params.use_lora)
     trainer.accelerator.wait_for_everyone()
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    epochs_done = float(output.metrics.get("epoch", params.epochs))
+    epochs_done = float(output.metrics.get("epoch", params.epochs / passes)) * passes
     trained_tokens = int(train_tokens * epochs_done)
     return SFTResult(
-        examples=len(dataset),
-        dropped_too_long=dropped,
+        examples=len(dataset) // passes,
+        dropped_too_long=dropped // passes,
         train_tokens=train_tokens,
         trained_tokens=trained_tokens,
         steps=int(output.global_step),
