@@ -106,7 +106,8 @@ def test_passes_are_fresh_and_reproducible() -> None:
 
 def test_no_patterns_leaves_trajectories_alone() -> None:
     msgs = _trajectory()
-    assert rekey_messages(msgs, [], random.Random(0)) == msgs
+    assert compile_patterns([]) is None
+    assert rekey_messages(msgs, None, random.Random(0)) == msgs
 
 
 @pytest.mark.parametrize("pattern", ["[unclosed", "x*"])

@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
-    """The `sft.rekey_ids` regexes; a bad one fails with its text, before any training."""
-    compiled = []
+def compile_patterns(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    """The `sft.rekey_ids` regexes as one alternation (None: no re-keying).
+
+    A bad regex fails with its text before any training. One scan finds and rewrites every
+    kind of id, so an id written by one pattern is never rewritten by another.
+    """
     for pattern in patterns:
         try:
             regex = re.compile(pattern)
@@ -31,8 +34,7 @@ def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
             raise ValueError(f"sft.rekey_ids: invalid regex {pattern!r}: {exc}") from exc
         if regex.search("") is not None:
             raise ValueError(f"sft.rekey_ids: {pattern!r} matches the empty string")
-        compiled.append(regex)
-    return compiled
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
 def redraw_digits(value: str, rng: random.Random) -> str:
@@ -49,7 +51,7 @@ def redraw_digits(value: str, rng: random.Random) -> str:
 
 
 def rekey_messages(
-    messages: list[dict[str, Any]], patterns: Sequence[re.Pattern[str]], rng: random.Random
+    messages: list[dict[str, Any]], ids: re.Pattern[str] | None, rng: random.Random
 ) -> list[dict[str, Any]]:
     """`messages` with each distinct identifier replaced by one fresh id, everywhere it occurs
     after the system turn.
@@ -57,14 +59,13 @@ def rekey_messages(
     Distinct ids stay distinct (the mapping is one-to-one within the trajectory), and a fresh id
     never equals another original id of the same trajectory, so no two entities merge.
     """
-    if not patterns:
+    if ids is None:
         return messages
     # The system turn is the same in every episode (and at evaluation): an id written there
     # (an example, a policy) is part of the instructions, not of this trajectory's world.
     head = [m for m in messages[:1] if m.get("role") == "system"]
     body = messages[len(head) :]
     text = json.dumps(body, ensure_ascii=False)
-    ids = re.compile("|".join(f"(?:{p.pattern})" for p in patterns))
     originals = list(dict.fromkeys(m.group(0) for m in ids.finditer(text)))
     if not originals:
         return messages
@@ -80,7 +81,7 @@ def rekey_messages(
             fresh = original
         taken.add(fresh)
         mapping[original] = fresh
-    # The same scan that found them, so nothing but a matched id is rewritten, and only once.
+    # The same scan that found them: nothing but a matched id is rewritten, and only once.
     rewritten = ids.sub(lambda m: mapping[m.group(0)], text)
     out: list[dict[str, Any]] = json.loads(rewritten)
     return head + out
@@ -88,7 +89,7 @@ def rekey_messages(
 
 def rekeyed_passes(
     trajectories: Sequence[dict[str, Any]],
-    patterns: Sequence[re.Pattern[str]],
+    ids: re.Pattern[str] | None,
     passes: int,
     seed: int,
 ) -> list[dict[str, Any]]:
@@ -101,5 +102,5 @@ def rekeyed_passes(
         for i, traj in enumerate(trajectories):
             key = f"{seed}:{traj.get('trajectory_id', i)}:{p}"
             rng = random.Random(key)
-            out.append({**traj, "messages": rekey_messages(traj["messages"], patterns, rng)})
+            out.append({**traj, "messages": rekey_messages(traj["messages"], ids, rng)})
     return out

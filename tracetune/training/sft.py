@@ -269,8 +269,8 @@ def train_sft(
     trajectories = read_trajectories(train_path, params.max_examples)
     passes = data_passes(params)
     if params.rekey_ids:  # one re-keyed copy per started epoch, trained as one long epoch
-        patterns = compile_patterns(params.rekey_ids)
-        trajectories = rekeyed_passes(trajectories, patterns, passes, params.seed)
+        ids = compile_patterns(params.rekey_ids)
+        trajectories = rekeyed_passes(trajectories, ids, passes, params.seed)
     dataset, dropped = build_dataset(tokenizer, trajectories, tools, params.max_length)
     train_tokens = sum(len(ids) for ids in dataset["input_ids"]) // passes
     if params.use_lora:
