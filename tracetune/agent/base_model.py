@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from tracetune.agent.corpus import Conversation, generate_corpus, is_drill
 from tracetune.agent.template import (
     END_OF_TEXT,
+    IGNORE,
     IM_END,
     IM_START,
     RESPONSE_TEMPLATE,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 BUILD_INFO = "tracetune_build.json"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
-IGNORE = -100
 # Qwen2's pre-tokenizer split: digits one by one, no newline glued to a word. Qwen2Tokenizer
 # rebuilds its pre-tokenizer from this pattern on reload, so training with it keeps ids stable.
 SPLIT_PATTERN = (

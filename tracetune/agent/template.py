@@ -35,6 +35,7 @@ IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 TOOL_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>",
              "</tools>")  # fmt: skip
 GENERATION_PROMPT = f"{IM_START}assistant\n"
+IGNORE = -100  # the label of a token outside the assistant's output: no loss (torch/HF)
 # transformers' response-parsing spec for our assistant format (`tokenizer.parse_response`). TRL's
 # GRPO needs it to run tool calls, and only knows it for templates it recognises by exact string.
 RESPONSE_TEMPLATE: dict[str, Any] = {

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE = -100
+from tracetune.agent.template import IGNORE
+
 MIN_SHARED = 16  # below this, one extra forward call costs more than it saves
 
 
