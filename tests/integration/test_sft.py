@@ -128,6 +128,42 @@ def test_crashed_run_resumes_from_last_checkpoint(
     assert fresh.resumed_from is None  # another run's checkpoints are never resumed
 
 
+def test_a_base_rebuilt_in_place_trains_afresh_instead_of_resuming(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    """A finished run's checkpoints must not outlive its base model.
+
+    Found on 2026-12-06: after `models/base` was rebuilt with a new tokenizer, the sft stage
+    "resumed" the old run's final checkpoint, trained 0 steps and saved the old weights beside
+    the new tokenizer (held-out TSR 0.000). The run identity now hashes the base's content.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    params = _params(max_steps=2, save_steps=1)
+    out, ck = tmp_path / "sft", tmp_path / "ck"
+    first = train_sft(params, str(base), golden_train, TOOLS, out, ck)
+    assert first.steps == 2 and (ck / "checkpoint-2").exists()
+    first_model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    first_weights = first_model.get_input_embeddings().weight.detach().clone()
+
+    rebuilt = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for weight in rebuilt.parameters():
+            weight.mul_(0.5)
+    rebuilt.save_pretrained(base)  # same path, same params, same data: only the weights differ
+    again = train_sft(params, str(base), golden_train, TOOLS, out, ck)
+    assert again.resumed_from is None
+    assert again.steps == 2
+    trained = AutoModelForCausalLM.from_pretrained(out / "merged")
+    # with the stale resume, the "new" model was the first run's, weight for weight
+    assert not torch.allclose(trained.get_input_embeddings().weight, first_weights)
+
+
 def test_accelerate_launch_two_processes_trains_once_and_tracks_once(
     tiny_base: Path, golden_train: Path, tmp_path: Path
 ) -> None:

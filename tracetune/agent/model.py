@@ -7,6 +7,7 @@ and transformers are imported inside the functions: importing tracetune stays ch
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "ensure_chat_template",
     "load_model",
     "load_tokenizer",
+    "model_fingerprint",
     "pick_device_dtype",
     "stop_token_ids",
 ]
@@ -84,3 +86,19 @@ def load_model(
         gen.eos_token_id = sorted(set(eos) | set(stop_token_ids(tokenizer)))
         gen.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Content hash of a local model folder (a hub id stands for itself)."""
+    path = Path(name_or_path)
+    h = hashlib.sha256()
+    if not path.exists():
+        h.update(f"hub:{name_or_path}".encode())
+        return h.hexdigest()[:16]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracetune.agent.model import model_fingerprint
 from tracetune.agent.rollout import EnvPool, ModelPolicy, RolloutConfig, run_rollouts
 from tracetune.config import EvaluateParams, Params, Pricing, SplitParams
 from tracetune.environments.base import Environment, Task
@@ -107,22 +108,6 @@ def rollout_config(evaluate: EvaluateParams) -> RolloutConfig:
         temperature=evaluate.temperature,
         seed=evaluate.seed,
     )
-
-
-def model_fingerprint(name_or_path: str) -> str:
-    """Content hash of a local model folder (a hub id stands for itself)."""
-    path = Path(name_or_path)
-    h = hashlib.sha256()
-    if not path.exists():
-        h.update(f"hub:{name_or_path}".encode())
-        return h.hexdigest()[:16]
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def cache_key(name_or_path: str, tasks: Sequence[Task], params: Params) -> str:

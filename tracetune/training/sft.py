@@ -200,7 +200,12 @@ def trainer_config(
 
 
 def fingerprint(params: SFTParams, base: str, data_md5: str) -> str:
-    """Identity of a training run: checkpoints resume only into the run that wrote them."""
+    """Identity of a training run: checkpoints resume only into the run that wrote them.
+
+    `base` is the base model's content hash, not its path: a rebuilt `models/base` (new
+    tokenizer, new weights) must not resume the old run's last checkpoint, which would skip
+    training and pair the old weights with the new tokenizer.
+    """
     blob = json.dumps(
         {"p": params.model_dump(mode="json"), "b": base, "d": data_md5}, sort_keys=True
     )
@@ -260,7 +265,7 @@ def train_sft(
     import torch
     from trl import SFTTrainer
 
-    from tracetune.agent.model import load_model
+    from tracetune.agent.model import load_model, model_fingerprint
 
     started = time.perf_counter()
     model, tokenizer = load_model(base_model)
@@ -275,7 +280,7 @@ def train_sft(
     train_tokens = sum(len(ids) for ids in dataset["input_ids"]) // passes
     if params.use_lora:
         model = attach_lora(model, params)
-    run_id = fingerprint(params, base_model, file_md5(train_path))
+    run_id = fingerprint(params, model_fingerprint(base_model), file_md5(train_path))
     with _main_process_first():  # under `accelerate launch`, rank 0 alone may wipe checkpoints
         resume = prepare_checkpoints(checkpoint_dir, run_id)
     cuda = next(model.parameters()).device.type == "cuda"
