@@ -51,7 +51,9 @@ def build_tiny_agent_model(out: Path, build: BaseModelBuild = TINY_BUILD) -> Pat
 
     rendered = render_corpus(generate_corpus(build.corpus_size, build.seed))
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer([text for text, _ in rendered], build.vocab_size).save_pretrained(out)
+    train_tokenizer(
+        [text for text, _ in rendered], build.vocab_size, build.pretokenizer
+    ).save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = new_model(tokenizer, build)
     examples = encode_with_labels(tokenizer, rendered)

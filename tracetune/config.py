@@ -84,6 +84,11 @@ class BaseModelBuild(Section):
     """
 
     vocab_size: int = Field(1024, ge=300, description="byte-level BPE vocabulary, incl. specials")
+    pretokenizer: Literal["qwen2", "isolated"] = Field(
+        "qwen2",
+        description="isolated: a word is the same tokens wherever it stands (copyable); "
+        "qwen2: Qwen2's split, which glues a space or quote to the word after it",
+    )
     hidden_size: int = Field(128, ge=16)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)

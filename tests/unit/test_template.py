@@ -242,3 +242,50 @@ def test_trl_accepts_the_template_without_patching(tokenizer: Any) -> None:
     assert is_chat_template_prefix_preserving(tokenizer)
     assert is_chat_template_stop_token_trained(tokenizer)
     assert get_training_chat_template(tokenizer) is None
+
+
+def _ids_of(tokenizer: Any, text: str, value: str) -> list[int]:
+    """The token ids that spell `value` where it stands inside `text`."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.index(value)
+    end = start + len(value)
+    return [
+        i
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        if a >= start and b <= end and b > a
+    ]
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tokenizer with the `isolated` split, reloaded the way stages load it."""
+    from transformers import AutoTokenizer
+
+    texts = [text for text, _ in render_corpus(generate_corpus(150, seed=3))]
+    path = Path(tmp_path_factory.mktemp("tok-isolated"))
+    train_tokenizer(texts, vocab_size=600, pretokenizer="isolated").save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "value", ["YM37920", "jun.novak358@example.com", "Classic Chair", "in_transit", "EUR"]
+)
+def test_isolated_pretokenizer_spells_a_value_the_same_in_prose_json_and_answers(
+    isolated: Any, value: str
+) -> None:
+    """Copying is token identity only if a value is the same ids wherever it stands."""
+    prose = f"Hi, what about {value}? Thanks"
+    call = json.dumps({"key": value})
+    answer = f"It is {value}."
+    ids = [_ids_of(isolated, text, value) for text in (prose, call, answer)]
+    assert isolated.decode(ids[0]) == value
+    assert ids[0] == ids[1] == ids[2]
+
+
+def test_qwen2_pretokenizer_spells_values_differently_by_context(tokenizer: Any) -> None:
+    """What `isolated` is for: the default (Qwen2's) split glues the space before a word on."""
+    for value in ("amount", "open", "closed"):
+        prose = _ids_of(tokenizer, f"the {value} is", value)
+        call = _ids_of(tokenizer, json.dumps({"k": value}), value)
+        assert tokenizer.decode(call) == value
+        assert prose != call, value
