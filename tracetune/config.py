@@ -174,6 +174,14 @@ class SFTParams(Section):
         default_factory=list,
         description="task families kept out of SFT (e.g. to leave RLVR something to learn)",
     )
+    family_alpha: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="data mix by task family: each family's share of an epoch is proportional"
+        " to its count ** family_alpha (1: as logged; 0: every family equal), re-drawn per epoch;"
+        " an epoch keeps the train set's size (tracetune/training/mixing.py)",
+    )
     rekey_ids: list[str] = Field(
         default_factory=list,
         description="regexes of identifiers (order ids, customer ids) re-drawn consistently"

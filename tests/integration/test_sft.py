@@ -299,3 +299,13 @@ def test_rekeyed_ids_train_one_fresh_copy_per_epoch(
         tmp_path / "c2",
     )
     assert plain.train_tokens == pytest.approx(result.train_tokens, rel=0.05)  # per epoch
+
+
+def test_family_mix_trains_one_redrawn_epoch_per_epoch(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    params = _params(max_steps=-1, epochs=2, max_examples=12, family_alpha=0.0)
+    result = train_sft(params, str(tiny_base), golden_train, TOOLS, tmp_path / "s", tmp_path / "c")
+    assert result.examples == 12 and result.epochs == pytest.approx(2.0)
+    assert result.steps == 6  # 2 re-drawn epochs of 12 examples, batch 4, one trainer epoch
+    assert result.final_loss is not None and result.first_loss is not None

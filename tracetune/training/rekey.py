@@ -92,13 +92,15 @@ def rekeyed_passes(
     ids: re.Pattern[str] | None,
     passes: int,
     seed: int,
+    first_pass: int = 0,
 ) -> list[dict[str, Any]]:
     """`passes` copies of the trajectories, each copy with its own fresh ids.
 
-    Seeded by (seed, trajectory id, pass), so a resumed run rebuilds the same data.
+    Seeded by (seed, trajectory id, pass), so a resumed run rebuilds the same data; passes are
+    numbered from `first_pass` (a caller that builds its epochs one at a time).
     """
     out = []
-    for p in range(passes):
+    for p in range(first_pass, first_pass + passes):
         for i, traj in enumerate(trajectories):
             key = f"{seed}:{traj.get('trajectory_id', i)}:{p}"
             rng = random.Random(key)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tracetune.agent.template import IM_END, normalize_messages
 from tracetune.config import SFTParams
+from tracetune.training.mixing import mixed_epoch
 from tracetune.training.prefix import prefix_sharing_trainer
 from tracetune.training.rekey import compile_patterns, rekeyed_passes
 
@@ -156,8 +157,25 @@ def attach_lora(model: PreTrainedModel, params: SFTParams) -> PreTrainedModel:
 
 
 def data_passes(params: SFTParams) -> int:
-    """Copies of the train set in the dataset: one per started epoch when ids are re-keyed."""
-    return math.ceil(params.epochs) if params.rekey_ids else 1
+    """Copies of the train set in the dataset: one per started epoch when ids are re-keyed or
+    the family mix is re-drawn (each epoch differs), else one."""
+    varies = bool(params.rekey_ids) or params.family_alpha != 1
+    return math.ceil(params.epochs) if varies else 1
+
+
+def epoch_data(
+    trajectories: Sequence[dict[str, Any]], params: SFTParams, passes: int
+) -> list[dict[str, Any]]:
+    """The `passes` epochs of training data, back to back: the family mix drawn per epoch
+    (`family_alpha`), then identifiers re-keyed per epoch (`rekey_ids`)."""
+    if passes == 1 and params.family_alpha == 1 and not params.rekey_ids:
+        return list(trajectories)
+    ids = compile_patterns(params.rekey_ids)
+    out: list[dict[str, Any]] = []
+    for p in range(passes):
+        epoch = mixed_epoch(trajectories, params.family_alpha, params.seed, p)
+        out.extend(rekeyed_passes(epoch, ids, 1, params.seed, first_pass=p) if ids else epoch)
+    return out
 
 
 def trainer_config(
@@ -272,10 +290,8 @@ def train_sft(
     tokenizer.padding_side = "right"
     model.train()
     trajectories = read_trajectories(train_path, params.max_examples)
-    passes = data_passes(params)
-    if params.rekey_ids:  # one re-keyed copy per started epoch, trained as one long epoch
-        ids = compile_patterns(params.rekey_ids)
-        trajectories = rekeyed_passes(trajectories, ids, passes, params.seed)
+    passes = data_passes(params)  # >1: one varied copy per started epoch, as one long epoch
+    trajectories = epoch_data(trajectories, params, passes)
     dataset, dropped = build_dataset(tokenizer, trajectories, tools, params.max_length)
     train_tokens = sum(len(ids) for ids in dataset["input_ids"]) // passes
     if params.use_lora:
