@@ -117,6 +117,9 @@ def run(params: Params) -> RLVRResult:
         mlflow.log_params(flat("rlvr", params.rlvr.model_dump(mode="json")))
         if decision.run:
             result = _train(params, paths, decision)
+            if not result.ran:  # the screen found nothing to learn: the SFT model was kept
+                console.print(f"[bold yellow]RLVR skipped[/]: {result.decision['reason']}")
+                _mark_no_checkpoints(paths["checkpoints"], result.decision["reason"])
         else:
             skip_rlvr(paths["sft"], paths["out"], decision)
             _mark_no_checkpoints(paths["checkpoints"], decision.reason)
@@ -124,6 +127,10 @@ def run(params: Params) -> RLVRResult:
         log_history(result.history)
         summary = {k: v for k, v in result.metrics().items() if isinstance(v, int | float)}
         mlflow.log_metrics({f"rlvr.{k}": float(v) for k, v in summary.items()})
+        if result.screening:
+            mlflow.log_dict(result.screening, "screening.json")
+            kept = sum(result.screening["kept"].values())
+            mlflow.log_metric("rlvr.screen_kept_tasks", float(kept))
         write_curve(result.history, paths["curve"])
         mlflow.log_artifact(str(paths["curve"]))
         if result.ran:

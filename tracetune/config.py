@@ -274,6 +274,13 @@ class RLVRParams(Section):
         1024, ge=16, description="model + tool tokens after the prompt; longer episodes are cut"
     )
     rollout_batch_size: int = Field(32, ge=1, description="episodes decoded together")
+    screen_episodes: int = Field(
+        0,
+        ge=0,
+        description="before training, sample this many episodes per training task from the SFT"
+        " model and keep only the tasks with both a success and a failure (a GRPO group with one"
+        " outcome has zero advantage and teaches nothing); 0: train on every drawn task",
+    )
     save_steps: int = Field(10, ge=1)
     seed: int = 0
     rewards: RLVRRewardParams = RLVRRewardParams()

@@ -207,3 +207,46 @@ def test_crashed_rlvr_run_resumes_from_its_last_checkpoint(sft_dir: Path, tmp_pa
     changed = _params(steps=4, save_steps=2, group_size=2, tasks_per_step=1, learning_rate=2e-3)
     fresh = train_rlvr(changed, sft_dir, tasks, factory, out, ck, decision)
     assert fresh.resumed_from is None  # another run's checkpoints are never resumed
+
+
+class FailingDesk(SupportDesk):
+    """Every episode fails: a policy that can never win gives GRPO nothing to learn from."""
+
+    def verify(self, final_answer: str | None) -> Outcome:
+        return Outcome(False, -1.0, {"always": "fails"})
+
+
+def test_screening_trains_only_on_tasks_with_mixed_outcomes(sft_dir: Path, tmp_path: Path) -> None:
+    params = _params(screen_episodes=2, tasks_per_step=1)
+    tasks = training_tasks(ParityDesk(), 8, 0, ["order_status", "customer_tier"], set())
+    decision = Decision(True, "test", "always", None, 0.8)
+    factory = functools.partial(ParityDesk, max_steps=2)
+    result = train_rlvr(
+        params, sft_dir, tasks, factory, tmp_path / "rlvr", tmp_path / "ck", decision
+    )
+    screening = result.screening
+    assert screening is not None and screening["episodes_per_task"] == 2
+    assert sum(screening["screened"].values()) == 8
+    kept = sum(screening["kept"].values())
+    assert 0 < kept < 8  # parity of 2 answers: about half the tasks disagree, half do not
+    assert result.ran and result.train_tasks == kept
+    assert all(0 < rate < 1 for rate in screening["success"].values())
+
+
+def test_screening_that_finds_nothing_to_learn_keeps_the_sft_model(
+    sft_dir: Path, tmp_path: Path
+) -> None:
+    params = _params(screen_episodes=2)
+    tasks = training_tasks(FailingDesk(), 4, 0, ["order_status"], set())
+    decision = Decision(True, "SFT below the bar", "rule", 0.5, 0.8)
+    out = tmp_path / "rlvr"
+    factory = functools.partial(FailingDesk, max_steps=2)
+    result = train_rlvr(params, sft_dir, tasks, factory, out, tmp_path / "ck", decision)
+
+    assert not result.ran and result.steps == 0
+    assert "no task with both a success and a failure" in result.decision["reason"]
+    assert result.screening is not None and result.screening["success"] == {"order_status": 0.0}
+    marker = json.loads((out / "SKIPPED").read_text())
+    assert marker["run"] is False and marker["reason"] == result.decision["reason"]
+    same = (out / "merged" / "model.safetensors").read_bytes()
+    assert same == (sft_dir / "merged" / "model.safetensors").read_bytes()

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +188,85 @@ def _largest_draw(
         except ValueError:
             continue
     return []
+
+
+@dataclass
+class Screening:
+    """What the pre-training screen found, per family (metrics file and MLflow)."""
+
+    episodes_per_task: int
+    screened: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    success: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mixed_outcome_tasks(
+    tasks: Sequence[Task], outcomes: dict[str, list[bool]], episodes: int
+) -> tuple[list[Task], Screening]:
+    """The tasks whose screening episodes both succeeded and failed, in their drawn order.
+
+    Why: GRPO's advantage is a reward minus its group's mean; a task the policy always solves
+    or always fails gives every episode the same outcome reward, so its group carries (almost)
+    no signal. Dropping those before training puts every optimizer step on tasks it can move.
+    """
+    screening = Screening(episodes_per_task=episodes)
+    kept = []
+    for task in tasks:
+        results = outcomes.get(task.id, [])
+        family = task.family
+        screening.screened[family] = screening.screened.get(family, 0) + 1
+        wins = screening.success.get(family, 0.0) + sum(results)
+        screening.success[family] = wins
+        if any(results) and not all(results):
+            kept.append(task)
+            screening.kept[family] = screening.kept.get(family, 0) + 1
+    for family, wins in screening.success.items():
+        screening.success[family] = round(wins / (screening.screened[family] * episodes), 4)
+    return kept, screening
+
+
+def screen_tasks(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    env_factory: EnvFactory,
+    params: RLVRParams,
+) -> tuple[list[Task], Screening]:
+    """Sample `params.screen_episodes` episodes per task from the starting policy, as training
+    will (same temperature, turn and token limits), and keep the mixed-outcome tasks."""
+    started = time.perf_counter()
+    k = params.screen_episodes
+    repeated = [task for task in tasks for _ in range(k)]
+    seed = step_seed(params.seed, -1)  # not a training step's seed: no episode is reused
+    config = RolloutConfig(
+        max_new_tokens=params.max_new_tokens,
+        max_turns=params.max_episode_steps,
+        batch_size=params.rollout_batch_size,
+        greedy=False,
+        temperature=params.temperature,
+        seed=seed,
+    )
+    with eval_mode(model):
+        policy = ModelPolicy(
+            model,
+            tokenizer,
+            "rlvr-screen",
+            max_new_tokens=config.max_new_tokens,
+            greedy=False,
+            temperature=config.temperature,
+            seed=seed,
+        )
+        results = run_rollouts(repeated, policy, EnvPool(env_factory), config, progress=True)
+    outcomes: dict[str, list[bool]] = {}
+    for result in results:
+        outcomes.setdefault(result.trajectory.task_id, []).append(bool(result.outcome.success))
+    kept, screening = mixed_outcome_tasks(tasks, outcomes, k)
+    screening.seconds = round(time.perf_counter() - started, 2)
+    return kept, screening
 
 
 def task_dataset(tasks: Sequence[Task]) -> Dataset:
@@ -593,6 +672,7 @@ class RLVRResult:
     train_success_by_family: dict[str, float] = field(default_factory=dict)
     stopped_early: str | None = None
     resumed_from: str | None = None
+    screening: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
@@ -660,6 +740,25 @@ def train_rlvr(
 
     started = time.perf_counter()
     model, tokenizer = load_policy(sft_dir, params)
+    screening = None
+    if params.screen_episodes:
+        tasks, found = screen_tasks(model, tokenizer, tasks, env_factory, params)
+        screening = found.as_dict()
+        log.info("RLVR screen: kept %d tasks %s of %s", len(tasks), found.kept, found.screened)
+        if not tasks:
+            reason = (
+                f"screening found no task with both a success and a failure in "
+                f"{params.screen_episodes} episodes (success by family: {found.success}): "
+                "GRPO would have no signal; the SFT model is kept"
+            )
+            skipped = replace(decision, run=False, reason=reason)
+            skip_rlvr(sft_dir, out_dir, skipped)
+            return RLVRResult(
+                ran=False,
+                decision=skipped.as_dict(),
+                seconds=round(time.perf_counter() - started, 2),
+                screening=screening,
+            )
     model.train()
     rollout = EpisodeRollout(tokenizer, env_factory, tasks, params)
     funcs, weights = reward_functions(params.rewards)
@@ -716,5 +815,6 @@ def train_rlvr(
         },
         stopped_early=health.reason,
         resumed_from=resume,
+        screening=screening,
         history=history,
     )
