@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "content_hash",
     "ensure_chat_template",
     "load_model",
     "load_tokenizer",
@@ -88,17 +89,25 @@ def load_model(
     return model, tokenizer
 
 
-def model_fingerprint(name_or_path: str) -> str:
-    """Content hash of a local model folder (a hub id stands for itself)."""
-    path = Path(name_or_path)
-    h = hashlib.sha256()
-    if not path.exists():
-        h.update(f"hub:{name_or_path}".encode())
-        return h.hexdigest()[:16]
+def content_hash(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, or of a folder's files: each relative name, then its bytes.
+
+    One function for every "which model is this" question (run identities, evaluation cache
+    keys, lineage tags), so two stages never disagree about whether a model changed.
+    """
+    h = hashlib.new(algorithm)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        h.update((file.relative_to(path).as_posix() if path.is_dir() else file.name).encode())
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Content hash of a local model folder (a hub id stands for itself)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return hashlib.sha256(f"hub:{name_or_path}".encode()).hexdigest()[:16]
+    return content_hash(path)[:16]

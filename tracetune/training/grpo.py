@@ -697,13 +697,9 @@ def run_fingerprint(params: RLVRParams, sft_md5: str, tasks: Sequence[Task], env
 
 def model_md5(model_dir: Path) -> str:
     """A content hash of a saved model's files (the data version of what RLVR starts from)."""
-    digest = hashlib.md5()
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(model_dir).as_posix().encode())
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    from tracetune.agent.model import content_hash
+
+    return content_hash(model_dir, "md5")
 
 
 def _window_mean(
