@@ -33,6 +33,7 @@ import logging
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -213,20 +214,19 @@ def mixed_outcome_tasks(
     or always fails gives every episode the same outcome reward, so its group carries (almost)
     no signal. Dropping those before training puts every optimizer step on tasks it can move.
     """
-    screening = Screening(episodes_per_task=episodes)
+    screened: Counter[str] = Counter()
+    wins: Counter[str] = Counter()
+    kept_by_family: Counter[str] = Counter()
     kept = []
     for task in tasks:
         results = outcomes.get(task.id, [])
-        family = task.family
-        screening.screened[family] = screening.screened.get(family, 0) + 1
-        wins = screening.success.get(family, 0.0) + sum(results)
-        screening.success[family] = wins
+        screened[task.family] += 1
+        wins[task.family] += sum(results)
         if any(results) and not all(results):
             kept.append(task)
-            screening.kept[family] = screening.kept.get(family, 0) + 1
-    for family, wins in screening.success.items():
-        screening.success[family] = round(wins / (screening.screened[family] * episodes), 4)
-    return kept, screening
+            kept_by_family[task.family] += 1
+    success = {f: round(wins[f] / (n * episodes), 4) for f, n in screened.items()}
+    return kept, Screening(episodes, dict(screened), dict(kept_by_family), success)
 
 
 def screen_tasks(

@@ -168,7 +168,7 @@ def epoch_data(
 ) -> list[dict[str, Any]]:
     """The `passes` epochs of training data, back to back: the family mix drawn per epoch
     (`family_alpha`), then identifiers re-keyed per epoch (`rekey_ids`)."""
-    if passes == 1 and params.family_alpha == 1 and not params.rekey_ids:
+    if params.family_alpha == 1 and not params.rekey_ids:  # every epoch the same data
         return list(trajectories)
     ids = compile_patterns(params.rekey_ids)
     out: list[dict[str, Any]] = []
