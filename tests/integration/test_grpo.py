@@ -250,3 +250,43 @@ def test_screening_that_finds_nothing_to_learn_keeps_the_sft_model(
     assert marker["run"] is False and marker["reason"] == result.decision["reason"]
     same = (out / "merged" / "model.safetensors").read_bytes()
     assert same == (sft_dir / "merged" / "model.safetensors").read_bytes()
+
+
+def test_stage_keeps_the_sft_model_when_the_screen_finds_no_signal(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """The real support desk and a barely pre-trained model: no order_status episode succeeds,
+    so the stage must skip training, keep the SFT model and leave every out DVC expects."""
+    from tasks import rlvr as stage
+
+    params = parse_params(
+        {
+            "paths": {
+                "models": str(tmp_path / "models"),
+                "metrics": str(tmp_path / "metrics"),
+                "reports": str(tmp_path / "reports"),
+                "curated_dir": str(tmp_path / "curated"),
+            },
+            "tracking": {
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_location": str(tmp_path / "mlartifacts"),
+            },
+            "rlvr": _params(screen_episodes=2, n_tasks=3, families=["order_status"]).model_dump(
+                mode="json"
+            ),
+        }
+    )
+    shutil.copytree(tiny_base, tmp_path / "models" / "sft" / "merged")
+
+    result = stage.run(params)
+
+    assert not result.ran and result.steps == 0
+    assert result.screening is not None and result.screening["success"] == {"order_status": 0.0}
+    metrics = json.loads((tmp_path / "metrics" / "rlvr.json").read_text())
+    assert metrics["ran"] is False and "no task with both" in metrics["decision"]["reason"]
+    assert metrics["screening"]["screened"] == {"order_status": 3}
+    rlvr = tmp_path / "models" / "rlvr"
+    assert json.loads((rlvr / "SKIPPED").read_text())["reason"] == metrics["decision"]["reason"]
+    kept = (rlvr / "merged" / "model.safetensors").read_bytes()
+    assert kept == (tiny_base / "model.safetensors").read_bytes()
+    assert "no task with both" in (tmp_path / "models" / "rlvr_checkpoints" / "SKIPPED").read_text()
