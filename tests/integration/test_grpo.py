@@ -62,6 +62,25 @@ def _params(**kw: Any) -> RLVRParams:
     return RLVRParams.model_validate(base | kw)
 
 
+def _stage_params(root: Path, rlvr: dict[str, Any]) -> Any:
+    """Params for running the `rlvr` stage itself, every path and store under `root`."""
+    return parse_params(
+        {
+            "paths": {
+                "models": str(root / "models"),
+                "metrics": str(root / "metrics"),
+                "reports": str(root / "reports"),
+                "curated_dir": str(root / "curated"),
+            },
+            "tracking": {
+                "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                "artifact_location": str(root / "mlartifacts"),
+            },
+            "rlvr": rlvr,
+        }
+    )
+
+
 @pytest.fixture
 def sft_dir(tiny_base: Path, tmp_path: Path) -> Path:
     """The tiny base model laid out as the SFT stage writes its output."""
@@ -100,21 +119,7 @@ def test_grpo_steps_change_the_weights_and_log_health(sft_dir: Path, tmp_path: P
 def test_rule_skips_rlvr_when_sft_is_good_enough(tmp_path: Path) -> None:
     from tasks import rlvr as stage
 
-    params = parse_params(
-        {
-            "paths": {
-                "models": str(tmp_path / "models"),
-                "metrics": str(tmp_path / "metrics"),
-                "reports": str(tmp_path / "reports"),
-                "curated_dir": str(tmp_path / "curated"),
-            },
-            "tracking": {
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "artifact_location": str(tmp_path / "mlartifacts"),
-            },
-            "rlvr": {"when_sft_tsr_below": 0.8},
-        }
-    )
+    params = _stage_params(tmp_path, {"when_sft_tsr_below": 0.8})
     merged = tmp_path / "models" / "sft" / "merged"
     merged.mkdir(parents=True)
     (merged / "config.json").write_text('{"model_type": "qwen2"}')
@@ -259,23 +264,8 @@ def test_stage_keeps_the_sft_model_when_the_screen_finds_no_signal(
     so the stage must skip training, keep the SFT model and leave every out DVC expects."""
     from tasks import rlvr as stage
 
-    params = parse_params(
-        {
-            "paths": {
-                "models": str(tmp_path / "models"),
-                "metrics": str(tmp_path / "metrics"),
-                "reports": str(tmp_path / "reports"),
-                "curated_dir": str(tmp_path / "curated"),
-            },
-            "tracking": {
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "artifact_location": str(tmp_path / "mlartifacts"),
-            },
-            "rlvr": _params(screen_episodes=2, n_tasks=3, families=["order_status"]).model_dump(
-                mode="json"
-            ),
-        }
-    )
+    screened = _params(screen_episodes=2, n_tasks=3, families=["order_status"])
+    params = _stage_params(tmp_path, screened.model_dump(mode="json"))
     shutil.copytree(tiny_base, tmp_path / "models" / "sft" / "merged")
 
     result = stage.run(params)
