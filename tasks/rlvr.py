@@ -104,10 +104,11 @@ def run(params: Params) -> RLVRResult:
     console.print(f"[bold {style}]RLVR decision[/]: {decision.reason}")
     if not (paths["sft"] / "merged").exists():
         raise FileNotFoundError(f"SFT model missing: {paths['sft'] / 'merged'} (run the sft stage)")
+    sft_md5 = model_md5(paths["sft"] / "merged")  # the lineage tag and the run identity
     tags = {
         "rlvr.ran": decision.run,
         "rlvr.decision": decision.reason,
-        "data.sft_model_md5": model_md5(paths["sft"] / "merged"),
+        "data.sft_model_md5": sft_md5,
     }
     if paths["heldout"].exists():
         from tracetune.training.sft import file_md5
@@ -116,7 +117,7 @@ def run(params: Params) -> RLVRResult:
     with stage_run(params.tracking, "rlvr", tags) as active:
         mlflow.log_params(flat("rlvr", params.rlvr.model_dump(mode="json")))
         if decision.run:
-            result = _train(params, paths, decision)
+            result = _train(params, paths, decision, sft_md5)
             if not result.ran:  # the screen found nothing to learn: the SFT model was kept
                 console.print(f"[bold yellow]RLVR skipped[/]: {result.decision['reason']}")
                 _mark_no_checkpoints(paths["checkpoints"], result.decision["reason"])
@@ -139,7 +140,7 @@ def run(params: Params) -> RLVRResult:
     return result
 
 
-def _train(params: Params, paths: dict[str, Path], decision: Decision) -> RLVRResult:
+def _train(params: Params, paths: dict[str, Path], decision: Decision, sft_md5: str) -> RLVRResult:
     from tracetune.agent.rollout import env_factory_from_params
     from tracetune.environments.base import load_environment
     from tracetune.training.grpo import train_rlvr, training_tasks
@@ -155,7 +156,15 @@ def _train(params: Params, paths: dict[str, Path], decision: Decision) -> RLVRRe
     factory = env_factory_from_params(params.environment)
     env_key = json.dumps(params.environment.model_dump(mode="json"), sort_keys=True)
     return train_rlvr(
-        rl, paths["sft"], tasks, factory, paths["out"], paths["checkpoints"], decision, env_key
+        rl,
+        paths["sft"],
+        tasks,
+        factory,
+        paths["out"],
+        paths["checkpoints"],
+        decision,
+        env_key,
+        sft_md5=sft_md5,
     )
 
 

@@ -723,8 +723,12 @@ def train_rlvr(
     env_key: str = "",
     report_to: list[str] | None = None,
     callbacks: Sequence[Any] = (),
+    sft_md5: str | None = None,
 ) -> RLVRResult:
     """GRPO from the SFT model in `sft_dir`; saves `out_dir/merged` (+ `adapter` with LoRA).
+
+    `sft_md5`: the SFT model's `model_md5`, when the caller already has it (hashing a
+    pretrained model's weights twice costs seconds per GB).
 
     A crashed run resumes from the newest checkpoint of the same run (same params, SFT model,
     tasks and environment). A collapse stops training early; the model so far is still saved
@@ -758,7 +762,8 @@ def train_rlvr(
     model.train()
     rollout = EpisodeRollout(tokenizer, env_factory, tasks, params)
     funcs, weights = reward_functions(params.rewards)
-    run_id = run_fingerprint(params, model_md5(sft_dir / "merged"), tasks, env_key)
+    sft_md5 = sft_md5 or model_md5(sft_dir / "merged")
+    run_id = run_fingerprint(params, sft_md5, tasks, env_key)
     resume = prepare_checkpoints(checkpoint_dir, run_id)
     cuda = next(model.parameters()).device.type == "cuda"
     health = health_callback(params.health)
