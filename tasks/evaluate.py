@@ -45,6 +45,7 @@ def _settings(params: Params, model: str, path: str, heldout_total: int) -> dict
         "environment_max_steps": params.environment.max_steps,
         "decoding": "greedy" if ev.greedy else f"sampled, T={ev.temperature}, seed={ev.seed}",
         "decoder": ev.decoder,
+        "grounded_arguments": params.environment.grounded_arguments,
         "pricing": ev.pricing[model].model_dump() if model in ev.pricing else None,
         "environment": params.environment.class_path,
     }

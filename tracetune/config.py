@@ -43,6 +43,11 @@ class EnvironmentParams(Section):
     class_path: str = "tracetune.environments.support_desk.SupportDesk"
     max_steps: int = Field(15, ge=1, description="hard cap on tool calls per episode")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    grounded_arguments: bool = Field(
+        True,
+        description="decode the arguments the environment declares grounded (ids, emails) only"
+        " from values in the conversation: evaluation and serving (tracetune.agent.grounding)",
+    )
 
 
 class FaultRates(Section):

@@ -34,7 +34,7 @@ whose attention goes through transformers' `AttentionInterface` (all current one
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SHARED_PREFIX_ATTENTION = "tracetune_shared_prefix"
+# (row, the row's tokens generated so far) -> ids its next token may be, or None (any).
+Constraint = Callable[[int, Sequence[int]], "set[int] | None"]
 # Per-layer (keys, values) of the shared prefix, batch 1, while a decode runs.
 _PREFIX_KV: ContextVar[list[tuple[Any, Any]] | None] = ContextVar("_PREFIX_KV", default=None)
 
@@ -448,6 +450,7 @@ class _Settings:
     keep_logprobs: bool
     keep_cache: bool
     threads: _Threads
+    constrain: Constraint | None = None
 
 
 WIDE_TOKENS = 8  # a forward over at least this many tokens (rows x new tokens) may use more threads
@@ -499,6 +502,7 @@ def decode_batch(
     keep_cache: bool = False,
     prefix_cache: PrefixCache | None = None,
     wide_threads: int | None = None,
+    constrain: Constraint | None = None,
 ) -> list[DecodeOutput]:
     """Generate one continuation per prompt, all rows in one KV-cached loop.
 
@@ -511,6 +515,9 @@ def decode_batch(
     `prefix_cache` keeps the shared prefix's keys/values between calls (same weights only).
     `wide_threads`: torch threads for the forwards over many tokens (`_Threads`); the caller's
     setting applies to the others. None: the caller's setting throughout.
+    `constrain(row, generated)` may restrict a row's next token to a set of ids (grounded tool
+    arguments, `tracetune.agent.grounding`); the token is drawn, and its log-probability
+    taken, from the model's distribution renormalised over that set.
     """
     import torch
 
@@ -528,7 +535,7 @@ def decode_batch(
     shared = max(0, min(shared, shortest - 1))
     threads = _Threads(wide_threads)
     settings = _Settings(max_new_tokens, stop_ids, pad_id, greedy, temperature, generators,
-                         keep_logprobs, keep_cache, threads)  # fmt: skip
+                         keep_logprobs, keep_cache, threads, constrain)  # fmt: skip
     with torch.inference_mode(), threads:
         if shared and supports_shared_prefix(model):
             prefix = tuple(prompts[0][:shared])
@@ -791,6 +798,8 @@ class _Loop:
         """Pick each current row's next token and record it (finished rows get padding)."""
         torch = self._torch
         s = self.s
+        if s.constrain is not None:
+            logits = self._constrained(logits)
         token = _choose(logits, s.greedy, s.temperature, self.generators)
         finished = torch.tensor([self.stopped[r] for r in self.rows], device=token.device)
         token = torch.where(finished, torch.full_like(token, s.pad_id), token)
@@ -807,6 +816,25 @@ class _Loop:
                 self.logprobs[row].append(chosen[k])
             self.stopped[row] = picked[k] in self.stop_set
         return token
+
+    def _constrained(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with every token a row's constraint rules out at -inf (a copy)."""
+        assert self.s.constrain is not None
+        out = logits
+        for k, row in enumerate(self.rows):
+            if self.stopped[row]:
+                continue
+            allowed = self.s.constrain(row, self.tokens[row])
+            if not allowed:
+                continue
+            if out is logits:
+                out = logits.clone()
+            ids = sorted(i for i in allowed if i < out.shape[1])
+            keep = self._torch.tensor(ids, dtype=self._torch.long, device=out.device)
+            masked = self._torch.full_like(out[k], float("-inf"))
+            masked[keep] = out[k, keep]
+            out[k] = masked
+        return out
 
     def all_done(self) -> bool:
         return all(self.stopped[r] for r in self.rows)

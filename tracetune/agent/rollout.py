@@ -27,7 +27,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tracetune.agent.parsing import ParsedTurn, parse_assistant_output, to_openai_message
 from tracetune.config import EnvironmentParams, Pricing
-from tracetune.environments.base import Call, Environment, Observation, Outcome, Task
+from tracetune.environments.base import (
+    Call,
+    Environment,
+    Grounded,
+    Observation,
+    Outcome,
+    Task,
+)
 from tracetune.trajectories.episode import observation_payload
 from tracetune.trajectories.schema import Trajectory, Usage
 from tracetune.trajectories.simulator import cost_usd
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tracetune.agent.decoding import DecodeOutput, PrefixCache, RowCache
+    from tracetune.agent.grounding import Grounding, Vocabulary
 
 EnvFactory = Callable[[], Environment]
 
@@ -84,6 +92,8 @@ class TurnRequest:
     task: Task
     messages: Sequence[dict[str, Any]]
     tools: Sequence[dict[str, Any]]
+    # Tool -> argument -> rule, for the arguments the environment declares grounded.
+    grounded: Mapping[str, Mapping[str, Grounded]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,12 @@ class ModelPolicy:
         cpu_threads: int | None = None,
         reuse_cache: bool = True,
         response_prefix: str = "",
+        grounding: bool = False,
     ) -> None:
         if decoder not in ("loop", "hf"):
             raise ValueError(f"decoder must be 'loop' or 'hf', not {decoder!r}")
+        if grounding and decoder != "loop":
+            raise ValueError("grounded arguments need decoder='loop' (the hf decoder has no hook)")
         from tracetune.agent.model import stop_token_ids
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -184,6 +197,11 @@ class ModelPolicy:
         # Text every assistant turn is forced to start with (prefilling), e.g. "<tool_call>\n";
         # it counts as output. Empty for honest evaluation.
         self.response_prefix = response_prefix
+        # Grounded tool arguments (tracetune.agent.grounding): values the environment declares
+        # copied from the conversation are decoded only from the conversation's values.
+        self.grounding = grounding
+        self._vocab: Vocabulary | None = None
+        self.constrained_steps = 0
         from tracetune.agent.decoding import PrefixCache
 
         self._row_caches: dict[int, RowCache] = {}
@@ -305,6 +323,7 @@ class ModelPolicy:
         else:
             from tracetune.agent.decoding import decode_batch
 
+            grounding = self._grounding(requests)
             outputs = decode_batch(
                 self.model,
                 prompts,
@@ -320,7 +339,10 @@ class ModelPolicy:
                 keep_cache=self.reuse_cache,
                 prefix_cache=self._prefix_cache,
                 wide_threads=self._wide_threads(),
+                constrain=grounding.mask if grounding is not None else None,
             )
+            if grounding is not None:
+                self.constrained_steps += grounding.constrained_steps
             self._row_caches = {
                 r.episode: o.cache for r, o in zip(requests, outputs, strict=True) if o.cache
             }
@@ -339,6 +361,17 @@ class ModelPolicy:
             )
             for prompt, out, text in zip(prompts, outputs, texts, strict=True)
         ]
+
+    def _grounding(self, requests: Sequence[TurnRequest]) -> Grounding | None:
+        """The decode loop's grounding hook for this batch (None: grounding off or undeclared)."""
+        if not self.grounding or not requests[0].grounded:
+            return None
+        from tracetune.agent.grounding import Grounding, Vocabulary
+
+        if self._vocab is None:
+            self._vocab = Vocabulary.of(self.tokenizer)
+        rows = [r.messages for r in requests]
+        return Grounding(self._vocab, requests[0].grounded, rows, self.response_prefix)
 
     def _wide_threads(self) -> int | None:
         """The wide thread count while other processes leave the cores for it (`CpuContention`)."""
@@ -724,17 +757,19 @@ def iter_rollouts(
     queue = deque(enumerate(tasks))
     active: list[_Episode] = []
     tools: list[dict[str, Any]] | None = None
+    grounded: dict[str, dict[str, Grounded]] = {}
     bar = tqdm(total=len(tasks), desc=f"rollouts {policy.name}", unit="ep", disable=not progress)
     try:
         while queue or active:
             while queue and len(active) < max(1, config.batch_size):
                 index, task = queue.popleft()
                 env = pool.acquire()
-                tools = tools or env.tool_schemas()
+                if tools is None:
+                    tools, grounded = env.tool_schemas(), env.grounded_arguments()
                 started = datetime.now(UTC)
                 active.append(_Episode(index, task, env, env.reset(task), started))
             requests = [
-                TurnRequest(ep.index, len(ep.turns), ep.task, ep.messages, tools or [])
+                TurnRequest(ep.index, len(ep.turns), ep.task, ep.messages, tools or [], grounded)
                 for ep in active
             ]
             began = time.perf_counter()

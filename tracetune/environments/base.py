@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -71,11 +71,27 @@ class ToolError(Exception):
 
 
 @dataclass(frozen=True)
+class Grounded:
+    """How one argument is grounded: `pattern`, a regex its value matches in the conversation
+    (e.g. `O-\\d+`); `number`, a JSON number among the conversation's standalone numbers.
+    Neither: a run of words of a user or tool message (a product name)."""
+
+    pattern: str | None = None
+    number: bool = False
+
+
+@dataclass(frozen=True)
 class Tool:
+    """`grounded`: arguments whose value can only be one the conversation already shows (an
+    id, an email); the agent runtime may decode them under that constraint
+    (`tracetune.agent.grounding`, `environment.grounded_arguments`). Not part of the schema:
+    the prompt the model reads is the same either way."""
+
     name: str
     description: str
     parameters: dict[str, Any]
     fn: Callable[..., Any]
+    grounded: Mapping[str, Grounded] = field(default_factory=dict)
 
     def schema(self) -> dict[str, Any]:
         return {
@@ -146,6 +162,10 @@ class Environment(ABC):
     # --- shared plumbing ----------------------------------------------------------------
     def tool_schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self._registry.values()]
+
+    def grounded_arguments(self) -> dict[str, dict[str, Grounded]]:
+        """Tool name -> argument -> grounding rule, for the tools that declare any."""
+        return {t.name: dict(t.grounded) for t in self._registry.values() if t.grounded}
 
     def tool_names(self) -> list[str]:
         return list(self._registry)

@@ -16,12 +16,21 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from tracetune.environments.base import Call, Environment, Outcome, Task, Tool, ToolError
+from tracetune.environments.base import (
+    Call,
+    Environment,
+    Grounded,
+    Outcome,
+    Task,
+    Tool,
+    ToolError,
+)
 from tracetune.environments.safe_math import MathError, evaluate
 
 STATUSES = ("pending", "shipped", "delivered", "cancelled", "refunded")
 TIERS = ("bronze", "silver", "gold")
 RATES_PER_USD = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "CAD": 1.36, "JPY": 151.2}
+EMAIL_PATTERN = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
 NOT_FOUND = "not found"
 
 POLICIES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -143,25 +152,46 @@ class SupportDesk(Environment):
             }
 
         cur = {"type": "string", "enum": sorted(RATES_PER_USD)}
+        # What the agent can only copy: ids, emails and product names the user or a tool gave,
+        # the currency the user asked for, an amount a tool returned (docs/environments.md).
+        customer = {"customer_id": Grounded(r"\bC-\d+\b")}
+        order = {"order_id": Grounded(r"\bO-\d+\b")}
+        asked = Grounded(r"\b(?:" + "|".join(sorted(RATES_PER_USD)) + r")\b")
         return [
             Tool(
-                "get_customer", "Get a customer by id.", obj({"customer_id": s}), self.get_customer
+                "get_customer",
+                "Get a customer by id.",
+                obj({"customer_id": s}),
+                self.get_customer,
+                customer,
             ),
             Tool(
-                "find_customer", "Find a customer by email.", obj({"email": s}), self.find_customer
+                "find_customer",
+                "Find a customer by email.",
+                obj({"email": s}),
+                self.find_customer,
+                {"email": Grounded(EMAIL_PATTERN)},
             ),
-            Tool("get_order", "Get an order with its items.", obj({"order_id": s}), self.get_order),
+            Tool(
+                "get_order",
+                "Get an order with its items.",
+                obj({"order_id": s}),
+                self.get_order,
+                order,
+            ),
             Tool(
                 "list_orders",
                 "List a customer's orders, oldest first.",
                 obj({"customer_id": s}),
                 self.list_orders,
+                customer,
             ),
             Tool(
                 "search_products",
                 "Search products by name.",
                 obj({"query": s}),
                 self.search_products,
+                {"query": Grounded()},
             ),
             Tool(
                 "calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate
@@ -171,6 +201,7 @@ class SupportDesk(Environment):
                 "Convert an amount between currencies.",
                 obj({"amount": n, "from_currency": cur, "to_currency": cur}),
                 self.convert_currency,
+                {"amount": Grounded(number=True), "to_currency": asked},
             ),
             Tool(
                 "update_order_status",
@@ -179,6 +210,7 @@ class SupportDesk(Environment):
                     {"order_id": s, "status": {"type": "string", "enum": ["cancelled", "refunded"]}}
                 ),
                 self.update_order_status,
+                order,
             ),
         ]
 

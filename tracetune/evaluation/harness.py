@@ -148,6 +148,7 @@ def run_model(
         temperature=ev.temperature,
         seed=ev.seed,
         decoder=ev.decoder,
+        grounding=params.environment.grounded_arguments,
     )
     results = run_rollouts(
         tasks,

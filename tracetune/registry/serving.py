@@ -107,7 +107,8 @@ def run_episode(
     )
 
     config = RolloutConfig(max_new_tokens=max_new_tokens, batch_size=1, greedy=True)
-    policy = ModelPolicy.from_config(model, tokenizer, name, config)
+    grounding = params.environment.grounded_arguments
+    policy = ModelPolicy.from_config(model, tokenizer, name, config, grounding=grounding)
     started = time.perf_counter()
     (result,) = run_rollouts(
         [task],
