@@ -39,7 +39,8 @@ _NAME = re.compile(r'"name"\s*:\s*"([^"\\]*)"')
 _ARGUMENT = re.compile(r'"arguments"\s*:\s*\{(?:.*[,{]\s*|\s*)"([A-Za-z_]\w*)"\s*:(.*)$', re.S)
 _NUMBER = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?(?![\w-])")
 _WORD_EDGE = "\"'`.,;:!?()[]{}<>"
-NUMBER_ENDS = (",", "}", " ", "\n")
+NUMBER_ENDS = (",", "}", " ", "\n")  # a number's end is part of its expected text
+AFTER_STRING = ",}] \n\t"  # what may follow a closing quote in the same token
 
 
 GroundingSpec = Mapping[str, Mapping[str, Grounded]]  # tool name -> argument -> rule
@@ -106,7 +107,7 @@ def expected_texts(rule: Grounded, values: Sequence[str]) -> list[str]:
 
 class Vocabulary:
     """Each token's text, indexed for the two questions the mask asks: which tokens are a
-    prefix of a text, and which tokens start with it."""
+    prefix of a text, and which tokens write all of it and go on."""
 
     def __init__(self, texts: Sequence[str]) -> None:
         self.texts = list(texts)
@@ -129,13 +130,15 @@ class Vocabulary:
             out += self.by_text.get(text[:k], [])
         return out
 
-    def starting_with(self, text: str) -> list[int]:
+    def past_the_end(self, text: str, then: str = "") -> list[int]:
+        """Tokens that write all of `text` and go on, with one of `then` next (any: empty)."""
         lo = bisect.bisect_left(self.sorted_texts, text)
         out: list[int] = []
         for t in self.sorted_texts[lo:]:
             if not t.startswith(text):
                 break
-            out += self.by_text[t]
+            if len(t) > len(text) and (not then or t[len(text)] in then):
+                out += self.by_text[t]
         return out
 
 
@@ -155,11 +158,9 @@ def allowed_tokens(
         return None
     ids: set[int] = set()
     for rest in dict.fromkeys(remaining):
-        ids.update(vocab.prefixes_of(rest))
-        ids.update(vocab.starting_with(rest))
-        if not started:  # a token that brings the space before the value: " 4", ' "O'
-            ids.update(vocab.prefixes_of(" " + rest))
-            ids.update(vocab.starting_with(" " + rest))
+        for text in (rest, " " + rest) if not started else (rest,):  # " 4", ' "O': the space
+            ids.update(vocab.prefixes_of(text))
+            ids.update(vocab.past_the_end(text, "" if rule.number else AFTER_STRING))
     if not started:
         ids.update(vocab.whitespace)
     return ids or None
