@@ -157,3 +157,21 @@ def test_requests_carry_the_environments_declarations() -> None:
 def test_grounding_needs_the_decode_loop(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="decoder='loop'"):
         ModelPolicy.from_pretrained(model_dir, device="cpu", decoder="hf", grounding=True)
+
+
+def test_the_evaluation_cache_key_follows_the_grounding_switch_and_rules() -> None:
+    """Cached rollouts are reused by key: grounding on/off must give another key, and the key
+    covers the declarations themselves (code, not params), rule by rule."""
+    from tracetune.config import parse_params
+    from tracetune.evaluation.harness import cache_key, grounding_rules
+
+    tasks = SupportDesk().tasks(2, seed=0)
+    on = parse_params({})
+    off = parse_params({"environment": {"grounded_arguments": False}})
+    key_on = cache_key("some/model", tasks, on)
+    assert key_on != cache_key("some/model", tasks, off)
+    assert key_on == cache_key("some/model", tasks, parse_params({}))
+    rules = grounding_rules(on)
+    assert rules["get_order"] == {"order_id": [r"\bO-\d+\b", False]}
+    assert rules["convert_currency"]["amount"] == [None, True]
+    assert set(rules) == set(SupportDesk().grounded_arguments())

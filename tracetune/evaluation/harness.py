@@ -125,9 +125,22 @@ def cache_key(name_or_path: str, tasks: Sequence[Task], params: Params) -> str:
             "decoder": ev.decoder,
         },
         "environment": params.environment.model_dump(mode="json"),
+        "grounding": grounding_rules(params) if params.environment.grounded_arguments else None,
     }
     raw = json.dumps(shaping, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def grounding_rules(params: Params) -> dict[str, dict[str, list[Any]]]:
+    """The environment's grounded-argument declarations (code, not params): a change to them
+    changes what a model's rollouts do, so cached rollouts must not survive it."""
+    from tracetune.agent.rollout import env_factory_from_params
+
+    declared = env_factory_from_params(params.environment)().grounded_arguments()
+    return {
+        tool: {arg: [rule.pattern, rule.number] for arg, rule in args.items()}
+        for tool, args in declared.items()
+    }
 
 
 def run_model(
