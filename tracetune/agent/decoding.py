@@ -799,7 +799,7 @@ class _Loop:
         torch = self._torch
         s = self.s
         if s.constrain is not None:
-            logits = self._constrained(logits)
+            logits = self._constrained(logits, s.constrain)
         token = _choose(logits, s.greedy, s.temperature, self.generators)
         finished = torch.tensor([self.stopped[r] for r in self.rows], device=token.device)
         token = torch.where(finished, torch.full_like(token, s.pad_id), token)
@@ -817,14 +817,13 @@ class _Loop:
             self.stopped[row] = picked[k] in self.stop_set
         return token
 
-    def _constrained(self, logits: torch.Tensor) -> torch.Tensor:
+    def _constrained(self, logits: torch.Tensor, constrain: Constraint) -> torch.Tensor:
         """The logits with every token a row's constraint rules out at -inf (a copy)."""
-        assert self.s.constrain is not None
         out = logits
         for k, row in enumerate(self.rows):
             if self.stopped[row]:
                 continue
-            allowed = self.s.constrain(row, self.tokens[row])
+            allowed = constrain(row, self.tokens[row])
             if not allowed:
                 continue
             if out is logits:

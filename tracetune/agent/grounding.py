@@ -200,7 +200,8 @@ class Grounding:
         self.constrained_steps = 0
 
     def mask(self, row: int, token_ids: Sequence[int]) -> set[int] | None:
-        text = self.forced + "".join(self.vocab.texts[t] for t in token_ids)
+        texts = self.vocab.texts
+        text = self.forced + "".join(texts[t] if t < len(texts) else "" for t in token_ids)
         state = argument_in_progress(text, self.spec)
         if state is None:
             return None
