@@ -74,7 +74,8 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
 
     path = harness.model_path(params, model)
     started = time.perf_counter()
-    candidate = harness.run_model(model, path, heldout.tasks, params, envs, progress)
+    counts: dict[str, int] = {}
+    candidate = harness.run_model(model, path, heldout.tasks, params, envs, progress, counts)
     seconds = time.perf_counter() - started
     key = harness.cache_key(path, heldout.tasks, params)
     harness.write_rollouts(paths["out"], candidate, key, {"model": model, "model_path": path})
@@ -99,6 +100,8 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
         "delta": deltas(*arms.values()),
     }
     settings = _settings(params, model, path, heldout.total)
+    settings["grounded_tokens"] = counts.get("constrained", 0)
+    settings["grounding_overrode_model"] = counts.get("overridden", 0)
     plot_files = write_plots(payload, paths["plots"])
     report = paths["out"] / "report.md"
     rel = [Path("..", "..", "eval_plots", model, p.name).as_posix() for p in plot_files]
@@ -110,6 +113,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
         mlflow.log_params({k: str(v) for k, v in settings.items()})
         mlflow.log_metrics(flatten({k: payload[k] for k in (*arms, "delta", "n_tasks")}))
         mlflow.log_metric("rollout_seconds", seconds)
+        mlflow.log_metrics({f"grounding_{k}_tokens": v for k, v in counts.items()})
         mlflow.log_artifact(str(paths["metrics"]))
         mlflow.log_artifact(str(report))
         mlflow.log_artifact(str(paths["out"] / harness.ROLLOUTS_FILE))

@@ -135,7 +135,10 @@ def test_a_grounded_rollout_copies_the_users_email(model_dir: Path) -> None:
             model_dir, name="tiny", device="cpu", response_prefix=opening, grounding=grounding
         )
         result = run_rollouts([task], policy, SupportDesk, config, pricing=Pricing())[0]
-        assert grounding == (policy.constrained_steps > 0)
+        counts = policy.grounding_counts
+        assert grounding == (counts["constrained"] > 0)
+        if grounding:  # the barely-trained model's own choice is not the email: overridden
+            assert 0 < counts["overridden"] <= counts["constrained"]
         return result.turns[0].text[len(opening) :]
 
     assert first_turn(True).startswith(email + '"')

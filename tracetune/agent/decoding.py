@@ -79,6 +79,8 @@ class DecodeOutput:
     stopped: bool
     logprobs: list[float] | None = None
     cache: RowCache | None = None  # with keep_cache: this row's keys/values for its next turn
+    constrained: int = 0  # tokens drawn under a `constrain` mask
+    overridden: int = 0  # of those, tokens where the mask ruled out the model's first choice
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
@@ -788,6 +790,8 @@ class _Loop:
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.logprobs: list[list[float]] = [[] for _ in prompts]
         self.stopped = [False] * len(prompts)
+        self.constrained = [0] * len(prompts)
+        self.overridden = [0] * len(prompts)
         self.caches: list[RowCache | None] = [None] * len(prompts)
         self.stop_set = set(s.stop_ids)
         self.generators = [s.generators[r] for r in self.rows] if s.generators is not None else None
@@ -828,6 +832,8 @@ class _Loop:
                 continue
             if out is logits:
                 out = logits.clone()
+            self.constrained[row] += 1
+            self.overridden[row] += int(out[k].argmax()) not in allowed
             ids = sorted(i for i in allowed if i < out.shape[1])
             keep = self._torch.tensor(ids, dtype=self._torch.long, device=out.device)
             masked = self._torch.full_like(out[k], float("-inf"))
@@ -887,6 +893,8 @@ class _Loop:
                 stopped=self.stopped[i],
                 logprobs=self.logprobs[i] if self.s.keep_logprobs else None,
                 cache=self.caches[i],
+                constrained=self.constrained[i],
+                overridden=self.overridden[i],
             )
             for i in range(len(self.prompts))
         ]

@@ -197,7 +197,6 @@ class Grounding:
         self.vocab, self.spec, self.forced = vocab, spec, forced
         self.sources = [conversation_sources(messages) for messages in rows]
         self._values: dict[tuple[int, Grounded], list[str]] = {}
-        self.constrained_steps = 0
 
     def mask(self, row: int, token_ids: Sequence[int]) -> set[int] | None:
         texts = self.vocab.texts
@@ -212,7 +211,4 @@ class Grounding:
         values = self._values[key]
         if not values:
             return None
-        allowed = allowed_tokens(rule, written, values, self.vocab)
-        if allowed is not None:
-            self.constrained_steps += 1
-        return allowed
+        return allowed_tokens(rule, written, values, self.vocab)

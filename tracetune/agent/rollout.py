@@ -201,7 +201,9 @@ class ModelPolicy:
         # copied from the conversation are decoded only from the conversation's values.
         self.grounding = grounding
         self._vocab: Vocabulary | None = None
-        self.constrained_steps = 0
+        # Tokens decoded under the grounding mask, and those where it overrode the model's top
+        # choice, over this policy's life: how much the runtime, not the model, decided.
+        self.grounding_counts = {"constrained": 0, "overridden": 0}
         from tracetune.agent.decoding import PrefixCache
 
         self._row_caches: dict[int, RowCache] = {}
@@ -341,8 +343,9 @@ class ModelPolicy:
                 wide_threads=self._wide_threads(),
                 constrain=grounding.mask if grounding is not None else None,
             )
-            if grounding is not None:
-                self.constrained_steps += grounding.constrained_steps
+            for out in outputs:
+                self.grounding_counts["constrained"] += out.constrained
+                self.grounding_counts["overridden"] += out.overridden
             self._row_caches = {
                 r.episode: o.cache for r, o in zip(requests, outputs, strict=True) if o.cache
             }

@@ -150,8 +150,10 @@ def run_model(
     params: Params,
     envs: EnvPool,
     progress: bool = True,
+    grounding_counts: dict[str, int] | None = None,
 ) -> list[Trajectory]:
-    """Load a model and run it on every task; trajectories in task order."""
+    """Load a model and run it on every task; trajectories in task order. `grounding_counts`,
+    when given, receives the policy's (tokens decoded under the mask, of them overridden)."""
     ev = params.evaluate
     policy = ModelPolicy.from_pretrained(
         name_or_path,
@@ -172,6 +174,8 @@ def run_model(
         id_prefix=f"eval-{name}-s{ev.seed}",
         progress=progress,
     )
+    if grounding_counts is not None:
+        grounding_counts.update(policy.grounding_counts)
     return [r.trajectory for r in results]
 
 
