@@ -122,3 +122,27 @@ def test_rollback_through_the_server_refuses_without_history(tmp_path: Path, ser
         rollback(registry, "bo")
     state = json.loads(registry.model().tags["tracetune.champion_state"])
     assert state["stack"] == [first]
+
+
+def test_a_lock_released_while_our_create_fails_is_a_retry_not_an_error(tmp_path: Path) -> None:
+    """The race CI hit once: our create collides with the holder's entry, the holder deletes it,
+    then MLflow's SQL store reads the entry back to word its "already exists" error and finds
+    nothing (RESOURCE_DOES_NOT_EXIST). The window is forced here in a real SQLite store: the
+    read-back is preceded by the holder's delete. The attempt must report "not acquired"."""
+    from mlflow import MlflowClient
+
+    from tracetune.registry.locking import _try_create
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/race.db")
+    client.create_registered_model("race.lock")  # the holder's entry
+    store = client._get_registry_client().store
+    read_back = store.get_registered_model
+
+    def holder_released_first(name: str) -> object:
+        store.delete_registered_model(name)
+        return read_back(name)
+
+    store.get_registered_model = holder_released_first  # type: ignore[method-assign]
+    assert _try_create(client, "race.lock", "me", ttl_s=60) is False
+    store.get_registered_model = read_back  # type: ignore[method-assign]
+    assert _try_create(client, "race.lock", "me", ttl_s=60) is True  # the retry takes it

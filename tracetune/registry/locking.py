@@ -109,7 +109,10 @@ def _try_create(client: MlflowClient, lock_name: str, owner: str, ttl_s: float) 
             description="tracetune promotion lock (deleted when the promotion ends)",
         )
     except MlflowException as exc:
-        if _error_code(exc) == "RESOURCE_ALREADY_EXISTS":
+        # RESOURCE_DOES_NOT_EXIST: it existed when our insert failed and was gone when the
+        # store read it back to word its "already exists" error (the holder released it in
+        # between; MLflow's SQL store does that read). Either way not ours yet: try again.
+        if _error_code(exc) in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             return False
         raise
     return True
