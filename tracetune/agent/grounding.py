@@ -148,8 +148,8 @@ def allowed_tokens(
     """Token ids that keep the value on the way to a candidate; None: leave the token free.
 
     `written` is the value's text so far, leading whitespace included (string values: from
-    the opening quote). A token may end the value and go on (`"}}` after an id): the text after
-    a value's end is left to the model and the parser.
+    the opening quote). A token may end the value and go on (`"}}` after an id) with what JSON
+    allows next; the rest of the call is left to the model and the parser.
     """
     started = written.lstrip()
     remaining = [e[len(started) :] for e in expected_texts(rule, values) if e.startswith(started)]
