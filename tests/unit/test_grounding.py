@@ -157,9 +157,33 @@ def test_requests_carry_the_environments_declarations() -> None:
     assert request.grounded == {}
 
 
-def test_grounding_needs_the_decode_loop(model_dir: Path) -> None:
-    with pytest.raises(ValueError, match="decoder='loop'"):
-        ModelPolicy.from_pretrained(model_dir, device="cpu", decoder="hf", grounding=True)
+def test_the_hf_decoder_grounds_the_same_way_as_the_loop(model_dir: Path) -> None:
+    """`model.generate` with the grounding logits processor writes what the hand-written loop
+    writes under the same mask (greedy), and counts the same tokens."""
+    env = SupportDesk()
+    tasks = env.tasks(3, seed=1, families=["latest_order_by_email", "order_total_fx"])
+    opening = '<tool_call>\n{"name": "find_customer", "arguments": {"email": "'
+    requests = [
+        TurnRequest(i, 0, t, env.reset(t), env.tool_schemas(), env.grounded_arguments())
+        for i, t in enumerate(tasks)
+    ]
+
+    def turns(decoder: str) -> tuple[list[str], dict[str, int]]:
+        policy = ModelPolicy.from_pretrained(
+            model_dir,
+            device="cpu",
+            max_new_tokens=24,
+            decoder=decoder,
+            response_prefix=opening,
+            grounding=True,
+        )
+        return [o.text for o in policy.generate(requests)], policy.grounding_counts
+
+    (loop, loop_counts), (hf, hf_counts) = turns("loop"), turns("hf")
+    assert hf == loop
+    assert hf_counts == loop_counts and loop_counts["constrained"] > 0
+    email = tasks[0].id.split(":")[1]
+    assert loop[0][len(opening) :].startswith(email + '"')
 
 
 def test_the_evaluation_cache_key_follows_the_grounding_switch_and_rules() -> None:

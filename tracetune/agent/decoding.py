@@ -760,6 +760,17 @@ def _decode(
     return loop.finish(cache, fed=step)  # the last chosen token is never fed back
 
 
+def only(row_logits: torch.Tensor, allowed: set[int]) -> torch.Tensor:
+    """One row's logits with every id outside `allowed` at -inf (ids past the row ignored)."""
+    import torch
+
+    ids = sorted(i for i in allowed if i < row_logits.shape[0])
+    keep = torch.tensor(ids, dtype=torch.long, device=row_logits.device)
+    masked = torch.full_like(row_logits, float("-inf"))
+    masked[keep] = row_logits[keep]
+    return masked
+
+
 PRUNE_AT = 0.5  # drop finished rows once they are this share of the rows still in the batch
 PRUNE_MIN_ROWS = 2  # a batch of one has nothing to drop
 
@@ -834,11 +845,7 @@ class _Loop:
                 out = logits.clone()
             self.constrained[row] += 1
             self.overridden[row] += int(out[k].argmax()) not in allowed
-            ids = sorted(i for i in allowed if i < out.shape[1])
-            keep = self._torch.tensor(ids, dtype=self._torch.long, device=out.device)
-            masked = self._torch.full_like(out[k], float("-inf"))
-            masked[keep] = out[k, keep]
-            out[k] = masked
+            out[k] = only(out[k], allowed)
         return out
 
     def all_done(self) -> bool:

@@ -212,3 +212,25 @@ class Grounding:
         if not values:
             return None
         return allowed_tokens(rule, written, values, self.vocab)
+
+
+def logits_processor(grounding: Grounding, prompt_width: int, counts: dict[str, int]) -> Any:
+    """The same constraint for `model.generate` (the hf decoder): a transformers
+    `LogitsProcessor` over a left-padded batch whose prompts are `prompt_width` wide; `counts`
+    receives tokens decoded under the mask and those where it overrode the model's choice."""
+    from transformers import LogitsProcessor
+
+    from tracetune.agent.decoding import only
+
+    class _Grounded(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for row in range(scores.shape[0]):
+                allowed = grounding.mask(row, input_ids[row, prompt_width:].tolist())
+                if not allowed:
+                    continue
+                counts["constrained"] += 1
+                counts["overridden"] += int(scores[row].argmax()) not in allowed
+                scores[row] = only(scores[row], allowed)
+            return scores
+
+    return _Grounded()

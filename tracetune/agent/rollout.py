@@ -177,8 +177,6 @@ class ModelPolicy:
     ) -> None:
         if decoder not in ("loop", "hf"):
             raise ValueError(f"decoder must be 'loop' or 'hf', not {decoder!r}")
-        if grounding and decoder != "loop":
-            raise ValueError("grounded arguments need decoder='loop' (the hf decoder has no hook)")
         from tracetune.agent.model import stop_token_ids
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -320,12 +318,12 @@ class ModelPolicy:
 
     def _generate(self, requests: Sequence[TurnRequest]) -> list[TurnOutput]:
         prompts = [self.encode(r) for r in requests]
+        grounding = self._grounding(requests)
         if self.decoder == "hf":
-            outputs = self._generate_hf(prompts)
+            outputs = self._generate_hf(prompts, grounding)
         else:
             from tracetune.agent.decoding import decode_batch
 
-            grounding = self._grounding(requests)
             outputs = decode_batch(
                 self.model,
                 prompts,
@@ -406,14 +404,21 @@ class ModelPolicy:
             torch.Generator().manual_seed(turn_seed(self.seed, r.episode, r.turn)) for r in requests
         ]
 
-    def _generate_hf(self, prompts: list[list[int]]) -> list[DecodeOutput]:
+    def _generate_hf(
+        self, prompts: list[list[int]], grounding: Grounding | None = None
+    ) -> list[DecodeOutput]:
         """The same turn through `model.generate` (left-padded batch)."""
         import torch
+        from transformers import LogitsProcessorList
 
         from tracetune.agent.decoding import DecodeOutput, _left_pad
+        from tracetune.agent.grounding import logits_processor
 
         device = next(self.model.parameters()).device
         ids, mask = _left_pad(prompts, self.pad_id, device)
+        processors = []
+        if grounding is not None:
+            processors.append(logits_processor(grounding, ids.shape[1], self.grounding_counts))
         if not self.greedy:
             torch.manual_seed(self.seed)
         with torch.inference_mode():
@@ -427,6 +432,7 @@ class ModelPolicy:
                 top_k=None,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList(processors),
             )
         stops = set(self.stop_ids)
         results = []
