@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tracetune.config import Params, parse_params
+from tracetune.config import parse_params
 from tracetune.environments.support_desk import SupportDesk
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,28 +30,6 @@ def in_tmp(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(old)
-
-
-@pytest.fixture
-def small_params(tmp_path: Path) -> Params:
-    """Default params scaled down, with every path inside tmp_path."""
-    root = tmp_path
-    return parse_params(
-        {
-            "paths": {
-                "raw_logs": str(root / "data/raw_logs"),
-                "ingested": str(root / "data/ingested/batches"),
-                "quarantine": str(root / "data/ingested/quarantine"),
-                "ingest_state": str(root / "data/state/watermark.json"),
-                "ingest_index": str(root / "data/state/ingest_index.sqlite"),
-                "curated_dir": str(root / "data/curated"),
-                "reports": str(root / "reports"),
-                "metrics": str(root / "metrics"),
-                "models": str(root / "models"),
-            },
-            "simulate": {"n_trajectories": 300, "seed": 3, "files": 2},
-        }
-    )
 
 
 @pytest.fixture(scope="session")

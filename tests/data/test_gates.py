@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from params_support import paths_under
 
 from tracetune.config import (
     CuratedGateParams,
@@ -176,15 +177,7 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     src = tmp_path / "logs"
     src.mkdir()
     (src / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corrupt(batch)))
-    paths = {
-        "raw_logs": str(src),
-        "ingested": str(tmp_path / "ingested"),
-        "quarantine": str(tmp_path / "quarantine"),
-        "ingest_state": str(tmp_path / "state.json"),
-        "ingest_index": str(tmp_path / "index.sqlite"),
-        "reports": str(tmp_path / "reports"),
-        "metrics": str(tmp_path / "metrics"),
-    }
+    paths = paths_under(tmp_path) | {"raw_logs": str(src)}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"paths": paths, "ingest": {"source": str(src)}}))
     from tasks import ingest as ingest_stage

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from params_support import paths_under, tracking_under
 
 from tracetune.config import Params, parse_params
 
@@ -214,18 +215,13 @@ def params_dict(root: Path, tracking_uri: str, model_name: str, **registry: Any)
         "use_confidence_intervals": True,
     } | registry.pop("gate", {})
     return {
-        "paths": {
-            "curated_dir": str(root / "data/curated"),
-            "reports": str(root / "reports"),
-            "metrics": str(root / "metrics"),
-            "models": str(root / "models"),
-        },
-        "tracking": {
-            "tracking_uri": tracking_uri,
-            "artifact_location": str(root / "mlartifacts"),
-            "experiment": "tracetune-test",
-            "registered_model": model_name,
-        },
+        "paths": paths_under(root),
+        "tracking": tracking_under(
+            root,
+            tracking_uri=tracking_uri,
+            experiment="tracetune-test",
+            registered_model=model_name,
+        ),
         "registry": {"gate": gate, "lock_timeout_s": 60} | registry,
     }
 

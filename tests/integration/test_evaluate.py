@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from params_support import paths_under, tracking_under
 from rollout_support import tiny_model_dir
 
 from tasks import evaluate as stage
@@ -27,18 +28,8 @@ def _params(root: Path, model: Path) -> Params:
     shutil.copytree(model, root / "models" / "sft")
     return parse_params(
         {
-            "paths": {
-                "ingested": str(root / "data/ingested/batches"),
-                "curated_dir": str(root / "data/curated"),
-                "reports": str(root / "reports"),
-                "metrics": str(root / "metrics"),
-                "models": str(root / "models"),
-            },
-            "tracking": {
-                "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                "artifact_location": str(root / "mlartifacts"),
-                "experiment": "eval-test",
-            },
+            "paths": paths_under(root),
+            "tracking": tracking_under(root, experiment="eval-test"),
             "base_model": {"name_or_path": str(model)},
             "evaluate": {"max_tasks": 6, "batch_size": 4, "max_new_tokens": 12, "max_turns": 2},
             "split": {"heldout_fraction": 0.3, "seed": 1},

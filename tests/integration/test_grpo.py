@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from params_support import paths_under, tracking_under
 
 from tracetune.config import RLVRHealthParams, RLVRParams, parse_params
 from tracetune.environments.base import Outcome
@@ -65,19 +66,7 @@ def _params(**kw: Any) -> RLVRParams:
 def _stage_params(root: Path, rlvr: dict[str, Any]) -> Any:
     """Params for running the `rlvr` stage itself, every path and store under `root`."""
     return parse_params(
-        {
-            "paths": {
-                "models": str(root / "models"),
-                "metrics": str(root / "metrics"),
-                "reports": str(root / "reports"),
-                "curated_dir": str(root / "curated"),
-            },
-            "tracking": {
-                "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                "artifact_location": str(root / "mlartifacts"),
-            },
-            "rlvr": rlvr,
-        }
+        {"paths": paths_under(root), "tracking": tracking_under(root), "rlvr": rlvr}
     )
 
 
