@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracetune.environments.base import Grounded
+from tracetune.environments.base import STANDALONE_NUMBER, Grounded
 
 MAX_WORDS = 6  # longest free-text span offered as a candidate (a product name, a city)
 _TOOL_CALL = re.compile(r"<tool_call>((?:(?!</tool_call>).)*)$", re.S)
@@ -37,7 +37,6 @@ _NAME = re.compile(r'"name"\s*:\s*"([^"\\]*)"')
 # The argument being written: `"arguments": {..., "key": <rest of the text>` (rest: the value so
 # far). Keys of earlier arguments are skipped by the greedy `.*`.
 _ARGUMENT = re.compile(r'"arguments"\s*:\s*\{(?:.*[,{]\s*|\s*)"([A-Za-z_]\w*)"\s*:(.*)$', re.S)
-_NUMBER = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?(?![\w-])")
 _WORD_EDGE = "\"'`.,;:!?()[]{}<>"
 NUMBER_ENDS = (",", "}", " ", "\n")  # a number's end is part of its expected text
 AFTER_STRING = ",}] \n\t"  # what may follow a closing quote in the same token
@@ -76,7 +75,7 @@ def candidates(rule: Grounded, sources: Sequence[str]) -> list[str]:
     found: dict[str, None] = {}
     for text in sources:
         if rule.number:
-            spans = _NUMBER.findall(text)
+            spans = STANDALONE_NUMBER.findall(text)
         elif rule.pattern is not None:
             spans = [m.group(0) for m in re.finditer(rule.pattern, text)]
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ class Outcome:
 
 class ToolError(Exception):
     """Raised inside a tool for an expected failure (unknown id, bad state): shown to the agent."""
+
+
+# A number standing alone in text: ids such as O-10423 or C-0042 are not numbers. What a
+# verifier reads as an amount, and what a `Grounded(number=True)` argument may take.
+STANDALONE_NUMBER = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?(?![\w-])")
 
 
 @dataclass(frozen=True)

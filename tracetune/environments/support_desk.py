@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from tracetune.environments.base import (
+    STANDALONE_NUMBER,
     Call,
     Environment,
     Grounded,
@@ -399,12 +400,9 @@ class SupportDesk(Environment):
 # ---------------------------------------------------------------------------------------------
 # Answer checks: facts that must appear in the final answer.
 # ---------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"(?<![\w.-])-?\d+(?:\.\d+)?(?![\w-])")
-
-
 def numbers_in(text: str) -> list[float]:
     """Numbers standing alone in text (ids such as O-10423 or C-0042 are not numbers)."""
-    return [float(m) for m in _NUMBER.findall(text.replace(",", ""))]
+    return [float(m) for m in STANDALONE_NUMBER.findall(text.replace(",", ""))]
 
 
 def _check_answer(answer: str, check: dict[str, Any]) -> list[str]:
