@@ -196,10 +196,10 @@ class Grounding:
         self.vocab, self.spec, self.forced = vocab, spec, forced
         self.sources = [conversation_sources(messages) for messages in rows]
         self._values: dict[tuple[int, Grounded], list[str]] = {}
+        self._texts: dict[int, tuple[int, str]] = {}  # row -> (tokens read, text so far)
 
     def mask(self, row: int, token_ids: Sequence[int]) -> set[int] | None:
-        texts = self.vocab.texts
-        text = self.forced + "".join(texts[t] if t < len(texts) else "" for t in token_ids)
+        text = self._text(row, token_ids)
         state = argument_in_progress(text, self.spec)
         if state is None:
             return None
@@ -211,6 +211,17 @@ class Grounding:
         if not values:
             return None
         return allowed_tokens(rule, written, values, self.vocab)
+
+    def _text(self, row: int, token_ids: Sequence[int]) -> str:
+        """The row's turn so far, extended by its new tokens only (called once per step: the
+        decode loop's hot path, so no re-join of the whole turn)."""
+        read, text = self._texts.get(row, (0, self.forced))
+        if read > len(token_ids):  # a different sequence for this row: start over
+            read, text = 0, self.forced
+        texts = self.vocab.texts
+        text += "".join(texts[t] if t < len(texts) else "" for t in token_ids[read:])
+        self._texts[row] = (len(token_ids), text)
+        return text
 
 
 def logits_processor(grounding: Grounding, prompt_width: int, counts: dict[str, int]) -> Any:
