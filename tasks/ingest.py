@@ -8,6 +8,7 @@ from typing import Any
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+from tracetune.trajectories.sources import SourceUnavailable
 
 METRICS = "ingest.json"
 
@@ -24,7 +25,8 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad."""
+    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
+    `SourceUnavailable` (nothing committed) when the store keeps failing."""
     report = ingest(params.ingest, ingest_paths(params))
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SourceUnavailable as exc:
+        print(
+            f"error: the log store failed: {exc}\n  nothing was committed, the watermark did "
+            "not move; the next run reads these objects again",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     print(format_summary(summary))
 
