@@ -34,14 +34,17 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    held = s.get("held_back_partial_lines", 0)
+    pending = f"; {held} last line(s) pending until their newline arrives" if held else ""
     if s["batch"] is None:
-        return f"ingest: nothing new in {s['source']} ({s['files']})"
+        return f"ingest: nothing new in {s['source']} ({s['files']}){pending}"
     reasons = ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()) or "none"
     return (
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
         f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
+        + pending
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +20,7 @@ from tracetune.trajectories.ingest import (
 )
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.pii import find_pii
+from tracetune.trajectories.sources import RACY_NS, stat_fingerprint
 
 
 def good(i: int, **changes: object) -> dict:
@@ -174,6 +177,65 @@ def test_partial_last_line_waits_for_the_writer(tmp_path: Path) -> None:
     (src / "a.jsonl").write_bytes(line(good(0)) + full)
     second = ingest(params(src), paths)
     assert (second.accepted, second.quarantined) == (1, 0)
+
+
+def test_a_record_waits_for_its_newline(tmp_path: Path) -> None:
+    """A writer that writes a record, then its newline: the record is read once, when complete."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    paths = make_paths(tmp_path)
+    with (src / "a.jsonl").open("ab", buffering=0) as writer:
+        writer.write(line(good(0)))
+        writer.write(line(good(1)).rstrip(b"\n"))  # complete JSON, no newline yet
+        first = ingest(params(src), paths)
+        assert (first.read, first.accepted, first.held_back) == (1, 1, 1)
+        assert read_state(paths.state)["files"][str(src / "a.jsonl")]["lines"] == 1
+        writer.write(b"\n")
+        second = ingest(params(src), paths)
+    assert (second.read, second.accepted, second.quarantined, second.held_back) == (1, 1, 0, 0)
+    assert [t.trajectory_id for t in read_trajectories(paths.batches)] == ["t-0", "t-1"]
+    assert ingest(params(src), paths).files == {"unchanged": 1}
+
+
+def test_a_same_size_rewrite_is_read(tmp_path: Path) -> None:
+    """Same size, same first 4 KiB, even the old mtime restored: still a rewrite."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    log = src / "a.jsonl"
+    log.write_bytes(b"".join(line(good(i)) for i in range(1000, 1024)))
+    assert ingest(params(src), paths).accepted == 24
+    before = log.stat()
+    old = log.read_bytes()
+    new = b"".join(line(good(i)) for i in [*range(1000, 1008), *range(2000, 2016)])
+    assert len(new) == len(old) and new[:4096] == old[:4096] and new != old
+    log.write_bytes(new)
+    os.utime(log, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    report = ingest(params(src), paths)
+    assert report.files == {"rewritten": 1}
+    assert (report.accepted, report.duplicates, report.invalid) == (16, 8, 0)
+    ids = {t.trajectory_id for t in read_trajectories(paths.batches)}
+    assert {f"t-{i}" for i in range(2000, 2016)} <= ids and len(ids) == 40
+
+
+def test_a_touched_file_is_not_read_again(tmp_path: Path) -> None:
+    """A new mtime alone costs one hash of the file, not a re-read full of duplicates."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(5)))
+    ingest(params(src), paths)
+    os.utime(src / "a.jsonl", ns=(1, 2))
+    touched = ingest(params(src), paths)
+    assert (touched.read, touched.duplicates, touched.batch) == (0, 0, None)
+    assert touched.files == {"unchanged": 1}
+
+
+def test_a_just_written_file_is_checked_again() -> None:
+    """File times tick coarsely: a file changed within RACY_NS may change again unseen."""
+    old = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=5, st_ino=7)
+    assert stat_fingerprint(old, RACY_NS * 10) == stat_fingerprint(old, RACY_NS * 11) == "10:1:5:7"
+    fresh = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=RACY_NS * 10, st_ino=7)
+    assert stat_fingerprint(fresh, RACY_NS * 10 + 1) != stat_fingerprint(fresh, RACY_NS * 10 + 2)
 
 
 def test_too_many_bad_lines_fail_and_commit_nothing(tmp_path: Path) -> None:

@@ -269,7 +269,7 @@ class ReadPlan:
     obj: SourceObject
     offset: int
     first_line: int  # line number of the first line read (1-based)
-    kind: str  # new / appended / rewritten
+    kind: str  # new / appended / rewritten / unchanged (touched: only the mark is renewed)
     hasher: Any = None  # appended: the hash of the bytes before `offset`, fed on while reading
 
 
@@ -284,8 +284,9 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
             report.files["unchanged"] += 1
         elif obj.appendable and obj.size >= mark.offset:
             hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
-            if hasher.hexdigest() == mark.head:
-                plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended", hasher))
+            if hasher.hexdigest() == mark.head:  # grew, or only touched: read on from the mark
+                kind = "appended" if obj.size > mark.offset else "unchanged"
+                plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, kind, hasher))
             else:
                 plans.append(ReadPlan(obj, 0, 1, "rewritten"))
         else:
