@@ -264,6 +264,37 @@ def test_a_persistent_stall_fails_the_stage_and_commits_nothing(
     assert state["files"][f"s3://{BUCKET}/persist/01.jsonl"]["lines"] == BIG_LINES
 
 
+def test_an_object_replaced_while_listed_is_never_half_old(
+    server: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """Reads are pinned to the listed ETag: a replaced object fails the run, then is read anew."""
+    url, _ = server
+    writer = boto3.session.Session().client("s3", endpoint_url=url)
+    key = "replaced/00.jsonl"
+    old = b"".join(json.dumps(record(f"o-{i}")).encode() + b"\n" for i in range(5))
+    new = b"".join(json.dumps(record(f"n-{i}")).encode() + b"\n" for i in range(7))
+    writer.put_object(Bucket=BUCKET, Key=key, Body=old)
+    params = IngestParams(source=f"s3://{BUCKET}/replaced/", s3_endpoint_url=url)
+    source = open_source(params.source, params.s3_endpoint_url, S3RetryParams(**FAST))
+    assert isinstance(source, S3Source)
+
+    def replace(**_: Any) -> None:  # between the listing and the first GET
+        writer.put_object(Bucket=BUCKET, Key=key, Body=new)
+
+    source.client.meta.events.register("after-call.s3.ListObjectsV2", replace)
+    paths = make_paths(tmp_path)
+    with pytest.raises(SourceUnavailable, match="replaced after it was listed"):
+        ingest(params, paths, source)
+    assert not paths.state.exists() and not list(paths.batches.glob("*.jsonl"))
+
+    source.client.meta.events.unregister("after-call.s3.ListObjectsV2", replace)
+    report = ingest(params, paths, source)
+    assert (report.read, report.accepted) == (7, 7)
+    assert {t.trajectory_id for t in read_trajectories(paths.batches)} == {
+        f"n-{i}" for i in range(7)
+    }
+
+
 def test_only_a_truly_truncated_gzip_is_quarantined(
     server: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

@@ -245,6 +245,8 @@ class S3Source(LogSource):
         """Wait before the next try, or raise `SourceUnavailable` when retrying cannot help."""
         detail = f"{what}: {type(exc).__name__}: {exc}"
         if not is_transient(exc):
+            if "PreconditionFailed" in str(exc):
+                detail += " (the object was replaced after it was listed; the next run reads it)"
             raise SourceUnavailable(detail) from exc
         if failures >= self.retry.attempts:
             raise SourceUnavailable(
