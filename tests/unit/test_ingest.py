@@ -20,7 +20,7 @@ from tracetune.trajectories.ingest import (
 )
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.pii import find_pii
-from tracetune.trajectories.sources import RACY_NS, stat_fingerprint
+from tracetune.trajectories.sources import RACY_NS, SourceUnavailable, stat_fingerprint
 
 
 def good(i: int, **changes: object) -> dict:
@@ -277,6 +277,19 @@ def test_truncated_gzip_keeps_what_it_could_read(tmp_path: Path) -> None:
     assert report.accepted > 0 and report.reasons == {"unreadable_file": 1}
     (record,) = quarantine_records(paths)
     assert record["line"] == report.accepted + 1 and "EOFError" in record["detail"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_failing_disk_fails_the_batch_instead_of_quarantining(tmp_path: Path) -> None:
+    """EIO is the storage's fault, not the file's: nothing is committed, nothing marked read."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(3)))
+    (src / "b.jsonl").symlink_to("/proc/self/mem")  # a real file whose reads fail with EIO
+    paths = make_paths(tmp_path)
+    with pytest.raises(SourceUnavailable, match=r"b\.jsonl: OSError: \[Errno 5\]"):
+        ingest(params(src), paths)
+    assert not paths.state.exists() and not list(paths.batches.glob("*.jsonl"))
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:

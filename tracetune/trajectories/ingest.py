@@ -15,6 +15,7 @@ stays bounded: lines stream through, the id set is on disk, workers see a bounde
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sqlite3
@@ -36,7 +37,12 @@ from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
 from tracetune.trajectories.pii import Scrubber, resolve_key
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import LogSource, SourceObject, open_source
+from tracetune.trajectories.sources import (
+    LogSource,
+    SourceObject,
+    SourceUnavailable,
+    open_source,
+)
 
 CHUNK_LINES = 500
 
@@ -304,7 +310,8 @@ def iter_planned_lines(
 
     A local file's last line without a newline may still be being written, even when it
     already parses as JSON: it stays pending (the mark stays before it) until its newline
-    arrives. Transport faults (`SourceUnavailable`) are not caught here: the batch fails.
+    arrives. Only corrupt content becomes a quarantined line; a read that fails for any other
+    reason (a stalled store, a failing disk) raises `SourceUnavailable`: the batch fails.
     """
     for plan in plans:
         obj = plan.obj
@@ -322,9 +329,11 @@ def iter_planned_lines(
                     if obj.appendable:
                         hasher.update(raw)
                     yield obj.uri, number, raw, None
-        except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
+        except (EOFError, gzip.BadGzipFile, ValueError, zlib.error) as exc:  # corrupt gzip
             number += 1
             yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
+        except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
+            raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
         head = hasher.hexdigest() if obj.appendable else ""
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
 
