@@ -15,13 +15,13 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,9 +43,9 @@ CREDS = {
 }
 BUCKET = "fault-logs"
 BIG_LINES = 160  # x ~64 KiB: ~10 MB, well beyond what socket buffers hold after the pause
-PAUSE_AT = 1 << 20
+PAUSE_AT = 256 << 10  # early: the rest (~9.7 MB) cannot all be in flight already
 # Short timeouts keep each test a few seconds; the shipped defaults are in params.yaml.
-FAST = {"read_timeout_s": 0.3, "connect_timeout_s": 0.3, "backoff_s": 0.05, "max_backoff_s": 0.4}
+FAST = {"read_timeout_s": 0.5, "connect_timeout_s": 0.5, "backoff_s": 0.05, "max_backoff_s": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +130,16 @@ def big_body(prefix: str) -> bytes:
 class PauseMidBody:
     """Pauses the server once the client has read `at` bytes of the first GetObject body.
 
-    With `resume_after` set, a timer resumes it (`SIGCONT`) that many seconds later; otherwise
-    it stays paused until the test resumes it.
+    With `resume_after_retries` set, the server is resumed (`SIGCONT`) when ingest logs that
+    many retries (so the client has really stalled, however slowly it parses); otherwise it stays
+    paused until the test resumes it.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], at: int, resume_after: float | None):
-        self.proc, self.at, self.resume_after = proc, at, resume_after
-        self.armed, self.paused_at = True, -1
+    def __init__(
+        self, proc: subprocess.Popen[bytes], at: int, resume_after_retries: int | None
+    ) -> None:
+        self.proc, self.at, self.resume_after_retries = proc, at, resume_after_retries
+        self.armed, self.paused_at, self.retries_seen = True, -1, 0
 
     def __call__(self, parsed: dict[str, Any], **_: Any) -> None:
         if self.armed and "Body" in parsed:
@@ -146,11 +149,26 @@ class PauseMidBody:
     def pause(self, consumed: int) -> None:
         self.paused_at = consumed
         os.kill(self.proc.pid, signal.SIGSTOP)
-        if self.resume_after is not None:
-            threading.Timer(self.resume_after, self.resume).start()
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
+
+    def retried(self) -> None:
+        self.retries_seen += 1
+        if self.retries_seen == self.resume_after_retries:
+            self.resume()
+
+
+class _OnRetry(logging.Handler):
+    """Sees ingest's "retry i of n" warnings (tracetune.trajectories.sources)."""
+
+    def __init__(self, hook: PauseMidBody) -> None:
+        super().__init__(logging.WARNING)
+        self.hook = hook
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retry" in record.getMessage():
+            self.hook.retried()
 
 
 class _CountingBody:
@@ -174,13 +192,15 @@ def pause_mid_body(
 ) -> Iterator[Any]:
     """Arms a `PauseMidBody` on every boto3 client created after the call (default session)."""
     boto3.setup_default_session()
-    hooks: list[PauseMidBody] = []
+    logger = logging.getLogger("tracetune.trajectories.sources")
+    handlers: list[logging.Handler] = []
 
-    def arm(at: int, resume_after: float | None) -> PauseMidBody:
-        hook = PauseMidBody(server[1], at, resume_after)
+    def arm(at: int, resume_after_retries: int | None) -> PauseMidBody:
+        hook = PauseMidBody(server[1], at, resume_after_retries)
         assert boto3.DEFAULT_SESSION is not None
         boto3.DEFAULT_SESSION.events.register("after-call.s3.GetObject", hook)
-        hooks.append(hook)
+        handlers.append(_OnRetry(hook))
+        logger.addHandler(handlers[-1])
         return hook
 
     try:
@@ -188,6 +208,8 @@ def pause_mid_body(
     finally:
         os.kill(server[1].pid, signal.SIGCONT)
         boto3.DEFAULT_SESSION = None
+        for handler in handlers:
+            logger.removeHandler(handler)
 
 
 def make_paths(root: Path) -> IngestPaths:
@@ -207,16 +229,16 @@ def test_a_stall_mid_body_is_retried_and_resumed(
     params = IngestParams(
         source=f"s3://{BUCKET}/recover/",
         s3_endpoint_url=url,
-        s3_retry=S3RetryParams(attempts=8, **FAST),
+        s3_retry=S3RetryParams(attempts=10, **FAST),
     )
-    hook = pause_mid_body(PAUSE_AT, resume_after=1.0)
+    hook = pause_mid_body(PAUSE_AT, resume_after_retries=2)  # stalled, retried, then back
     source = open_source(params.source, params.s3_endpoint_url, params.s3_retry)
     paths = make_paths(tmp_path)
 
     report = ingest(params, paths, source)
 
     assert hook.paused_at >= PAUSE_AT, "the server was paused mid-body"
-    assert isinstance(source, S3Source) and source.retries >= 1, "the stall was retried"
+    assert isinstance(source, S3Source) and source.retries >= 2, "the stall was retried"
     assert (report.read, report.accepted, report.quarantined) == (BIG_LINES, BIG_LINES, 0)
     ids = sorted(t.trajectory_id for t in read_trajectories(paths.batches))
     assert ids == [f"r-{i:04d}" for i in range(BIG_LINES)]  # each line once, none lost
@@ -244,7 +266,7 @@ def test_a_persistent_stall_fails_the_stage_and_commits_nothing(
     before = state_path.read_bytes()
 
     client.put_object(Bucket=BUCKET, Key="persist/01.jsonl", Body=big_body("p"))
-    hook = pause_mid_body(PAUSE_AT, resume_after=None)  # stays paused: the fault persists
+    hook = pause_mid_body(PAUSE_AT, resume_after_retries=None)  # the fault persists
     with pytest.raises(SystemExit) as failed:
         main(["params.yaml"])
     assert failed.value.code == 1
@@ -256,8 +278,10 @@ def test_a_persistent_stall_fails_the_stage_and_commits_nothing(
         "batch-000001.jsonl"
     ]
 
-    hook.resume()  # the store is back: the rerun reads the whole object
-    main(["params.yaml"])
+    hook.resume()  # the store is back (and busy with the abandoned requests at first)
+    ingest_params["s3_retry"] = {"read_timeout_s": 10.0, "backoff_s": 0.1}
+    Path("params.yaml").write_text(yaml.safe_dump({"ingest": ingest_params}))
+    main(["params.yaml"])  # the rerun reads the whole object
     state = read_state(state_path)
     assert state["last_batch"]["batch"] == 2
     assert (state["last_batch"]["read"], state["last_batch"]["accepted"]) == (BIG_LINES, BIG_LINES)
