@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tracetune.config import IngestParams
+from tracetune.trajectories import sources
 from tracetune.trajectories.ingest import (
     IngestPaths,
     QuarantineRateExceeded,
@@ -190,11 +191,26 @@ def test_a_record_waits_for_its_newline(tmp_path: Path) -> None:
         first = ingest(params(src), paths)
         assert (first.read, first.accepted, first.held_back) == (1, 1, 1)
         assert read_state(paths.state)["files"][str(src / "a.jsonl")]["lines"] == 1
+        again = ingest(params(src), paths)
+        assert (again.read, again.held_back, again.batch) == (0, 1, None)
         writer.write(b"\n")
         second = ingest(params(src), paths)
     assert (second.read, second.accepted, second.quarantined, second.held_back) == (1, 1, 0, 0)
     assert [t.trajectory_id for t in read_trajectories(paths.batches)] == ["t-0", "t-1"]
     assert ingest(params(src), paths).files == {"unchanged": 1}
+
+
+def test_a_pending_line_is_reported_on_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "RACY_NS", 0)  # trust file times at once: the `unchanged` path
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(line(good(0)) + line(good(1)).rstrip(b"\n"))
+    paths = make_paths(tmp_path)
+    assert ingest(params(src), paths).held_back == 1
+    again = ingest(params(src), paths)
+    assert (again.files, again.read, again.held_back) == ({"unchanged": 1}, 0, 1)
 
 
 def test_a_same_size_rewrite_is_read(tmp_path: Path) -> None:

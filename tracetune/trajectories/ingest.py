@@ -288,6 +288,8 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
             plans.append(ReadPlan(obj, 0, 1, "new"))
         elif mark.fingerprint == obj.fingerprint:
             report.files["unchanged"] += 1
+            if obj.appendable and obj.size > mark.offset:
+                report.held_back += 1  # its last line still waits for its newline
         elif obj.appendable and obj.size >= mark.offset:
             hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
             if hasher.hexdigest() == mark.head:  # grew, or only touched: read on from the mark
