@@ -8,6 +8,7 @@ from typing import Any
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+from tracetune.trajectories.sources import SourceUnavailable
 
 METRICS = "ingest.json"
 
@@ -24,7 +25,8 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad."""
+    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
+    `SourceUnavailable` (nothing committed) when the store keeps failing."""
     report = ingest(params.ingest, ingest_paths(params))
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
@@ -32,14 +34,17 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    held = s.get("held_back_partial_lines", 0)
+    pending = f"; {held} last line(s) pending until their newline arrives" if held else ""
     if s["batch"] is None:
-        return f"ingest: nothing new in {s['source']} ({s['files']})"
+        return f"ingest: nothing new in {s['source']} ({s['files']}){pending}"
     reasons = ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()) or "none"
     return (
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
         f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
+        + pending
     )
 
 
@@ -50,6 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SourceUnavailable as exc:
+        print(
+            f"error: the log store failed: {exc}\n  nothing was committed, the watermark did "
+            "not move; the next run reads these objects again",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     print(format_summary(summary))
 

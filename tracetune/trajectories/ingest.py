@@ -15,6 +15,7 @@ stays bounded: lines stream through, the id set is on disk, workers see a bounde
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sqlite3
@@ -36,7 +37,12 @@ from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
 from tracetune.trajectories.pii import Scrubber, resolve_key
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject, open_source
+from tracetune.trajectories.sources import (
+    LogSource,
+    SourceObject,
+    SourceUnavailable,
+    open_source,
+)
 
 CHUNK_LINES = 500
 
@@ -269,7 +275,8 @@ class ReadPlan:
     obj: SourceObject
     offset: int
     first_line: int  # line number of the first line read (1-based)
-    kind: str  # new / appended / rewritten
+    kind: str  # new / appended / rewritten / unchanged (touched: only the mark is renewed)
+    hasher: Any = None  # appended: the hash of the bytes before `offset`, fed on while reading
 
 
 def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> list[ReadPlan]:
@@ -281,12 +288,15 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
             plans.append(ReadPlan(obj, 0, 1, "new"))
         elif mark.fingerprint == obj.fingerprint:
             report.files["unchanged"] += 1
-        elif (
-            obj.appendable
-            and obj.size >= mark.offset
-            and source.head_hash(obj, min(HEAD_BYTES, mark.offset)) == mark.head
-        ):
-            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended"))
+            if obj.appendable and obj.size > mark.offset:
+                report.held_back += 1  # its last line still waits for its newline
+        elif obj.appendable and obj.size >= mark.offset:
+            hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
+            if hasher.hexdigest() == mark.head:  # grew, or only touched: read on from the mark
+                kind = "appended" if obj.size > mark.offset else "unchanged"
+                plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, kind, hasher))
+            else:
+                plans.append(ReadPlan(obj, 0, 1, "rewritten"))
         else:
             plans.append(ReadPlan(obj, 0, 1, "rewritten"))
     return plans
@@ -300,35 +310,34 @@ def iter_planned_lines(
 ) -> Iterator[tuple[str, int, bytes | None, str | None]]:
     """(uri, line number, raw bytes, read error) for every planned line; fills `marks`.
 
-    A local file's last line without a newline may still be being written: it is held back
-    (the mark stays before it) unless it already parses as JSON.
+    A local file's last line without a newline may still be being written, even when it
+    already parses as JSON: it stays pending (the mark stays before it) until its newline
+    arrives. Only corrupt content becomes a quarantined line; a read that fails for any other
+    reason (a stalled store, a failing disk) raises `SourceUnavailable`: the batch fails.
     """
     for plan in plans:
         obj = plan.obj
         report.files[plan.kind] += 1
         offset, number = plan.offset, plan.first_line - 1
+        hasher = source.prefix_hasher(obj, 0) if plan.hasher is None else plan.hasher
         try:
             with source.open(obj, plan.offset) as stream:
                 for raw in stream:
-                    if obj.appendable and not raw.endswith(b"\n") and not _parses(raw):
+                    if obj.appendable and not raw.endswith(b"\n"):
                         report.held_back += 1
                         break
                     number += 1
                     offset += len(raw)
+                    if obj.appendable:
+                        hasher.update(raw)
                     yield obj.uri, number, raw, None
-        except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
+        except (EOFError, gzip.BadGzipFile, ValueError, zlib.error) as exc:  # corrupt gzip
             number += 1
             yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
-        head = source.head_hash(obj, min(HEAD_BYTES, offset)) if obj.appendable else ""
+        except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
+            raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
+        head = hasher.hexdigest() if obj.appendable else ""
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
-
-
-def _parses(raw: bytes) -> bool:
-    try:
-        orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,12 +365,13 @@ def ingest(
 ) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
-    Raises `QuarantineRateExceeded` when the batch quarantines too much.
+    Raises `QuarantineRateExceeded` when the batch quarantines too much, and
+    `SourceUnavailable` when the store fails to deliver an object even after retries.
     """
     started = time.perf_counter()
     if params.full_refresh:
         reset(paths)
-    source = source or open_source(params.source, params.s3_endpoint_url)
+    source = source or open_source(params.source, params.s3_endpoint_url, params.s3_retry)
     key, secret = resolve_key(params.pii)
     report = IngestReport(source=source.uri, pii_key_secret=secret)
     index = IngestIndex(paths.index)
