@@ -67,6 +67,26 @@ class Outcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AskUser:
+    """What a `Solver` yields to speak to the user instead of calling a tool: an assistant
+    message with `text` and no tool call (a question: "which order?", "shall I cancel it?").
+
+    The loop asks `Environment.user_reply` for the user's answer and sends the solver a
+    `Reply`; when the user has nothing more to say (None) the episode ends there, `text` is its
+    final answer, and the solver is closed.
+    """
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a `Solver` receives for an `AskUser`: the user's next message."""
+
+    text: str
+
+
 class ToolError(Exception):
     """Raised inside a tool for an expected failure (unknown id, bad state): shown to the agent."""
 
@@ -164,6 +184,21 @@ class Environment(ABC):
             if task.id == task_id:
                 return task
         raise KeyError(f"task {task_id!r} not found in {self.name}")
+
+    def user_reply(self, messages: Sequence[dict[str, Any]]) -> str | None:
+        """The user's next message, given the conversation so far (which ends with an
+        assistant message without a tool call), or None: the user has nothing more to say and
+        the episode ends with that message as its final answer.
+
+        The default, None, is a single-turn user: the task's goal is the only user message.
+        An environment whose tasks need a second user turn (a missing detail the agent must
+        ask for, an explicit "yes" before a write, a benchmark's successive user turns)
+        overrides it with a scripted user; `self.task` is the episode's task. Every loop
+        calls it: evaluation and RLVR rollouts, serving, the oracle check and the simulator.
+        Keep it a function of the conversation (a reply already given is in `messages`), so
+        replaying a conversation gives the same user.
+        """
+        return None
 
     # --- shared plumbing ----------------------------------------------------------------
     def tool_schemas(self) -> list[dict[str, Any]]:
