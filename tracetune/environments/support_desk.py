@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -22,6 +22,7 @@ from tracetune.environments.base import (
     Environment,
     Grounded,
     Outcome,
+    Solver,
     Task,
     Tool,
     ToolError,
@@ -65,8 +66,6 @@ _NOUN = ("Kettle", "Lamp", "Backpack", "Mug", "Speaker", "Chair", "Blender", "Ch
 _FIRST = ("ana", "ben", "chen", "dara", "eli", "fay", "gus", "hana", "ivo", "jun", "kai", "lea")
 _LAST = ("smith", "ng", "okafor", "silva", "kim", "novak", "haas", "rossi", "diaz", "berg")
 _COUNTRIES = ("US", "DE", "GB", "FR", "CA", "JP")
-
-Solver = Generator[Call, dict[str, Any], str]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +394,11 @@ class SupportDesk(Environment):
 
     def families(self) -> list[str]:
         return list(FAMILIES)
+
+    def oracle(self, task: Task) -> Solver | None:
+        """The family's reference solver (None for a task of a family this desk does not know)."""
+        family = FAMILIES.get(task.family)
+        return family.solve(task) if family is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,4 +741,6 @@ FAMILIES: dict[str, Family] = {
 
 def oracle_solver(task: Task) -> Solver:
     """The oracle for a task: a generator of tool calls that receives each parsed result."""
+    if task.family not in FAMILIES:
+        raise KeyError(f"support_desk has no task family {task.family!r}")
     return FAMILIES[task.family].solve(task)
