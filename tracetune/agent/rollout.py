@@ -11,8 +11,9 @@ How it runs (continuous batching):
 - every round, each active episode contributes its next assistant turn to one batched call of
   `policy.generate` (episodes at different turns share the batch); then each turn is parsed and
   its tool calls run with `env.step`;
-- an episode ends at its final answer, when the environment's step cap is hit, or after
-  `max_turns` assistant turns; its slot is refilled from the queue at the next round.
+- an episode ends at its final answer, when the environment's step cap is hit, when a
+  terminating tool (a hand-off) has run, or after `max_turns` assistant turns; its slot is
+  refilled from the queue at the next round.
 
 A turn the parser rejects is never an exception: it is a failed step the agent sees (a user
 message saying what was malformed) and may recover from. Every failed episode gets one failure
@@ -37,8 +38,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tracetune.agent.parsing import ParsedTurn, parse_assistant_output, to_openai_message
 from tracetune.config import EnvironmentParams, Pricing
 from tracetune.environments.base import (
+    ENDED_ANSWER,
+    ENDED_STEP_CAP,
+    ENDED_TERMINATED,
+    ENDED_TURN_CAP,
     Call,
     Environment,
+    EpisodeRecord,
     Grounded,
     Observation,
     Outcome,
@@ -125,7 +131,7 @@ class RolloutResult:
     outcome: Outcome
     turns: list[TurnOutput]
     step_errors: list[str]
-    ended_by: str  # "answer" | "step_cap" | "turn_cap"
+    ended_by: str  # "answer" | "terminated" | "step_cap" | "turn_cap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,14 +694,15 @@ def apply_turn(ep: _Episode, output: TurnOutput, max_turns: int) -> None:
                 ep.step_errors.append(obs.error)
                 failed = True
             if obs.done:
-                ep.ended_by = STEP_CAP
+                ep.ended_by = ENDED_STEP_CAP if obs.error else ENDED_TERMINATED
+                break  # the calls after a hand-off or past the cap never run
     else:
         ep.messages.append({"role": "assistant", "content": parsed.content})
         ep.final_answer = parsed.content
-        ep.ended_by = "answer"
+        ep.ended_by = ENDED_ANSWER
     ep.turn_failed.append(failed)
     if ep.ended_by is None and len(ep.turns) >= max_turns:
-        ep.ended_by = "turn_cap"
+        ep.ended_by = ENDED_TURN_CAP
 
 
 def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> str | None:
@@ -710,7 +717,7 @@ def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> s
     first_fault = next((e for e in step_errors if e in AGENT_FAULTS), None)
     if first_fault is not None:
         return first_fault
-    if ended_by != "answer":
+    if ended_by not in (ENDED_ANSWER, ENDED_TERMINATED):
         return STEP_CAP
     if any(e not in AGENT_FAULTS and e != STEP_CAP for e in step_errors):
         return TOOL_ERROR_UNHANDLED
@@ -719,9 +726,9 @@ def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> s
 
 def finish(ep: _Episode, model_name: str, pricing: Pricing | None, id_prefix: str) -> RolloutResult:
     """Verify the episode and dress it as a `Trajectory` (the production-log schema)."""
-    ended_by = ep.ended_by or "turn_cap"
-    answer = ep.final_answer if ended_by == "answer" else None
-    outcome = ep.env.verify(answer)
+    ended_by = ep.ended_by or ENDED_TURN_CAP
+    answer = ep.final_answer if ended_by == ENDED_ANSWER else None
+    outcome = ep.env.verify_episode(EpisodeRecord(ep.task, tuple(ep.messages), answer, ended_by))
     prompt = sum(t.prompt_tokens for t in ep.turns)
     completion = sum(t.completion_tokens for t in ep.turns)
     steps = sum(1 for m in ep.messages if m["role"] == "assistant")

@@ -12,7 +12,7 @@ import json
 import random
 import re
 import sqlite3
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -22,8 +22,10 @@ from tracetune.environments.base import (
     AskUser,
     Call,
     Environment,
+    EpisodeRecord,
     Grounded,
     Outcome,
+    Solver,
     Task,
     Tool,
     ToolError,
@@ -67,8 +69,6 @@ _NOUN = ("Kettle", "Lamp", "Backpack", "Mug", "Speaker", "Chair", "Blender", "Ch
 _FIRST = ("ana", "ben", "chen", "dara", "eli", "fay", "gus", "hana", "ivo", "jun", "kai", "lea")
 _LAST = ("smith", "ng", "okafor", "silva", "kim", "novak", "haas", "rossi", "diaz", "berg")
 _COUNTRIES = ("US", "DE", "GB", "FR", "CA", "JP")
-
-Solver = Generator[Call, dict[str, Any], str]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +420,11 @@ class SupportDesk(Environment):
 
     def families(self) -> list[str]:
         return list(FAMILIES)
+
+    def oracle(self, task: Task) -> Solver | None:
+        """The family's reference solver (None for a task of a family this desk does not know)."""
+        family = FAMILIES.get(task.family)
+        return family.solve(task) if family is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -917,4 +922,6 @@ FAMILIES: dict[str, Family] = {
 
 def oracle_solver(task: Task) -> Solver:
     """The oracle for a task: a generator of tool calls that receives each parsed result."""
+    if task.family not in FAMILIES:
+        raise KeyError(f"support_desk has no task family {task.family!r}")
     return FAMILIES[task.family].solve(task)

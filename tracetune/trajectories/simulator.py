@@ -20,7 +20,7 @@ from typing import Any
 
 from tracetune.config import Pricing, SimulateParams
 from tracetune.environments.base import Call, Environment, Task
-from tracetune.trajectories.episode import EpisodeRecord, run_scripted
+from tracetune.trajectories.episode import ScriptedEpisode, run_scripted
 
 READ_ONLY = frozenset(
     {"get_customer", "find_customer", "get_order", "list_orders", "search_products", "calculate"}
@@ -171,7 +171,7 @@ def cost_usd(prompt_tokens: int, completion_tokens: int, pricing: Pricing) -> fl
 
 def simulate_episode(
     env: Environment, task: Task, rng: random.Random, params: SimulateParams
-) -> tuple[EpisodeRecord, set[str]]:
+) -> tuple[ScriptedEpisode, set[str]]:
     from tracetune.environments.support_desk import oracle_solver
 
     rates = params.faults.model_dump()
@@ -184,12 +184,12 @@ def simulate_episode(
         answer = GIVE_UP if gives_up else _wrong(record.final_answer or "", rng)
         record.messages[-1] = {"role": "assistant", "content": answer}
         record.final_answer = answer
-        record.outcome = env.verify(answer)
+        record.outcome = env.verify_episode(record.record())
     return record, faults
 
 
 def to_log_line(
-    record: EpisodeRecord,
+    record: ScriptedEpisode,
     trajectory_id: str,
     when: datetime,
     rng: random.Random,
