@@ -164,6 +164,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.get_customer,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "find_customer",
@@ -171,6 +172,7 @@ class SupportDesk(Environment):
                 obj({"email": s}),
                 self.find_customer,
                 {"email": Grounded(EMAIL_PATTERN)},
+                read_only=True,
             ),
             Tool(
                 "get_order",
@@ -178,6 +180,7 @@ class SupportDesk(Environment):
                 obj({"order_id": s}),
                 self.get_order,
                 order,
+                read_only=True,
             ),
             Tool(
                 "list_orders",
@@ -185,6 +188,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.list_orders,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "search_products",
@@ -192,9 +196,14 @@ class SupportDesk(Environment):
                 obj({"query": s}),
                 self.search_products,
                 {"query": Grounded()},
+                read_only=True,
             ),
             Tool(
-                "calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate
+                "calculate",
+                "Evaluate + - * / arithmetic.",
+                obj({"expression": s}),
+                self.calculate,
+                read_only=True,
             ),
             Tool(
                 "convert_currency",
