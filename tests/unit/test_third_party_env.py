@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.params_support import paths_under
 from tracetune.cli import app
 from tracetune.environments.base import (
     Call,
@@ -25,7 +26,6 @@ from tracetune.environments.base import (
     load_environment,
 )
 from tracetune.trajectories.episode import run_scripted
-from tests.params_support import paths_under
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 runner = CliRunner()
