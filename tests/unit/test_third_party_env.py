@@ -110,7 +110,7 @@ def test_a_fixed_list_contract() -> None:
         env.tasks(5, seed=0, families=["lookup"])
     assert len(draw_tasks(env, 30, seed=0)) == 13
     repeated = draw_tasks(env, 30, seed=0, repeat=True)
-    assert len(repeated) == 30 and {t.id for t in repeated} == {t.id for t in env.all_tasks()}
+    assert len(repeated) == 30 and {t.id for t in repeated} == {t.id for t in env.tasks(13, seed=0)}
     declared = declared_splits(env)
     assert declared is not None and declared["keep-103"] == "test"
 
@@ -134,7 +134,7 @@ def test_a_hand_off_ends_the_episode() -> None:
     }
     after = env.step(Call("set_priority", {"ticket_id": "T-106", "priority": "low"}))
     assert after.done and after.error == "ended"
-    assert env.tickets["T-106"]["priority"] == "urgent"  # nothing ran after the hand-off
+    assert getattr(env, "tickets")["T-106"]["priority"] == "urgent"  # nothing ran after
 
 
 def test_the_episode_verifier_wants_the_lookup_in_the_episode() -> None:
