@@ -134,7 +134,7 @@ def test_a_hand_off_ends_the_episode() -> None:
     }
     after = env.step(Call("set_priority", {"ticket_id": "T-106", "priority": "low"}))
     assert after.done and after.error == "ended"
-    assert getattr(env, "tickets")["T-106"]["priority"] == "urgent"  # nothing ran after
+    assert vars(env)["tickets"]["T-106"]["priority"] == "urgent"  # nothing ran after
 
 
 def test_the_episode_verifier_wants_the_lookup_in_the_episode() -> None:
