@@ -62,6 +62,9 @@ class FaultRates(Section):
     duplicate_session: float = Field(0.03, ge=0, le=1)
     pii_in_user_text: float = Field(0.15, ge=0, le=1)
     corrupt_line: float = Field(0.01, ge=0, le=1)
+    early_answer: float = Field(
+        0.0, ge=0, le=1, description="answers after only some of the oracle's calls"
+    )
 
 
 class Pricing(Section):

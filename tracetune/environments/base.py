@@ -97,6 +97,10 @@ class ToolError(Exception):
     """Raised inside a tool for an expected failure (unknown id, bad state): shown to the agent."""
 
 
+class NoOracleError(LookupError):
+    """The environment has no reference solver for a task (`Environment.oracle` gave None)."""
+
+
 # A reference solver (the oracle): yields each `Call`, receives that call's parsed result (a
 # dict: the tool's JSON object, `{"result": value}` for any other value, `{"error": ...}` for a
 # failed call) and returns the final answer. `Environment.oracle(task)` gives one per task.
@@ -183,6 +187,9 @@ class Tool:
     "submit"): the observation has `done=True` and no loop asks the agent for another turn.
     A call that fails (bad arguments, a `ToolError`) does not end it.
 
+    `read_only`: a call changes nothing (a lookup), so repeating it is harmless; the log
+    simulator's redundant calls and runaway loops repeat only these.
+
     `fn` returns any JSON-serialisable value; a `str` is passed to the agent verbatim (ids are
     not quoted, a JSON text keeps its key order), anything else is serialised as JSON.
     """
@@ -193,6 +200,7 @@ class Tool:
     fn: Callable[..., Any]
     grounded: Mapping[str, Grounded] = field(default_factory=dict)
     terminates: bool = False
+    read_only: bool = False
 
     def schema(self) -> dict[str, Any]:
         return {
@@ -324,6 +332,19 @@ class Environment(ABC):
 
     def tool_names(self) -> list[str]:
         return list(self._registry)
+
+    def read_only_tools(self) -> set[str]:
+        return {t.name for t in self._registry.values() if t.read_only}
+
+    def require_oracle(self, task: Task) -> Solver:
+        """`oracle(task)`, or NoOracleError saying so in one line."""
+        solver = self.oracle(task)
+        if solver is None:
+            raise NoOracleError(
+                f"environment {self.name!r} has no oracle for task {task.id!r} "
+                f"({type(self).__name__}.oracle returned None)"
+            )
+        return solver
 
     def reset(self, task: Task) -> list[dict[str, Any]]:
         """Start an episode; returns the opening messages (system + user)."""
@@ -493,6 +514,30 @@ class FixedTaskEnvironment(Environment):
 
     def task_count(self, families: Sequence[str] | None = None) -> int | None:
         return len(self._pool(families))
+
+
+def draw_tasks(
+    env: Environment,
+    n: int,
+    seed: int,
+    families: Sequence[str] | None = None,
+    *,
+    repeat: bool = False,
+) -> list[Task]:
+    """`n` tasks where `env.tasks` may have fewer: for a fixed list, all of it (`repeat=False`)
+    or whole seeded passes over it until `n` (`repeat=True`: production logs visit the same
+    task again, and the simulator writes such logs). Unbounded environments: `env.tasks`."""
+    count = env.task_count(families)
+    if count is None or n <= count:
+        return env.tasks(n, seed=seed, families=families)
+    if not repeat or count == 0:
+        return env.tasks(count, seed=seed, families=families)
+    out: list[Task] = []
+    rounds = 0
+    while len(out) < n:
+        out += env.tasks(count, seed=seed + rounds, families=families)[: n - len(out)]
+        rounds += 1
+    return out
 
 
 def declared_splits(env: Environment) -> dict[str, str] | None:

@@ -167,6 +167,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.get_customer,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "find_customer",
@@ -174,6 +175,7 @@ class SupportDesk(Environment):
                 obj({"email": s}),
                 self.find_customer,
                 {"email": Grounded(EMAIL_PATTERN)},
+                read_only=True,
             ),
             Tool(
                 "get_order",
@@ -181,6 +183,7 @@ class SupportDesk(Environment):
                 obj({"order_id": s}),
                 self.get_order,
                 order,
+                read_only=True,
             ),
             Tool(
                 "list_orders",
@@ -188,6 +191,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.list_orders,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "search_products",
@@ -195,9 +199,14 @@ class SupportDesk(Environment):
                 obj({"query": s}),
                 self.search_products,
                 {"query": Grounded()},
+                read_only=True,
             ),
             Tool(
-                "calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate
+                "calculate",
+                "Evaluate + - * / arithmetic.",
+                obj({"expression": s}),
+                self.calculate,
+                read_only=True,
             ),
             Tool(
                 "convert_currency",
