@@ -129,7 +129,8 @@ def _money(value: float) -> float:
 
 
 class SupportDesk(Environment):
-    """Customer-operations desk: 8 tools, 10 task families from no-tool answers to 4-call chains."""
+    """Customer-operations desk: 8 tools, 12 task families from no-tool answers to 4-call chains,
+    two of them multi-turn (a scripted user gives a missing order id, or a "yes" before a write)."""
 
     name = "support_desk"
     system_prompt = SYSTEM_PROMPT
