@@ -146,6 +146,17 @@ def test_single_turn_families_keep_a_single_user_message(env: SupportDesk) -> No
     assert env.user_reply(messages) is None  # the default user: no second turn
 
 
+def test_the_users_reply_grounds_the_order_id_the_agent_may_write(env: SupportDesk) -> None:
+    """Grounded decoding reads user turns: the id the user gave is what get_order may take."""
+    from tracetune.agent.grounding import candidates, conversation_sources
+
+    task = task_of(env, "ask_order_id")
+    messages = run_scripted(env, task, oracle(env)(task)).messages
+    rule = env.grounded_arguments()["get_order"]["order_id"]
+    assert candidates(rule, conversation_sources(messages[:2])) == []  # the goal names none
+    assert candidates(rule, conversation_sources(messages[:4])) == [task.params["args"][0]]
+
+
 # --- the rollout engine ------------------------------------------------------------------------
 def test_the_oracle_through_the_batched_engine_is_multi_turn_and_scores_1(tmp_path: Path) -> None:
     env = SupportDesk()
