@@ -359,6 +359,12 @@ class SupportDesk(Environment):
         reasons = [*outcome.details.get("reasons", []), *late]
         return Outcome(False, -1.0, {**outcome.details, "reasons": reasons})
 
+    @property
+    def max_turns(self) -> int:
+        """One more than the base: a multi-turn family's user replies once, so its agent
+        spends one turn asking besides its calls and its answer."""
+        return self.max_steps + 2
+
     def user_reply(self, messages: Sequence[dict[str, Any]]) -> str | None:
         """The task family's scripted user (`Family.user`); single-turn families have none."""
         if self.task is None:
