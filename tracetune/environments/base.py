@@ -115,6 +115,11 @@ class NoOracleError(LookupError):
 # `Reply` for an `AskUser`).
 Solver = Generator[Call | AskUser, Any, str]
 
+# The declared split names the pipeline reads (`Environment.splits`): logged episodes of a
+# `test` task are held out and evaluated, those of a `train` task train.
+TRAIN_SPLIT = "train"
+HELDOUT_SPLIT = "test"
+
 # How an episode ended (EpisodeRecord.ended_by).
 ENDED_ANSWER = "answer"  # the agent wrote a final answer (a turn without a tool call)
 ENDED_TERMINATED = "terminated"  # a terminating tool ran (a hand-off): no final answer
@@ -335,6 +340,9 @@ class Environment(ABC):
 
     def read_only_tools(self) -> set[str]:
         return {t.name for t in self._registry.values() if t.read_only}
+
+    def terminating_tools(self) -> set[str]:
+        return {t.name for t in self._registry.values() if t.terminates}
 
     def require_oracle(self, task: Task) -> Solver:
         """`oracle(task)`, or NoOracleError saying so in one line."""
