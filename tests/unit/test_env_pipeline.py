@@ -110,7 +110,8 @@ def test_defaults_name_no_family_of_the_built_in_environment() -> None:
 def test_the_turn_limit_comes_from_the_environment(desk: Environment) -> None:
     ev = parse_params({}).evaluate
     assert ev.max_turns is None
-    assert harness.turn_limit(ev, SupportDesk(max_steps=15)) == 16
+    # support_desk: max_steps + 2 (a multi-turn family spends one turn asking the user)
+    assert harness.turn_limit(ev, SupportDesk(max_steps=15)) == 17
     assert harness.turn_limit(ev, desk) == desk.max_steps + 1 == 7
     assert harness.turn_limit(parse_params({"evaluate": {"max_turns": 8}}).evaluate, desk) == 8
 
