@@ -108,7 +108,7 @@ class NoOracleError(LookupError):
 # `AskUser(text)` and receives a `Reply` with the user's answer (`Environment.user_reply`):
 #
 #     reply = yield AskUser("Which order is it?")
-#     order = yield Call("get_order", {"order_id": reply.text.split()[-1]})
+#     order = yield Call("get_order", {"order_id": re.search(r"O-\d+", reply.text)[0]})
 #     return f"Order {order['order_id']} is {order['status']}."
 #
 # The sent value is typed `Any` because it depends on what was yielded (a dict for a `Call`, a
