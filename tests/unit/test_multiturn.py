@@ -176,6 +176,11 @@ def test_the_oracle_through_the_batched_engine_is_multi_turn_and_scores_1(tmp_pa
         assert traj.steps == roles(messages).count("a") + roles(messages).count("c")
         assert traj.final_answer == messages[-1]["content"] and result.ended_by == "answer"
         assert roles_ok(messages)  # the raw gate's role-order rule accepts the conversation
+        task = env.task_by_id(traj.task_id)
+        scripted = run_scripted(env, task, oracle(env)(task))
+        assert [m.get("content") for m in messages if m["role"] in ("user", "tool")] == [
+            m.get("content") for m in scripted.messages if m["role"] in ("user", "tool")
+        ]  # the same user turns and tool results as the scripted loop
 
 
 @pytest.fixture(scope="module")
