@@ -65,6 +65,13 @@ class FaultRates(Section):
     early_answer: float = Field(
         0.0, ge=0, le=1, description="answers after only some of the oracle's calls"
     )
+    skip_user_turn: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="never waits for the user: acts on the reply the user would have given"
+        " (a write without the asked-for 'yes'); only episodes whose oracle asks the user",
+    )
 
 
 class Pricing(Section):

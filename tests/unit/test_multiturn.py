@@ -283,3 +283,26 @@ def test_simulated_multi_turn_logs_pass_ingest(tmp_path: Path) -> None:
             logged.append(record["trajectory_id"])
     assert sorted(t.trajectory_id for t in multi) == sorted(logged)  # none quarantined
     assert any(t.success for t in multi)
+
+
+def test_a_simulated_agent_that_skips_the_user_fails_on_the_conversation() -> None:
+    """The `skip_user_turn` fault: the agent acts on the reply the user would have given
+    without asking, so the logs hold the failures a multi-turn task exists to catch."""
+    from tracetune.trajectories.simulator import iter_log_lines
+
+    params = parse_params({"simulate": {"n_trajectories": 48, "seed": 2, "faults": {
+        "skip_user_turn": 1.0, "wrong_tool": 0, "malformed_arguments": 0, "error_retry": 0,
+        "redundant_call": 0, "overlong": 0, "wrong_answer": 0, "duplicate_session": 0,
+        "corrupt_line": 0,
+    }}})  # fmt: skip
+    records = [r for _, r, _ in iter_log_lines(SupportDesk(), params.simulate) if r]
+    faults = {r["trajectory_id"]: f for _, r, f in iter_log_lines(SupportDesk(), params.simulate)}
+    multi = [r for r in records if r["family"] in MULTI_TURN]
+    assert len(multi) == 8
+    for record in multi:
+        assert "skip_user_turn" in faults[record["trajectory_id"]]
+        assert roles(record["messages"]) == "sucta"  # no question, no reply: it just acted
+        assert not record["success"]  # a write before the "yes", an id nobody gave
+    others = [r for r in records if r["family"] not in MULTI_TURN]
+    assert all(r["success"] for r in others)  # the fault touches only episodes that ask
+    assert not any("skip_user_turn" in faults[r["trajectory_id"]] for r in others)

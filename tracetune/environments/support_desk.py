@@ -351,9 +351,12 @@ class SupportDesk(Environment):
 
     def verify_episode(self, episode: EpisodeRecord) -> Outcome:
         """`verify` on the final answer and state, plus what only the whole conversation shows:
-        a write the task allows only after the user's "yes" must come after it."""
+        a write the task allows only after the user's "yes" must come after it, and an order
+        only the user can name must have been named before it was looked up."""
         outcome = self.verify(episode.final_answer)
-        late = _check_confirmed_first(self._check(), episode.messages)
+        check = self._check()
+        late = _check_confirmed_first(check, episode.messages)
+        late += _check_told_first(check, episode.messages)
         if not late:
             return outcome
         reasons = [*outcome.details.get("reasons", []), *late]
@@ -503,6 +506,22 @@ def _check_looked_up(check: dict[str, Any], observations: Sequence[str]) -> list
         if isinstance(record, dict) and record.get("order_id") == order_id:
             return []
     return [f"order {order_id} was never looked up"]
+
+
+def _check_told_first(check: dict[str, Any], messages: Sequence[dict[str, Any]]) -> list[str]:
+    """The order only the user can name (`looked_up`) is used in a call only after a user
+    message named it: an id that reached a call any other way was guessed or made up."""
+    order_id = check.get("looked_up")
+    if order_id is None:
+        return []
+    told = False
+    for message in messages[2:]:  # after the goal, which does not name it
+        if message.get("role") == "user" and order_id in str(message.get("content") or ""):
+            told = True
+        for call in message.get("tool_calls") or ():
+            if order_id in str((call.get("function") or {}).get("arguments")) and not told:
+                return [f"order {order_id} was used before the user gave it"]
+    return []
 
 
 def _check_confirmed_first(check: dict[str, Any], messages: Sequence[dict[str, Any]]) -> list[str]:

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.config import Pricing, SimulateParams
-from tracetune.environments.base import Call, Environment, Solver, Task, draw_tasks
+from tracetune.environments.base import (
+    AskUser,
+    Call,
+    Environment,
+    Reply,
+    Solver,
+    Task,
+    draw_tasks,
+)
 from tracetune.trajectories.episode import ScriptedEpisode, run_scripted
 
 FAULTS = (
@@ -38,7 +46,9 @@ FAULTS = (
 # Drawn only when its rate is above 0, after the others, so that adding it left every
 # existing simulated batch as it was: the agent answers after only some of the oracle's calls.
 EARLY_ANSWER = "early_answer"
-ALL_FAULTS = (*FAULTS, EARLY_ANSWER)
+# Likewise: where the oracle asks the user (`AskUser`), the agent does not wait for the answer.
+SKIP_USER_TURN = "skip_user_turn"
+ALL_FAULTS = (*FAULTS, EARLY_ANSWER, SKIP_USER_TURN)
 GIVE_UP = "Sorry, I could not complete that request."
 TOKENS_PER_CHAR = 0.25
 
@@ -187,6 +197,34 @@ def _stops_early(solver: Solver, calls: int, answer: str) -> Solver:
     return answer
 
 
+def _skips_the_user(solver: Solver, env: Environment, task: Task, asked: list[str]) -> Solver:
+    """`solver`, except that it never waits for the user: where it would ask (`AskUser`) it
+    acts at once on the reply the user would have given, which nobody says (a write without
+    the "yes", a lookup of an id nobody told it); where the user would say nothing, its
+    question is its answer. Each skipped question is appended to `asked`."""
+    try:
+        step = next(solver)
+        while True:
+            if isinstance(step, AskUser):
+                asked.append(step.text)
+                unsaid = (
+                    {"role": "system", "content": env.system_prompt},
+                    {"role": "user", "content": task.goal},
+                    {"role": "assistant", "content": step.text},
+                )
+                reply = env.user_reply(unsaid)
+                if reply is None:
+                    return step.text
+                step = solver.send(Reply(reply))
+            else:
+                payload = yield step
+                step = solver.send(payload)
+    except StopIteration as stop:
+        return str(stop.value)
+    finally:
+        solver.close()
+
+
 def simulate_episode(
     env: Environment, task: Task, rng: random.Random, params: SimulateParams
 ) -> tuple[ScriptedEpisode, set[str]]:
@@ -195,6 +233,8 @@ def simulate_episode(
     faults = {f for f in FAULTS if rng.random() < rates[f]}
     if rates[EARLY_ANSWER] > 0 and rng.random() < rates[EARLY_ANSWER]:
         faults.add(EARLY_ANSWER)
+    if rates[SKIP_USER_TURN] > 0 and rng.random() < rates[SKIP_USER_TURN]:
+        faults.add(SKIP_USER_TURN)
     if "pii_in_user_text" in faults:
         task = dataclasses.replace(task, goal=task.goal + _pii_sentence(rng))
     gives_up = "malformed_arguments" in faults and rng.random() < 0.3
@@ -208,7 +248,12 @@ def simulate_episode(
         else:  # an oracle that calls nothing cannot answer earlier
             faults.discard(EARLY_ANSWER)
             solver = env.require_oracle(task)
+    skipped: list[str] = []
+    if SKIP_USER_TURN in faults:
+        solver = _skips_the_user(solver, env, task, skipped)
     record = run_scripted(env, task, solver, _faulty_hook(rng, faults, env))
+    if not skipped:  # the agent never had a question to skip
+        faults.discard(SKIP_USER_TURN)
     if record.ended_by == "answer" and (gives_up or "wrong_answer" in faults):
         answer = GIVE_UP if gives_up else _wrong(record.final_answer or "", rng)
         record.messages[-1] = {"role": "assistant", "content": answer}
