@@ -514,12 +514,13 @@ def _check_told_first(check: dict[str, Any], messages: Sequence[dict[str, Any]])
     order_id = check.get("looked_up")
     if order_id is None:
         return []
+    named = re.compile(rf"\b{re.escape(order_id)}\b")
     told = False
     for message in messages[2:]:  # after the goal, which does not name it
-        if message.get("role") == "user" and order_id in str(message.get("content") or ""):
+        if message.get("role") == "user" and named.search(str(message.get("content") or "")):
             told = True
         for call in message.get("tool_calls") or ():
-            if order_id in str((call.get("function") or {}).get("arguments")) and not told:
+            if named.search(str((call.get("function") or {}).get("arguments"))) and not told:
                 return [f"order {order_id} was used before the user gave it"]
     return []
 
