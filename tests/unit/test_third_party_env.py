@@ -152,3 +152,72 @@ def test_require_oracle_names_the_environment() -> None:
     env = load_environment("unit_converter_env.UnitConverter")
     with pytest.raises(NoOracleError, match="'unit_converter' has no oracle"):
         env.require_oracle(env.tasks(1, seed=0)[0])
+
+
+def test_calls_after_a_hand_off_in_the_same_turn_never_run() -> None:
+    """A model may write a hand-off and another call in one turn: the second gets a result
+    saying it did not run (every call has one), and the world is as the hand-off left it."""
+    from collections.abc import Sequence
+
+    from tracetune.agent.rollout import (
+        EnvPool,
+        RolloutConfig,
+        TurnOutput,
+        TurnRequest,
+        run_rollouts,
+    )
+
+    def block(name: str, arguments: dict[str, str]) -> str:
+        return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+    class HandOffThenWrite:
+        name = "hasty"
+
+        def generate(self, requests: Sequence[TurnRequest]) -> list[TurnOutput]:
+            text = block("hand_off", {"ticket_id": "T-106", "reason": "asked"}) + "\n"
+            text += block("set_priority", {"ticket_id": "T-106", "priority": "low"})
+            return [TurnOutput(text, 10, 10) for _ in requests]
+
+    env = load_environment("ticket_desk_env.TicketDesk")
+    task = env.task_by_id("human-106")
+    (result,) = run_rollouts(
+        [task], HandOffThenWrite(), EnvPool(lambda: env), RolloutConfig(), progress=False
+    )
+    assert result.ended_by == "terminated" and len(result.turns) == 1
+    tools = [m for m in result.trajectory.messages if m.role == "tool"]
+    assert [t.content for t in tools] == [
+        "T-106 handed to a human agent",
+        '{"error": "not run: the episode had ended"}',
+    ]
+    assert vars(env)["tickets"]["T-106"]["priority"] == "urgent"
+    assert result.outcome.success  # the hand-off was right; the stray write never happened
+
+
+def test_a_list_without_families_has_one_family_per_declared_split() -> None:
+    from collections.abc import Mapping, Sequence
+
+    from tracetune.environments.base import FixedTaskEnvironment, Outcome, Task, Tool
+
+    class Quiz(FixedTaskEnvironment):
+        name = "quiz"
+
+        def _tools(self) -> Sequence[Tool]:
+            params = {"type": "object", "properties": {}, "additionalProperties": False}
+            return [Tool("noop", "Does nothing.", params, lambda: "ok", read_only=True)]
+
+        def all_tasks(self) -> Sequence[Task]:
+            return [Task(f"q{i}", "", f"Question {i}?") for i in range(5)]
+
+        def splits(self) -> Mapping[str, Sequence[str]]:
+            return {"train": ["q0", "q1", "q2"], "test": ["q3"]}
+
+        def _reset(self, task: Task) -> None:
+            pass
+
+        def verify(self, final_answer: str | None) -> Outcome:
+            return Outcome(False, 0.0)
+
+    quiz = Quiz()
+    assert quiz.families() == ["train", "test", "all"]
+    assert quiz.task_by_id("q3").family == "test"
+    assert {t.id for t in quiz.tasks(3, seed=0, families=["train"])} == {"q0", "q1", "q2"}

@@ -81,6 +81,8 @@ FAILURE_LABELS = (BAD_FORMAT, UNKNOWN_TOOL, BAD_ARGUMENTS, WRONG_ANSWER, STEP_CA
 # Step errors that are the agent's own fault (vs. tool errors a task may expect, e.g. not found).
 AGENT_FAULTS = (BAD_FORMAT, UNKNOWN_TOOL, BAD_ARGUMENTS)
 FORMAT_FEEDBACK = "Your last message could not be parsed"
+# The result of a call made in the same turn after a terminating tool ended the episode.
+NOT_RUN = Observation(json.dumps({"error": "not run: the episode had ended"}), "ended", True)
 
 
 @dataclass(frozen=True)
@@ -717,6 +719,9 @@ def apply_turn(ep: _Episode, output: TurnOutput, max_turns: int) -> None:
     elif parsed.tool_calls:
         ep.messages.append(to_openai_message(parsed))
         for call in parsed.tool_calls:
+            if ep.ended_by == ENDED_TERMINATED:  # after a hand-off nothing runs; every call
+                ep.messages.append(NOT_RUN.as_tool_message(call.id))  # still gets its result
+                continue
             obs = ep.env.step(Call(call.name, call.arguments, call.id))
             ep.messages.append(obs.as_tool_message(call.id))
             if obs.error:
@@ -724,7 +729,6 @@ def apply_turn(ep: _Episode, output: TurnOutput, max_turns: int) -> None:
                 failed = True
             if obs.done:
                 ep.ended_by = ENDED_STEP_CAP if obs.error else ENDED_TERMINATED
-                break  # the calls after a hand-off or past the cap never run
     else:
         ep.messages.append({"role": "assistant", "content": parsed.content})
         ep.final_answer = parsed.content

@@ -14,7 +14,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -470,7 +470,10 @@ class FixedTaskEnvironment(Environment):
       a seeded sample, the same for the same seed; at most the whole list. Asking for more
       than exist raises ValueError saying how many there are, never repeats or invents tasks.
     - `task_by_id(id)`: an index lookup (KeyError when unknown), nothing drawn.
-    - `families()`: the distinct families of the list, in order of first appearance.
+    - `families()`: the distinct families of the list, in order of first appearance. A task
+      whose `family` is "" takes its declared split's name (`train`, `test`; `all` outside any
+      split), so a list without families has one family per split (`splits()` must then not
+      call `tasks()` or `task_by_id()`).
     - `task_count(families)`: how many `tasks()` can give.
     - `splits()`: override to declare the list's train/test ids (default None).
     """
@@ -483,7 +486,12 @@ class FixedTaskEnvironment(Environment):
         index: dict[str, Task] | None = getattr(self, "_fixed_index", None)
         if index is None:
             index = {}
+            split_of: dict[str, str] | None = None
             for task in self.all_tasks():
+                if not task.family:  # a list without families: one family per declared split
+                    if split_of is None:
+                        split_of = declared_splits(self) or {}
+                    task = replace(task, family=split_of.get(task.id, "all"))
                 if task.id in index:
                     raise ValueError(f"{self.name}: task id {task.id!r} appears twice")
                 index[task.id] = task
