@@ -82,6 +82,24 @@ def test_guessing_without_asking_fails_and_the_user_stays_silent(env: SupportDes
     assert any("never looked up" in r for r in episode.outcome.details["reasons"])
 
 
+def test_an_order_id_nobody_gave_fails_though_the_answer_is_right(env: SupportDesk) -> None:
+    task = task_of(env, "ask_order_id")
+    order_id = task.params["args"][0]
+
+    def clairvoyant(task: Task) -> Solver:
+        order = yield Call("get_order", {"order_id": order_id})  # the id, before anyone said it
+        yield AskUser("Could you confirm your order id?")
+        return f"Order {order_id} is {order['status']}."
+
+    episode = run_scripted(env, task, clairvoyant(task))
+    assert roles(episode.messages) == "suctaua"
+    assert env.verify(episode.final_answer).success  # the answer and the lookup alone pass
+    assert not episode.outcome.success
+    assert episode.outcome.details["reasons"] == [
+        f"order {order_id} was used before the user gave it"
+    ]
+
+
 def test_a_question_the_user_cannot_answer_ends_the_episode_with_it(env: SupportDesk) -> None:
     task = task_of(env, "confirm_write", "cancel")
 
