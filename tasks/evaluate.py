@@ -61,6 +61,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     from tracetune.evaluation.plots import write_plots
     from tracetune.evaluation.report import render_report
     from tracetune.tracking import stage_run
+    from tracetune.trajectories.tool_errors import build_rule
 
     ev = params.evaluate
     paths = eval_paths(params, model)
@@ -87,10 +88,13 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     production = harness.production_baseline(params.paths.ingested, params.split)
 
     base_pricing = harness.pricing_for(ev, harness.PROMPT_ONLY)
+    probe = envs.acquire()
+    rule = build_rule(params.tool_errors, probe)
+    envs.release(probe)
     arms = {
-        "candidate": summarize(candidate, harness.pricing_for(ev, model)),
-        "baseline_prompt_only": summarize(prompt_only, base_pricing),
-        "baseline_production": summarize(production),
+        "candidate": summarize(candidate, harness.pricing_for(ev, model), rule=rule),
+        "baseline_prompt_only": summarize(prompt_only, base_pricing, rule=rule),
+        "baseline_production": summarize(production, rule=rule),
     }
     payload: dict[str, Any] = {
         "model": model,
