@@ -93,3 +93,24 @@ def foreign_runs(
     rng = random.Random(seed)
     ours = [r for _, r, _ in iter_log_lines(SupportDesk(max_steps=60), params.simulate) if r]
     return [foreignise(r, rng, zeros) for r in ours], ours
+
+
+def long_session(
+    episodes: list[dict[str, Any]], policy: str, goodbye: bool = True
+) -> list[dict[str, Any]]:
+    """One long conversation: a policy as system prompt, then the user's requests one after the
+    other (each episode's user turn, tool calls and answer), ending with the user's goodbye."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": policy}]
+    for k, episode in enumerate(episodes):
+        for message in episode["messages"]:
+            if message["role"] == "system":
+                continue
+            message = json.loads(json.dumps(message))
+            for call in message.get("tool_calls") or ():
+                call["id"] = f"s{k}_{call['id']}"
+            if message.get("tool_call_id"):
+                message["tool_call_id"] = f"s{k}_{message['tool_call_id']}"
+            messages.append(message)
+    if goodbye:
+        messages.append({"role": "user", "content": "Thanks, that is all. Bye!"})
+    return messages
