@@ -423,7 +423,7 @@ class IngestParams(Section):
 class RawGateParams(Section):
     """Gate on an ingested batch. Production logs hold failed, messy episodes: faults the agent
     makes (malformed JSON, unknown tools) are bounded by `mostly`; what a logger must always get
-    right (answered calls, role order, sane costs and times) is near-strict."""
+    right (answered calls, an assistant turn, sane logged costs and times) is near-strict."""
 
     roles_ok_mostly: float = Field(0.99, ge=0, le=1)
     answered_calls_mostly: float = Field(0.99, ge=0, le=1)

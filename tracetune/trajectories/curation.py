@@ -66,11 +66,6 @@ def redundant_calls(messages: Sequence[dict[str, Any]]) -> int:
     return repeats
 
 
-def is_error_result(content: Any, rule: ToolErrorRule = DEFAULT_RULE) -> bool:
-    """A tool message that reports a failed call (`tracetune.trajectories.tool_errors`)."""
-    return rule.matches(content)
-
-
 def error_retries(messages: Sequence[dict[str, Any]], rule: ToolErrorRule = DEFAULT_RULE) -> int:
     """Failed tool calls after which the agent called a tool again (it had to retry).
 
