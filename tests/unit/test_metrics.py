@@ -206,3 +206,24 @@ def test_report_shows_each_arm_with_intervals() -> None:
     assert "50.0% [" in text and "n/a (no data)" in text
     assert "+50.0 pts [" in text  # candidate vs prompt-only difference with its interval
     assert "![../../eval_plots/sft/tsr.png]" in text
+
+
+def test_estimated_usage_is_marked_in_the_block_and_the_report() -> None:
+    """Issue 18: usage tracetune estimated (logs without any) is marked in the reports."""
+    estimated = traj(False)
+    estimated.usage.estimated = True
+    estimated.cost_estimated = True
+    block = summarize([traj(True), estimated])
+    assert block["usage_estimated"] == 0.5
+    assert "usage_estimated" not in summarize([traj(True)])
+    plain = summarize([traj(True)])
+    payload = {"model": "sft", "model_path": "m", "n_tasks": 2, "candidate": plain,
+               "baseline_prompt_only": plain, "baseline_production": block,
+               "delta": deltas(block, block, {})}  # fmt: skip
+    rows = [line for line in render_report(payload, {}, []).splitlines() if "estimated" in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "tokens in per task",
+        "tokens out per task",
+        "cost per task (USD)",
+    ]
+    assert all(r.count("estimated: 50.0% of tasks") == 1 for r in rows)  # production's only
