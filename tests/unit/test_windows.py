@@ -8,11 +8,11 @@ from types import SimpleNamespace
 from tracetune.training.windows import (
     assistant_indices,
     mask_runs,
-    message_text,
     minimal_start,
     untrain_first_turns,
     valid_starts,
 )
+from tracetune.trajectories.schema import message_text
 
 CALL = {"id": "c1", "type": "function", "function": {"name": "get_order", "arguments": "{}"}}
 BODY = [
@@ -45,9 +45,9 @@ def test_context_turns_are_masked_out_of_the_loss() -> None:
 
 
 def test_message_text_covers_calls_and_content_parts() -> None:
-    assert message_text(BODY[1]) == "get_order {}"
+    assert message_text(BODY[1]) == "get_order\n{}"
     parts = {
         "role": "user",
         "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
     }
-    assert message_text(parts) == "a\nb"
+    assert message_text(parts) == "ab"

@@ -28,10 +28,11 @@ shared-prefix batches (`tracetune/training/prefix.py`) still run that prefix onc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tracetune.trajectories.schema import message_text
 
 Encode = Callable[[Sequence[dict[str, Any]]], Any]  # messages -> TokenizedExample-like
 PER_MESSAGE = 5  # template tokens around a message (role header, end of turn), estimated
@@ -246,20 +247,3 @@ def _fit(
         if not later:
             return None, start, j
         start = later[0]
-
-
-def message_text(message: dict[str, Any]) -> str:
-    """What of a message the template writes out: its text and its tool calls."""
-    parts: list[str] = []
-    content = message.get("content")
-    if isinstance(content, str):
-        parts.append(content)
-    elif isinstance(content, list):
-        parts += [str(p.get("text") or "") for p in content if isinstance(p, dict)]
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            arguments = function.get("arguments")
-            text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-            parts.append(f"{function.get('name')} {text}")
-    return "\n".join(parts)

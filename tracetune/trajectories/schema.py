@@ -113,5 +113,26 @@ def final_answer(messages: Sequence[Message] | Sequence[dict[str, Any]]) -> str 
     return None
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """What of a message a chat template writes out, as plain text: its content (a string or
+    text parts) and each tool call's name and arguments. What token estimates count."""
+    parts = [_content_text(message.get("content"))]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts += [str(function.get("name") or ""), _content_text(function.get("arguments"))]
+    return "\n".join(p for p in parts if p)
+
+
+def _content_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts
+        return "".join(str(p.get("text") or "") for p in value if isinstance(p, dict))
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _role(message: Message | dict[str, Any]) -> str:
     return message.role if isinstance(message, Message) else str(message.get("role"))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.config import Pricing, UsageEstimateParams
-from tracetune.trajectories.schema import final_answer
+from tracetune.trajectories.schema import final_answer, message_text
 
 PER_MESSAGE_TOKENS = 4  # role and turn markers around each message (ChatML: 3 to 5)
 FALLBACK = "chars_per_token"
@@ -57,12 +57,7 @@ class UsageEstimator:
         return len(self._tok.encode(text, add_special_tokens=False))
 
     def message_tokens(self, message: dict[str, Any]) -> int:
-        parts = [_text(message.get("content"))]
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                parts += [str(function.get("name") or ""), _text(function.get("arguments"))]
-        return self.count("\n".join(p for p in parts if p)) + PER_MESSAGE_TOKENS
+        return self.count(message_text(message)) + PER_MESSAGE_TOKENS
 
     def estimate(self, messages: list[dict[str, Any]]) -> tuple[int, int]:
         """(prompt, completion) tokens: each assistant turn is billed the context before it."""
@@ -118,18 +113,6 @@ def _logged_usage(usage: Any) -> bool:
     counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
     numbers = [c for c in counts if isinstance(c, int | float) and not isinstance(c, bool)]
     return len(numbers) == 2 and sum(numbers) > 0
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts
-        return "".join(str(p.get("text") or "") for p in value if isinstance(p, dict))
-    if value is None:
-        return ""
-    import json
-
-    return json.dumps(value, ensure_ascii=False)
 
 
 def resolve_tokenizer(configured: str | None, base_model: str | None) -> str | None:
