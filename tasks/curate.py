@@ -7,8 +7,10 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
+from tracetune.environments.base import load_environment
 from tracetune.trajectories.curation import curate
 from tracetune.trajectories.io import atomic_writer, iter_lines
+from tracetune.trajectories.tool_errors import build_rule
 
 METRICS = "curate.json"
 CURATED_FILE = "curated.jsonl"
@@ -19,9 +21,15 @@ def curated_path(params: Params) -> Path:
 
 
 def run(params: Params) -> dict[str, Any]:
+    env = load_environment(params.environment.class_path, **params.environment.kwargs)
+    rule = build_rule(params.tool_errors, env)
     with atomic_writer(curated_path(params)) as out:
         report = curate(
-            iter_lines(params.paths.ingested), params.curate, out, params.curate.workers
+            iter_lines(params.paths.ingested),
+            params.curate,
+            out,
+            params.curate.workers,
+            rule=rule,
         )
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)

@@ -65,6 +65,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     from tracetune.evaluation.plots import write_plots
     from tracetune.evaluation.report import render_report
     from tracetune.tracking import stage_run
+    from tracetune.trajectories.tool_errors import build_rule
 
     ev = params.evaluate
     paths = eval_paths(params, model)
@@ -98,15 +99,24 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     production = harness.production_baseline(params.paths.ingested, heldout.log_ids)
 
     base_pricing = harness.pricing_for(ev, harness.PROMPT_ONLY)
+    probe = envs.acquire()
+    rule = build_rule(params.tool_errors, probe)
+    envs.release(probe)
     arms = {
         "candidate": summarize(
-            candidate, harness.pricing_for(ev, model), max_turns=max_turns, terminating=ends
+            candidate,
+            harness.pricing_for(ev, model),
+            max_turns=max_turns,
+            terminating=ends,
+            rule=rule,
         ),
         "baseline_prompt_only": summarize(
-            prompt_only, base_pricing, max_turns=max_turns, terminating=ends
+            prompt_only, base_pricing, max_turns=max_turns, terminating=ends, rule=rule
         ),
-        "baseline_production": summarize(production),
-        "baseline_floor": summarize(floor, harness.FREE, max_turns=max_turns, terminating=ends),
+        "baseline_production": summarize(production, rule=rule),
+        "baseline_floor": summarize(
+            floor, harness.FREE, max_turns=max_turns, terminating=ends, rule=rule
+        ),
     }
     payload: dict[str, Any] = {
         "model": model,

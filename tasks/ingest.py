@@ -9,6 +9,7 @@ from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
 from tracetune.trajectories.sources import SourceUnavailable
+from tracetune.trajectories.usage import estimator_from_params
 
 METRICS = "ingest.json"
 
@@ -27,7 +28,8 @@ def ingest_paths(params: Params) -> IngestPaths:
 def run(params: Params) -> dict[str, Any]:
     """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
     `SourceUnavailable` (nothing committed) when the store keeps failing."""
-    report = ingest(params.ingest, ingest_paths(params))
+    usage = estimator_from_params(params.ingest.usage, params.base_model.name_or_path)
+    report = ingest(params.ingest, ingest_paths(params), usage=usage)
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary
@@ -43,8 +45,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
-        f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
-        + pending
+        f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); "
+        f"usage estimated for {s['usage_estimated']} ({s['usage_counted_with']}); "
+        f"files {s['files']}" + pending
     )
 
 

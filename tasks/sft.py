@@ -112,8 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
     result = run(stage_params(argv))
+    cuts = result.cuts
+    windows = (
+        f" ({cuts['windowed']} long conversations cut into windows, "
+        f"{cuts['turns_dropped']} assistant turns fit nowhere)"
+        if cuts.get("windowed")
+        else ""
+    )
     Console().print(
-        f"[bold]SFT[/bold]: {result.examples} examples, {result.steps} steps, "
+        f"[bold]SFT[/bold]: {result.examples} examples{windows}, {result.steps} steps, "
         f"loss {result.first_loss} -> {result.final_loss}, "
         f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s"
     )

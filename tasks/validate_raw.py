@@ -11,6 +11,7 @@ from tracetune.data.features import RAW_COLUMNS, raw_rows
 from tracetune.data.gates import GateFailed, raw_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
 from tracetune.trajectories.ingest import last_batch_file
+from tracetune.trajectories.tool_errors import build_rule
 
 METRICS = "validate_raw.json"
 
@@ -26,8 +27,9 @@ def run(params: Params) -> dict[str, Any]:
         return metrics
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
     known = frozenset(env.tool_names())
+    rule = build_rule(params.tool_errors, env)
     with batch.open("rb") as handle:
-        rows = raw_rows(handle, known, params.gates.workers)
+        rows = raw_rows(handle, known, params.gates.workers, rule)
         result = run_gate(
             "raw",
             raw_checks(params.gates.raw, known, utc_now()),

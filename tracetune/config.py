@@ -430,6 +430,26 @@ class S3RetryParams(Section):
     read_timeout_s: float = Field(60.0, gt=0, description="a body silent this long is a stall")
 
 
+class UsageEstimateParams(Section):
+    """Token usage and cost for logs that carry none (docs/data.md, "Usage estimation").
+
+    Estimated values are marked (`usage.estimated`, `cost_estimated`) and never judged by a gate.
+    """
+
+    enabled: bool = Field(True, description="estimate missing usage/cost (false: quarantine)")
+    tokenizer: str | None = Field(
+        None,
+        description="tokenizer to count with (path or hub id); null: base_model.name_or_path "
+        "when it is on disk, else `chars_per_token`",
+    )
+    chars_per_token: float = Field(
+        4.0, gt=0, description="the fallback count when no tokenizer is available"
+    )
+    pricing: Pricing = Field(
+        default_factory=Pricing, description="USD per 1k tokens for the estimated cost"
+    )
+
+
 class IngestParams(Section):
     """Stage `ingest`: where logs come from, and what a batch may quarantine."""
 
@@ -441,18 +461,26 @@ class IngestParams(Section):
     full_refresh: bool = Field(False, description="forget the watermark, re-ingest everything")
     mapping: FieldMapping = FieldMapping()
     pii: PiiParams = PiiParams()
+    usage: UsageEstimateParams = UsageEstimateParams()
 
 
 class RawGateParams(Section):
     """Gate on an ingested batch. Production logs hold failed, messy episodes: faults the agent
     makes (malformed JSON, unknown tools) are bounded by `mostly`; what a logger must always get
-    right (answered calls, role order, sane costs and times) is near-strict."""
+    right (answered calls, an assistant turn, sane logged costs and times) is near-strict."""
 
     roles_ok_mostly: float = Field(0.99, ge=0, le=1)
     answered_calls_mostly: float = Field(0.99, ge=0, le=1)
     args_json_mostly: float = Field(0.85, ge=0, le=1)
     known_tools_mostly: float = Field(0.85, ge=0, le=1)
     steps_consistent_mostly: float = Field(0.99, ge=0, le=1)
+    tool_error_free_mostly: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of trajectories with no failed tool call (tool_errors): below it,"
+        " a tool or the environment was down",
+    )
     max_steps: int = Field(100, ge=1)
     max_total_tokens: int = Field(2_000_000, ge=1)
     max_cost_usd: float = Field(5.0, gt=0)
@@ -474,6 +502,43 @@ class ValidateParams(Section):
     curated: CuratedGateParams = CuratedGateParams()
     failed_rows_shown: int = Field(5, ge=1, description="rows listed per failed expectation")
     workers: int = Field(1, ge=1, description="processes deriving gate columns (1: in-process)")
+
+
+def _tool_error_defaults() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from tracetune.trajectories.tool_errors import DEFAULT_KEYS, DEFAULT_PATTERNS
+
+    return DEFAULT_KEYS, DEFAULT_PATTERNS
+
+
+class ToolErrorParams(Section):
+    """What counts as a failed tool call in a tool message (tracetune/trajectories/tool_errors.py).
+
+    One rule for curation's error-retry filter, the raw gate and the evaluation reports.
+    """
+
+    json_keys: list[str] = Field(
+        default_factory=lambda: list(_tool_error_defaults()[0]),
+        description="a JSON-object result with one of these keys set (not null/false/empty)",
+    )
+    text_patterns: list[str] = Field(
+        default_factory=lambda: list(_tool_error_defaults()[1]),
+        description="regexes (Python `re.search`) for text results",
+    )
+    from_environment: bool = Field(
+        True, description="also what the environment declares (tool_error_keys/_patterns)"
+    )
+
+    @field_validator("text_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} does not compile: {exc}") from None
+        return patterns
 
 
 class CurateParams(Section):
@@ -536,6 +601,7 @@ class Params(Section):
     ingest: IngestParams = IngestParams()
     gates: ValidateParams = ValidateParams()  # `validate` would shadow BaseModel.validate
     curate: CurateParams = CurateParams()
+    tool_errors: ToolErrorParams = ToolErrorParams()
     split: SplitParams = SplitParams()
     orchestrate: OrchestrateParams = OrchestrateParams()
     registry: RegisterParams = RegisterParams()  # `register` would shadow ABCMeta.register

@@ -60,9 +60,16 @@ def test_derived_columns_on_hand_made_trajectories() -> None:
         {"role": "assistant", "content": "a"},
     ]
     assert f.roles_ok(ok) and f.unanswered_calls(ok) == 0 and f.orphan_tool_messages(ok) == 0
-    assert not f.roles_ok(ok[:3])  # ends on a tool call
-    assert not f.roles_ok([ok[0], ok[3], ok[1], ok[4]])  # tool before any call
-    assert not f.roles_ok([ok[1], ok[0], ok[4]])  # system not first
+    # what real conversations do is fine: end on a tool result or the user's goodbye, carry a
+    # system note mid-way, open with the assistant's greeting
+    bye = {"role": "user", "content": "thanks, bye"}
+    for real in (ok[:4], [*ok, bye], [ok[1], ok[0], ok[4]], [ok[4], *ok[1:]]):
+        assert f.roles_ok(real)
+    assert f.unanswered_calls(ok[:4]) == 0 and f.orphan_tool_messages(ok[:4]) == 0
+    # what never holds: no assistant turn, an unknown role, an unanswered call, an orphan
+    assert not f.roles_ok(ok[:2]) and not f.roles_ok([*ok, {"role": "bot", "content": "x"}])
+    assert f.unanswered_calls(ok[:3]) == 1  # ends on a tool call nobody answered
+    assert f.orphan_tool_messages([ok[0], ok[3], ok[1], ok[4]]) == 1  # tool before any call
     assert f.unanswered_calls(ok[:3] + ok[4:]) == 1
     assert f.orphan_tool_messages([ok[1], {"role": "tool", "tool_call_id": "zz"}]) == 1
     bad_call = {"id": "c2", "function": {"name": "lookup_record", "arguments": '{"order_id": '}}
@@ -93,6 +100,8 @@ def corrupt(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
             record["messages"] = [m for m in record["messages"] if m["role"] != "tool"]
         elif i % 3 == 1:
             record["messages"] = record["messages"][::-1]
+        elif i % 6 == 2:  # the assistant's turns lost
+            record["messages"] = [m for m in record["messages"] if m["role"] != "assistant"]
         if i % 10 == 0:
             record["timestamp"] = future
         if i % 10 == 1:
@@ -191,3 +200,70 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     assert (tmp_path / "reports/gx/raw/index.html").exists()
     assert (tmp_path / "reports/gx/raw/summary.txt").read_text().startswith("GX gate 'raw' FAILED")
     assert not (tmp_path / "metrics/validate_raw.json").exists()
+
+
+# --- conversations as another harness logs them (issue 18, item 3) ---------------------------
+def ingest_records(records: list[dict[str, Any]], root: Path) -> Any:
+    (root / "logs").mkdir(parents=True)
+    (root / "logs/foreign.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = IngestPaths(root / "b", root / "q", root / "i.sqlite", root / "s.json", root / "r")
+    report = ingest(IngestParams(source=str(root / "logs")), paths)
+    return report, [orjson.loads(x) for x in iter_lines(paths.batches)]
+
+
+@pytest.mark.parametrize("zeros", [False, True], ids=["no-usage", "zero-placeholders"])
+def test_foreign_conversations_pass_the_raw_gate_with_estimated_usage(
+    tmp_path: Path, zeros: bool
+) -> None:
+    """Issue 18: the raw gate failed 100% of a foreign harness's rows on role order (its
+    conversations end with the user's goodbye or a hand-off tool result) and `total_tokens >= 1`
+    (no usage logged). Usage is now estimated at ingest, marked, and never judged."""
+    from foreign_support import foreign_runs
+
+    foreign, _ = foreign_runs(120, seed=11, zeros=zeros)
+    ends = {r["messages"][-1]["role"] for r in foreign}
+    assert ends == {"assistant", "user", "tool"}
+    report, records = ingest_records(foreign, tmp_path)
+    assert report.quarantined == 0 and report.accepted == len(foreign)
+    assert report.usage_estimated == len(foreign)
+    assert report.as_dict()["usage_counted_with"] == "chars_per_token=4"
+    for record in records:
+        assert record["usage"]["estimated"] is True and record["cost_estimated"] is True
+        assert record["usage"]["prompt_tokens"] > record["usage"]["completion_tokens"] > 0
+        assert record["cost_usd"] > 0
+        texts = [m.get("content") for m in record["messages"] if m["role"] == "assistant"]
+        assert record["final_answer"] == [t for t in texts if t][-1]  # not the goodbye
+    strict = RawGateParams(max_total_tokens=1, max_cost_usd=1e-9)  # estimates are not judged
+    rows = (f.raw_row(r, KNOWN, n) for n, r in enumerate(records, 1))
+    result = run_gate("raw", raw_checks(strict, KNOWN, NOW), f.RAW_COLUMNS, rows, tmp_path / "d")
+    assert result.success, result.summary()
+    assert {f.raw_row(r, KNOWN)["usage_estimated"] for r in records} == {1}
+
+
+def test_logged_usage_is_still_judged(batch: list[dict[str, Any]], tmp_path: Path) -> None:
+    """Only estimated numbers are exempt: a logged absurd usage still fails the gate."""
+    bad = copy.deepcopy(batch)
+    bad[0]["usage"] = {"prompt_tokens": 5_000_000, "completion_tokens": 1}
+    result = raw_gate(bad, tmp_path / "docs")
+    assert {r.check.column for r in result.failed} == {"total_tokens"}
+
+
+def test_plain_text_tool_errors_count_in_the_gate(tmp_path: Path) -> None:
+    """The raw gate's `tool_errors` column reads the same predicate as curation: an outage
+    (most calls answered `Error: ...`) fails the gate."""
+    from foreign_support import foreign_runs
+
+    foreign, _ = foreign_runs(60, seed=3)
+    rows = [f.raw_row(r, KNOWN) for r in foreign]
+    assert any(r["tool_errors"] for r in rows)
+    for record in foreign:
+        for message in record["messages"]:
+            if message["role"] == "tool":
+                message["content"] = "Error: upstream service unavailable"
+    for record in foreign:  # usage is not what this test is about
+        record |= {"usage": {"prompt_tokens": 90, "completion_tokens": 10}, "cost_usd": 0.01}
+    rows = [f.raw_row(r, KNOWN, n) for n, r in enumerate(foreign, 1)]
+    result = run_gate(
+        "raw", raw_checks(RawGateParams(), KNOWN, NOW), f.RAW_COLUMNS, iter(rows), tmp_path / "d"
+    )
+    assert {r.check.column for r in result.failed} == {"tool_errors"}

@@ -38,8 +38,8 @@ def test_loss_mask_trains_only_assistant_output_and_its_end_token(
 
     tok = load_tokenizer(tiny_base)
     rows = read_trajectories(golden_train, 5)
-    dataset, dropped = build_dataset(tok, rows, TOOLS, 4096)
-    assert dropped == 0 and len(dataset) == 5
+    dataset, cuts = build_dataset(tok, rows, TOOLS, 4096)
+    assert cuts.turns_dropped == 0 and cuts.windowed == 0 and len(dataset) == 5
     end_id = tok.convert_tokens_to_ids(IM_END)
     for ids, mask in zip(dataset["input_ids"], dataset["assistant_masks"], strict=True):
         text_trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
@@ -309,3 +309,101 @@ def test_family_mix_trains_one_redrawn_epoch_per_epoch(
     assert result.examples == 12 and result.epochs == pytest.approx(2.0)
     assert result.steps == 6  # 2 re-drawn epochs of 12 examples, batch 4, one trainer epoch
     assert result.final_loss is not None and result.first_loss is not None
+
+
+# --- long conversations (issue 18, item 5) -------------------------------------------------
+def long_sessions(golden_train: Path, n: int = 3, per: int = 8) -> list[dict[str, Any]]:
+    """Foreign-harness sessions: a ~2.7k-token policy as system prompt, `per` requests in one
+    conversation (4.8k to 8k tokens on the tiny tokenizer), ending with the user's goodbye."""
+    from foreign_support import long_policy, long_session
+
+    episodes = read_trajectories(golden_train)
+    policy = long_policy(20)
+    return [
+        {"family": "session", "messages": long_session(episodes[i * per : (i + 1) * per], policy)}
+        for i in range(n)
+    ]
+
+
+def test_a_long_conversation_becomes_windows_that_train_each_turn_once(
+    tiny_base: Path, golden_train: Path
+) -> None:
+    from tracetune.agent.model import load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    end_id = tok.convert_tokens_to_ids(IM_END)
+    for session in long_sessions(golden_train):
+        messages = session["messages"]
+        turns = [m for m in messages if m["role"] == "assistant"]
+        dataset, cuts = build_dataset(tok, [session], TOOLS, 2048, context=2048)
+        assert cuts.windowed == 1 and cuts.over_context == 1 and cuts.longest > 4000
+        assert cuts.turns_dropped == 0 and cuts.turns_trained == len(turns)
+        assert cuts.system_prompts_cut == 1 and cuts.system_tokens_cut > 1000
+        assert cuts.tail_messages_cut == 1 and cuts.history_tokens_cut > 0
+        rows = list(zip(dataset["input_ids"], dataset["assistant_masks"], strict=True))
+        assert len(rows) == cuts.examples > 1
+        trained_ends = 0
+        for ids, mask in rows:
+            assert len(ids) <= 2048
+            head = tok.decode(ids[:64])
+            assert "Clause 1:" in head  # the system prompt's head stays in every window
+            trained_ends += sum(1 for i, t in enumerate(ids) if t == end_id and mask[i])
+            assert "Bye!" not in tok.decode(ids)  # nothing after the last answer
+        assert trained_ends == len(turns)  # every assistant turn trained exactly once
+        first_ids = rows[0][0]
+        common = next(
+            (k for k in range(len(first_ids)) if any(r[0][k] != first_ids[k] for r in rows)),
+            len(first_ids),
+        )
+        assert common > 900  # one system turn for all windows: shared-prefix batches share it
+        last_ids, last_mask = rows[-1]
+        trained = tok.decode([t for t, m in zip(last_ids, last_mask, strict=True) if m])
+        assert turns[-1]["content"] in trained  # the latest turns stay
+        first_question = next(m["content"] for m in messages if m["role"] == "user")
+        assert first_question not in tok.decode(last_ids)  # the oldest ones went
+
+
+def test_long_conversations_train_on_defaults_and_report_the_cuts(
+    tiny_base: Path, golden_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18: SFT stopped with "no training example fits max_length=2048" on logs of 4.4k
+    to 9.2k-token conversations behind a long policy. Now they train, and the stage says what
+    it cut (metrics + warnings), including conversations beyond the model's context."""
+    import json
+    import logging
+
+    train = tmp_path / "train.jsonl"
+    sessions = long_sessions(golden_train)
+    train.write_text("".join(json.dumps(s) + "\n" for s in sessions))
+    with caplog.at_level(logging.WARNING, logger="tracetune.training.sft"):
+        result = train_sft(
+            _params(max_steps=2), str(tiny_base), train, TOOLS, tmp_path / "o", tmp_path / "c"
+        )
+    assert result.steps == 2 and result.examples > len(sessions)
+    metrics = result.metrics()
+    assert metrics["cut_windowed"] == len(sessions) and metrics["cut_turns_dropped"] == 0
+    assert metrics["cut_examples"] == result.examples and metrics["dropped_too_long"] == 0
+    assert metrics["cut_system_prompts_cut"] == len(sessions)
+    assert metrics["cut_over_context"] == len(sessions) and metrics["max_length"] == 2048
+    logged = caplog.text
+    assert "longer than sft.max_length=2048" in logged
+    assert "longer than the model's context (2048 tokens)" in logged
+    assert "system prompt of 3 conversations was cut" in logged
+
+
+def test_max_length_beyond_the_model_context_is_capped_with_a_warning(
+    tiny_base: Path, golden_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tracetune.training.sft"):
+        result = train_sft(
+            _params(max_steps=1, max_length=8192, max_examples=4),
+            str(tiny_base),
+            golden_train,
+            TOOLS,
+            tmp_path / "o",
+            tmp_path / "c",
+        )
+    assert result.max_length == 2048 and result.steps == 1
+    assert "sft.max_length=8192 is longer than the model's context (2048)" in caplog.text

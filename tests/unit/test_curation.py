@@ -151,3 +151,82 @@ def test_curate_reports_drops_per_rule_and_writes_the_rest() -> None:
         "exact_duplicate": 1,
         "near_duplicate": 2,
     }
+
+
+# --- tool errors whatever their shape (issue 18, item 4) ------------------------------------
+def text_result(i: int, content: str) -> dict:
+    return {"role": "tool", "tool_call_id": f"call_{i}", "content": content}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "Error: order O-9 not found",
+        "error: invalid arguments: 'order_id' is required",
+        "  Error fetching the order (HTTP 503)",
+        "Traceback (most recent call last):\n  File ...\nKeyError: 'x'",
+        '{"error": {"message": "rate limited", "code": 429}}',
+        '{"isError": true, "content": [{"type": "text", "text": "boom"}]}',
+    ],
+)
+def test_error_results_in_every_shape_are_retries_when_called_again(content: str) -> None:
+    messages = [call(1, "get_order", {"order_id": "O-9"}), text_result(1, content)]
+    messages.append(call(2, "get_order", {"order_id": "O-1"}))
+    assert error_retries(messages) == 1
+    rec = record()
+    rec["messages"][2:2] = [call(2, "get_order", {"order_id": "O-9"}), text_result(2, content)]
+    assert golden_failures(rec, CurateParams()) == ["error_retries"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"order_id": "O-1", "error": null}',  # a success that names its error field
+        '{"errors": [], "status": "shipped"}',
+        "Errors in the address were corrected; the order shipped.",
+        "The order O-1 has no error: it shipped.",
+    ],
+)
+def test_successful_results_are_not_errors(content: str) -> None:
+    messages = [call(1, "get_order", {"order_id": "O-1"}), text_result(1, content)]
+    messages.append(call(2, "get_order", {"order_id": "O-2"}))
+    assert error_retries(messages) == 0
+
+
+def test_the_rule_is_configurable_and_takes_what_the_environment_declares() -> None:
+    from tracetune.config import ParamsError, ToolErrorParams, parse_params
+    from tracetune.environments.support_desk import SupportDesk
+    from tracetune.trajectories.tool_errors import build_rule
+
+    class FailingDesk(SupportDesk):
+        tool_error_patterns = (r"^FAILED\b",)
+        tool_error_keys = ("fault",)
+
+    env = FailingDesk()
+    rule = build_rule(ToolErrorParams(), env)
+    assert rule.matches("FAILED to reach the warehouse") and rule.matches('{"fault": "db down"}')
+    assert rule.matches("Error: x")  # the defaults stay
+    assert not build_rule(ToolErrorParams(from_environment=False), env).matches("FAILED: x")
+    own = build_rule(ToolErrorParams(text_patterns=[r"^oops\b"], json_keys=["problem"]))
+    assert own.matches("oops, no such order") and own.matches('{"problem": "x"}')
+    assert not own.matches("Error: x") and not own.matches('{"error": "x"}')
+    retried = [call(1, "get_order", {}), text_result(1, "oops, no"), call(2, "get_order", {})]
+    assert error_retries(retried, own) == 1 and error_retries(retried) == 0
+    with pytest.raises(ParamsError, match=r"tool_errors\.text_patterns"):
+        parse_params({"tool_errors": {"text_patterns": ["^(unclosed"]}})
+
+
+def test_foreign_harness_plain_text_errors_are_flagged_like_json_ones() -> None:
+    """Issue 18: runs that call again after a plain-text `Error: ...` result were flagged 0
+    times. The foreign copies (text errors, no `error_retries` label) must be flagged exactly
+    as their JSON-error originals are."""
+    from foreign_support import foreign_runs
+
+    foreign, ours = foreign_runs(200)
+    expected = sum(error_retries(r["messages"]) > 0 for r in ours)
+    assert expected >= 20  # the simulator's error_retry fault rate makes plenty
+    out = io.StringIO()
+    params = CurateParams(require_success=False, step_limit=100)
+    report = curate((json.dumps(r) for r in foreign), params, out)
+    assert report.failing["error_retries"] == expected
+    assert report.as_dict()["with_tool_errors"] >= expected

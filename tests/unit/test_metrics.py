@@ -158,12 +158,28 @@ def test_own_failure_label_wins_and_successes_have_none() -> None:
     assert counts["unknown_tool"] == 1 and sum(counts.values()) == 1
 
 
-def test_tool_error_kind_only_reads_error_objects() -> None:
+def test_tool_error_kind_reads_the_one_tool_error_predicate() -> None:
+    """The report's failure taxonomy sees the errors curation sees (issue 18, item 4)."""
     assert tool_error_kind('{"error": "unknown tool \'x\'"}') == "unknown_tool"
     assert tool_error_kind('{"error": "order O-1 not found"}') == "tool_error"
     assert tool_error_kind('{"status": "error"}') is None
-    assert tool_error_kind('{"error": "x", "order": 1}') is None  # a result with an error field
+    assert tool_error_kind('{"error": "x", "order": 1}') == "tool_error"  # as curation says
+    assert tool_error_kind('{"error": null, "order": 1}') is None  # a success naming its field
+    assert tool_error_kind("Error: order O-1 not found") == "tool_error"  # plain text
+    assert tool_error_kind("error: invalid arguments: 'x' is required") == "tool_error"
     assert tool_error_kind("not json") is None
+    assert tool_error_kind("Errors are rare here") is None
+
+
+def test_a_conversation_that_goes_on_after_its_answer_answered() -> None:
+    """A foreign log ends with the user's goodbye: its failure is a wrong answer, not a step
+    cap (the final answer is the last assistant message with text)."""
+    messages = [
+        {"role": "user", "content": "status of O-1?"},
+        {"role": "assistant", "content": "It shipped."},
+        {"role": "user", "content": "thanks, bye"},
+    ]
+    assert classify_failure(traj(False, messages)) == "wrong_answer"
 
 
 def test_deltas_and_flatten() -> None:
@@ -190,3 +206,24 @@ def test_report_shows_each_arm_with_intervals() -> None:
     assert "50.0% [" in text and "n/a (no data)" in text
     assert "+50.0 pts [" in text  # candidate vs prompt-only difference with its interval
     assert "![../../eval_plots/sft/tsr.png]" in text
+
+
+def test_estimated_usage_is_marked_in_the_block_and_the_report() -> None:
+    """Issue 18: usage tracetune estimated (logs without any) is marked in the reports."""
+    estimated = traj(False)
+    estimated.usage.estimated = True
+    estimated.cost_estimated = True
+    block = summarize([traj(True), estimated])
+    assert block["usage_estimated"] == 0.5
+    assert "usage_estimated" not in summarize([traj(True)])
+    plain = summarize([traj(True)])
+    payload = {"model": "sft", "model_path": "m", "n_tasks": 2, "candidate": plain,
+               "baseline_prompt_only": plain, "baseline_production": block,
+               "delta": deltas(block, block, {})}  # fmt: skip
+    rows = [line for line in render_report(payload, {}, []).splitlines() if "estimated" in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "tokens in per task",
+        "tokens out per task",
+        "cost per task (USD)",
+    ]
+    assert all(r.count("estimated: 50.0% of tasks") == 1 for r in rows)  # production's only

@@ -200,6 +200,45 @@ def test_tool_lines_are_compact_signatures() -> None:
     assert all(", " not in line and '": ' not in line for line in lines)
 
 
+def test_parameter_descriptions_and_array_item_types_survive() -> None:
+    """Issue 18: the compact signature dropped parameter descriptions and array item types
+    (`"ids": "array"`); a parameter whose schema says more is now written whole."""
+    items = {"type": "array", "items": {"type": "string", "pattern": "^O-\\d+$"}}
+    nested = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "tag_orders",
+            "description": "Tag several orders.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "order_ids": items | {"description": "The orders to tag, e.g. O-1."},
+                    "tag": {"type": "string", "enum": ["vip", "late"]},
+                    "priority": {"type": "integer", "description": "1 (low) to 5 (high)."},
+                    "address": nested,
+                    "note": {"type": "string"},
+                },
+                "required": ["order_ids", "tag"],
+            },
+        },
+    }
+    text, _ = render_with_spans(CONVERSATION, [tool])
+    line = text.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
+    assert json.loads(line) == {
+        "name": "tag_orders",
+        "description": "Tag several orders.",
+        "parameters": {
+            "order_ids": items | {"description": "The orders to tag, e.g. O-1."},
+            "tag": ["vip", "late"],
+            "priority": {"type": "integer", "description": "1 (low) to 5 (high)."},
+            "address": nested,
+            "note": "string",
+        },
+        "optional": ["priority", "address", "note"],
+    }
+
+
 def test_no_tools_and_no_system_message_get_a_default_system_turn(tokenizer: Any) -> None:
     text = render_messages(
         tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True

@@ -7,12 +7,13 @@ so it is unit-tested on its own; the gates then say "`unanswered_calls` is 0 for
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
+
+from tracetune.trajectories.tool_errors import DEFAULT_RULE, ToolErrorRule
 
 REQUIRED_FIELDS = (
     "trajectory_id",
@@ -28,25 +29,18 @@ REQUIRED_FIELDS = (
     "latency_s",
 )
 
-# s system, u user, c assistant with tool calls, a assistant without, t tool, ? anything else.
-# Valid: optional system first; a user opens; a tool message only follows a tool-calling
-# assistant (or another tool message); an assistant answer closes.
-ROLE_ORDER = re.compile(r"s?u(?:[uac]|(?<=[ct])t)*a")
-
-
-def role_code(message: dict[str, Any]) -> str:
-    role = message.get("role")
-    if role == "assistant":
-        return "c" if message.get("tool_calls") else "a"
-    return {"system": "s", "user": "u", "tool": "t"}.get(str(role), "?")
-
-
-def role_string(messages: Sequence[dict[str, Any]]) -> str:
-    return "".join(role_code(m) for m in messages)
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 def roles_ok(messages: Sequence[dict[str, Any]]) -> bool:
-    return ROLE_ORDER.fullmatch(role_string(messages)) is not None
+    """What holds for every real conversation, whatever harness logged it: known roles and at
+    least one assistant turn. No fixed order: a conversation may open with the assistant's
+    greeting, carry a mid-conversation system note, or end with the user's goodbye or a
+    hand-off tool's result; that each tool call is answered and no tool message is an orphan is
+    checked by `unanswered_calls` and `orphan_tool_messages`.
+    """
+    roles = [m.get("role") for m in messages]
+    return all(r in KNOWN_ROLES for r in roles) and "assistant" in roles
 
 
 def tool_calls(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str, Any]]:
@@ -148,8 +142,10 @@ RAW_COLUMNS: dict[str, str] = {
     "unknown_tools": "INTEGER",
     "unanswered_calls": "INTEGER",
     "orphan_tool_messages": "INTEGER",
+    "tool_errors": "INTEGER",
     "steps": "INTEGER",
     "steps_consistent": "INTEGER",
+    "usage_estimated": "INTEGER",
     "total_tokens": "INTEGER",
     "cost_usd": "REAL",
     "latency_s": "REAL",
@@ -157,13 +153,24 @@ RAW_COLUMNS: dict[str, str] = {
 }
 
 
-def raw_row(record: dict[str, Any], known_tools: frozenset[str], line: int = 0) -> dict[str, Any]:
-    """One ingested trajectory as the raw-batch gate's row."""
+def raw_row(
+    record: dict[str, Any],
+    known_tools: frozenset[str],
+    line: int = 0,
+    rule: ToolErrorRule = DEFAULT_RULE,
+) -> dict[str, Any]:
+    """One ingested trajectory as the raw-batch gate's row.
+
+    Estimated usage and cost (ingest fills them in for logs without any) are NULL here: range
+    checks skip NULLs, so a gate never fails a row for a number tracetune estimated itself.
+    """
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     calls = tool_calls(messages)
     usage = record.get("usage")
     usage = usage if isinstance(usage, dict) else {}
+    estimated = bool(usage.get("estimated"))
     tokens = [_number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+    logged_tokens = int(sum(tokens)) if None not in tokens else None  # type: ignore[arg-type]
     steps = record.get("steps")
     return {
         "line": line,
@@ -177,27 +184,36 @@ def raw_row(record: dict[str, Any], known_tools: frozenset[str], line: int = 0) 
         "unknown_tools": unknown_tools(calls, known_tools),
         "unanswered_calls": unanswered_calls(messages),
         "orphan_tool_messages": orphan_tool_messages(messages),
+        "tool_errors": rule.count(messages),
         "steps": steps if isinstance(steps, int) else None,
         "steps_consistent": int(steps == sum(1 for m in messages if m.get("role") == "assistant")),
-        "total_tokens": int(sum(tokens)) if None not in tokens else None,  # type: ignore[arg-type]
-        "cost_usd": _number(record.get("cost_usd")),
+        "usage_estimated": int(estimated),
+        "total_tokens": None if estimated else logged_tokens,
+        "cost_usd": None if record.get("cost_estimated") else _number(record.get("cost_usd")),
         "latency_s": _number(record.get("latency_s")),
         "timestamp_s": epoch_seconds(record.get("timestamp")),
     }
 
 
-def _raw_rows_chunk(args: tuple[list[bytes], frozenset[str], int]) -> list[dict[str, Any]]:
-    lines, known, first = args
-    return [raw_row(orjson.loads(line), known, first + i) for i, line in enumerate(lines)]
+def _raw_rows_chunk(
+    args: tuple[list[bytes], frozenset[str], int, ToolErrorRule],
+) -> list[dict[str, Any]]:
+    lines, known, first, rule = args
+    return [raw_row(orjson.loads(line), known, first + i, rule) for i, line in enumerate(lines)]
 
 
 def raw_rows(
-    lines: Iterable[bytes], known_tools: frozenset[str], workers: int = 1
+    lines: Iterable[bytes],
+    known_tools: frozenset[str],
+    workers: int = 1,
+    rule: ToolErrorRule = DEFAULT_RULE,
 ) -> Iterator[dict[str, Any]]:
     """Gate rows for JSONL lines (line numbers from 1), derived in `workers` processes."""
     from tracetune.trajectories.io import chunked, ordered_map
 
-    jobs = ((chunk, known_tools, 1 + i * 1000) for i, chunk in enumerate(chunked(lines, 1000)))
+    jobs = (
+        (chunk, known_tools, 1 + i * 1000, rule) for i, chunk in enumerate(chunked(lines, 1000))
+    )
     for rows in ordered_map(_raw_rows_chunk, jobs, workers):
         yield from rows
 

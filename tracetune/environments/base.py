@@ -232,6 +232,11 @@ class Environment(ABC):
 
     name: str = "environment"
     system_prompt: str = "You are a helpful assistant with tools."
+    # How this environment's tool results say a call failed, beyond the shapes every harness
+    # uses (`tool_errors` in params.yaml): JSON keys whose truthy value marks a failure, and
+    # regexes for text results. Curation, the raw gate and the reports all read them.
+    tool_error_keys: tuple[str, ...] = ()
+    tool_error_patterns: tuple[str, ...] = ()
 
     def __init__(self, max_steps: int = 15) -> None:
         self.max_steps = max_steps

@@ -7,6 +7,8 @@ The block one arm gets (`summarize`) is the `M` of `metrics/eval_<model>.json`:
     tsr, tsr_ci_low, tsr_ci_high, n          task success rate and its 95% Wilson interval
     steps_mean, steps_median                  assistant turns per task
     tokens_in, tokens_out                     prompt / completion tokens per task (mean)
+    usage_estimated                           share of tasks whose usage/cost tracetune
+                                              estimated (logs without usage; absent when 0)
     cost_per_task_usd                         mean cost per task at the arm's prices
     latency_s                                 mean wall time per task
     per_family {family: {tsr, n}}
@@ -20,7 +22,6 @@ family) and TSRs sit near 0 or 1 for weak or strong models, where the normal int
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -37,8 +38,9 @@ from tracetune.agent.rollout import (
     failure_label,
 )
 from tracetune.config import Pricing
-from tracetune.trajectories.schema import Message, Trajectory
+from tracetune.trajectories.schema import Message, Trajectory, final_answer
 from tracetune.trajectories.simulator import cost_usd
+from tracetune.trajectories.tool_errors import DEFAULT_RULE, ToolErrorRule
 
 Z95 = 1.959963984540054
 ROUND = 6
@@ -86,28 +88,25 @@ def newcombe_interval(
     return d, max(-1.0, low), min(1.0, high)
 
 
-def tool_error_kind(content: str | None) -> str | None:
-    """The step error a tool message reports (`{"error": ...}`), or None when it succeeded."""
-    if not content or not content.lstrip().startswith("{"):
+def tool_error_kind(content: str | None, rule: ToolErrorRule = DEFAULT_RULE) -> str | None:
+    """The step error a tool message reports (the `tool_errors` rule), or None when it
+    succeeded: our environment's own messages map to their kinds, anything else is
+    `tool_error`."""
+    text = rule.message(content)
+    if text is None:
         return None
-    try:
-        payload = json.loads(content)
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or "error" not in payload or len(payload) != 1:
-        return None
-    text = str(payload["error"]).lower()
+    text = text.lower()
     return next(
         (kind for prefix, kind in _TOOL_ERROR_KINDS if text.startswith(prefix)), "tool_error"
     )
 
 
-def step_errors(messages: Sequence[Message]) -> list[str]:
+def step_errors(messages: Sequence[Message], rule: ToolErrorRule = DEFAULT_RULE) -> list[str]:
     """Failed steps, in order, read back from the messages (logs carry no step labels)."""
     errors: list[str] = []
     for i, message in enumerate(messages):
         if message.role == "tool":
-            kind = tool_error_kind(message.content)
+            kind = tool_error_kind(message.content, rule)
             if kind is not None:
                 errors.append(kind)
         elif (
@@ -117,17 +116,20 @@ def step_errors(messages: Sequence[Message]) -> list[str]:
     return errors
 
 
-def classify_failure(trajectory: Trajectory) -> str | None:
+def classify_failure(trajectory: Trajectory, rule: ToolErrorRule = DEFAULT_RULE) -> str | None:
     """The failure label of a trajectory: its own `failure` when set (rollouts), else read from
-    the messages with the same rules the rollout engine applies (`failure_label`)."""
+    the messages with the same rules the rollout engine applies (`failure_label`).
+
+    A logged conversation answered when an assistant message has text (the last such is the
+    final answer), even if the user's goodbye or a hand-off tool's result comes after it.
+    """
     if trajectory.success:
         return None
     if trajectory.failure:
         return trajectory.failure
-    last = trajectory.messages[-1]
-    answered = last.role == "assistant" and not last.tool_calls
+    answered = final_answer(trajectory.messages) is not None
     return failure_label(
-        False, "answer" if answered else STEP_CAP, step_errors(trajectory.messages)
+        False, "answer" if answered else STEP_CAP, step_errors(trajectory.messages, rule)
     )
 
 
@@ -169,11 +171,13 @@ def summarize(
     tokens: bool = True,
     max_turns: int | None = None,
     terminating: frozenset[str] = frozenset(),
+    rule: ToolErrorRule = DEFAULT_RULE,
 ) -> dict[str, Any]:
     """One arm's metrics block (`M`). `pricing` re-prices from token usage (else logged cost);
     `tokens=False` leaves out token fields (logs that never recorded usage); `max_turns`, the
     turn limit the arm ran under, adds `cut_by_turn_limit` (how many episodes it cut;
-    `terminating`: the environment's terminating tools, whose call is not a cut)."""
+    `terminating`: the environment's terminating tools, whose call is not a cut); `rule` says
+    which tool results are failed calls (the failure taxonomy)."""
     n = len(trajectories)
     wins = sum(t.success for t in trajectories)
     low, high = wilson_interval(wins, n)
@@ -189,11 +193,14 @@ def summarize(
     if tokens:
         block["tokens_in"] = _mean([t.usage.prompt_tokens for t in trajectories])
         block["tokens_out"] = _mean([t.usage.completion_tokens for t in trajectories])
+    estimated = sum(1 for t in trajectories if t.usage.estimated or t.cost_estimated)
+    if estimated:
+        block["usage_estimated"] = round(estimated / n, ROUND)
     cost = _mean([_cost(t, pricing) for t in trajectories])
     block["cost_per_task_usd"] = round(cost, 8) if cost is not None else None
     block["latency_s"] = _mean([t.latency_s for t in trajectories])
     block["per_family"] = per_family(trajectories)
-    block["failures"] = failure_counts(trajectories)
+    block["failures"] = failure_counts(trajectories, rule)
     if max_turns is not None:
         block["cut_by_turn_limit"] = sum(
             cut_by_turn_limit(t, max_turns, terminating) for t in trajectories
@@ -214,11 +221,13 @@ def per_family(trajectories: Sequence[Trajectory]) -> dict[str, dict[str, Any]]:
     }
 
 
-def failure_counts(trajectories: Sequence[Trajectory]) -> dict[str, int]:
+def failure_counts(
+    trajectories: Sequence[Trajectory], rule: ToolErrorRule = DEFAULT_RULE
+) -> dict[str, int]:
     """Failed tasks per taxonomy label; every label is present (stable keys for metrics diffs)."""
     counts: dict[str, int] = dict.fromkeys(FAILURE_LABELS, 0)
     for t in trajectories:
-        label = classify_failure(t)
+        label = classify_failure(t, rule)
         if label is not None:
             counts[label] = counts.get(label, 0) + 1
     return counts

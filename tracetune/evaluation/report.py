@@ -59,6 +59,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _est(block: Mapping[str, Any], cell: str) -> str:
+    """A usage cell marked when tracetune estimated (part of) it: logs without usage."""
+    share = block.get("usage_estimated")
+    return f"{cell} (estimated: {_pct(share)} of tasks)" if share else cell
+
+
 def summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     """Metric rows: one column per arm."""
     blocks = [metrics[key] for key, _ in present_arms(metrics)]
@@ -71,9 +77,12 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
         ["cut by the turn limit", *[_count(b.get("cut_by_turn_limit")) for b in blocks]],
         ["steps per task (mean)", *[_num(b.get("steps_mean")) for b in blocks]],
         ["steps per task (median)", *[_num(b.get("steps_median"), ".1f") for b in blocks]],
-        ["tokens in per task", *[_num(b.get("tokens_in"), ".0f") for b in blocks]],
-        ["tokens out per task", *[_num(b.get("tokens_out"), ".0f") for b in blocks]],
-        ["cost per task (USD)", *[_num(b.get("cost_per_task_usd"), ".6f") for b in blocks]],
+        ["tokens in per task", *[_est(b, _num(b.get("tokens_in"), ".0f")) for b in blocks]],
+        ["tokens out per task", *[_est(b, _num(b.get("tokens_out"), ".0f")) for b in blocks]],
+        [
+            "cost per task (USD)",
+            *[_est(b, _num(b.get("cost_per_task_usd"), ".6f")) for b in blocks],
+        ],
         ["latency per task (s)", *[_num(b.get("latency_s"), ".3f") for b in blocks]],
     ]
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,12 +26,14 @@ from tracetune.config import SFTParams
 from tracetune.training.mixing import mixed_epoch
 from tracetune.training.prefix import prefix_sharing_trainer
 from tracetune.training.rekey import compile_patterns, rekeyed_passes
+from tracetune.training.windows import CutReport, conversation_examples
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 FINGERPRINT_FILE = "tracetune_fingerprint.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class SFTResult:
     """What the SFT stage reports (metrics file and MLflow)."""
 
     examples: int
-    dropped_too_long: int
+    dropped_too_long: int  # assistant turns that fit in no window (never trained)
     train_tokens: int
     trained_tokens: int
     steps: int
@@ -56,10 +59,14 @@ class SFTResult:
     resumed_from: str | None
     use_lora: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    cuts: dict[str, int] = field(default_factory=dict)  # CutReport per epoch of data
+    max_length: int | None = None  # the effective one (capped at the model's context)
 
     def metrics(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("history")
+        out.pop("cuts")
+        out |= {f"cut_{k}": v for k, v in self.cuts.items()}
         return out
 
 
@@ -116,24 +123,80 @@ def build_dataset(
     trajectories: Iterable[dict[str, Any]],
     tools: Sequence[dict[str, Any]],
     max_length: int,
-) -> tuple[Dataset, int]:
-    """Pre-tokenised dataset (`input_ids`, `assistant_masks`) and how many were too long."""
+    context: int | None = None,
+) -> tuple[Dataset, CutReport]:
+    """Pre-tokenised dataset (`input_ids`, `assistant_masks`) and what fitting it cost.
+
+    A conversation longer than `max_length` becomes windows (`tracetune.training.windows`);
+    `context` (the model's) only counts the conversations longer than it. Raises when not one
+    assistant turn of any conversation fits, naming what takes the room.
+    """
     from datasets import Dataset
 
+    def encode(messages: Sequence[dict[str, Any]]) -> TokenizedExample:
+        return tokenize_conversation(tokenizer, messages, tools)
+
+    def count_text(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids))
+
     rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    dropped = 0
-    for i, traj in enumerate(trajectories):
-        example = tokenize_conversation(tokenizer, traj["messages"], tools)
-        if i == 0:
-            check_mask(tokenizer, example)
-        if len(example.input_ids) > max_length:
-            dropped += 1
-            continue
-        rows["input_ids"].append(example.input_ids)
-        rows["assistant_masks"].append(example.assistant_masks)
+    report = CutReport()
+    for traj in trajectories:
+        examples = conversation_examples(
+            traj["messages"], encode, max_length, report, count_text, decode, context
+        )
+        for example in examples:
+            if not rows["input_ids"]:
+                check_mask(tokenizer, example)
+            rows["input_ids"].append(example.input_ids)
+            rows["assistant_masks"].append(example.assistant_masks)
     if not rows["input_ids"]:
-        raise ValueError(f"no training example fits max_length={max_length}")
-    return Dataset.from_dict(rows), dropped
+        raise ValueError(
+            f"no assistant turn of {report.conversations} conversations fits "
+            f"sft.max_length={max_length}, even with the oldest turns dropped and the system "
+            f"prompt cut to half of it ({report.as_dict()}): raise sft.max_length or shorten the "
+            "tool schemas"
+        )
+    return Dataset.from_dict(rows), report
+
+
+def log_cuts(report: dict[str, int], max_length: int, context: int | None) -> None:
+    """One warning per kind of cut, so that a user sees what long conversations cost."""
+    if report["windowed"]:
+        log.warning(
+            "sft: %d of %d conversations are longer than sft.max_length=%d: cut into windows "
+            "(%d examples in all; %d history tokens left out; %d assistant turns fit nowhere)",
+            report["windowed"],
+            report["conversations"],
+            max_length,
+            report["examples"],
+            report["history_tokens_cut"],
+            report["turns_dropped"],
+        )
+    if report["system_prompts_cut"]:
+        log.warning(
+            "sft: the system prompt of %d conversations was cut to half of sft.max_length "
+            "(%d tokens cut)",
+            report["system_prompts_cut"],
+            report["system_tokens_cut"],
+        )
+    if report["over_context"]:
+        log.warning(
+            "sft: %d conversations (the longest %d tokens) are longer than the model's context "
+            "(%s tokens): it cannot read them whole when it serves either",
+            report["over_context"],
+            report["longest"],
+            context,
+        )
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence the model's positions cover (None when its config does not say)."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +355,19 @@ def train_sft(
     trajectories = read_trajectories(train_path, params.max_examples)
     passes = data_passes(params)  # >1: one varied copy per started epoch, as one long epoch
     trajectories = epoch_data(trajectories, params, passes)
-    dataset, dropped = build_dataset(tokenizer, trajectories, tools, params.max_length)
+    context = model_context(model)
+    max_length = params.max_length
+    if context is not None and max_length > context:
+        log.warning(
+            "sft.max_length=%d is longer than the model's context (%d): examples are cut to %d",
+            max_length,
+            context,
+            context,
+        )
+        max_length = context
+    dataset, cut_report = build_dataset(tokenizer, trajectories, tools, max_length, context)
+    cuts = cut_report.scaled(passes)
+    log_cuts(cuts, max_length, context)
     train_tokens = sum(len(ids) for ids in dataset["input_ids"]) // passes
     if params.use_lora:
         model = attach_lora(model, params)
@@ -322,7 +397,7 @@ def train_sft(
     trained_tokens = int(train_tokens * epochs_done)
     return SFTResult(
         examples=len(dataset) // passes,
-        dropped_too_long=dropped // passes,
+        dropped_too_long=cuts["turns_dropped"],
         train_tokens=train_tokens,
         trained_tokens=trained_tokens,
         steps=int(output.global_step),
@@ -334,6 +409,8 @@ def train_sft(
         resumed_from=resume,
         use_lora=params.use_lora,
         history=history,
+        cuts=cuts,
+        max_length=max_length,
     )
 
 

@@ -27,6 +27,7 @@ from tracetune.config import CurateParams
 from tracetune.data.features import empty_assistant_turns, tool_calls
 from tracetune.trajectories.io import DiskSet, chunked, ordered_map
 from tracetune.trajectories.pii import has_pseudonym
+from tracetune.trajectories.tool_errors import DEFAULT_RULE, ToolErrorRule
 
 RULES = (
     "success",
@@ -65,18 +66,7 @@ def redundant_calls(messages: Sequence[dict[str, Any]]) -> int:
     return repeats
 
 
-def is_error_result(content: Any) -> bool:
-    """A tool message whose content is a JSON object with an `error` key."""
-    if not isinstance(content, str) or '"error"' not in content:
-        return False
-    try:
-        value = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(value, dict) and "error" in value
-
-
-def error_retries(messages: Sequence[dict[str, Any]]) -> int:
+def error_retries(messages: Sequence[dict[str, Any]], rule: ToolErrorRule = DEFAULT_RULE) -> int:
     """Failed tool calls after which the agent called a tool again (it had to retry).
 
     A failed call the agent reports on (`order O-9 was not found`) is no retry: that is the
@@ -85,7 +75,7 @@ def error_retries(messages: Sequence[dict[str, Any]]) -> int:
     retries, failed_pending = 0, False
     for message in messages:
         role = message.get("role")
-        if role == "tool" and is_error_result(message.get("content")):
+        if role == "tool" and rule.matches(message.get("content")):
             failed_pending = True
         elif role == "assistant" and message.get("tool_calls"):
             retries += failed_pending
@@ -95,7 +85,12 @@ def error_retries(messages: Sequence[dict[str, Any]]) -> int:
     return retries
 
 
-def golden_failures(record: dict[str, Any], params: CurateParams, text: str = "") -> list[str]:
+def golden_failures(
+    record: dict[str, Any],
+    params: CurateParams,
+    text: str = "",
+    rule: ToolErrorRule = DEFAULT_RULE,
+) -> list[str]:
     """The golden-filter rules `record` fails, in rule order (empty: it is golden)."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     failures = []
@@ -103,7 +98,7 @@ def golden_failures(record: dict[str, Any], params: CurateParams, text: str = ""
         failures.append("success")
     if int(record.get("steps") or 0) >= params.step_limit:
         failures.append("step_limit")
-    retries = max(int(record.get("error_retries") or 0), error_retries(messages))
+    retries = max(int(record.get("error_retries") or 0), error_retries(messages, rule))
     if retries > params.max_error_retries:
         failures.append("error_retries")
     if params.drop_redundant_calls and redundant_calls(messages):
@@ -146,18 +141,21 @@ class Judged(NamedTuple):
     failures: list[str]
     exact: str
     near: str
+    tool_errors: int = 0
 
 
-def judge_chunk(args: tuple[list[str], CurateParams]) -> list[Judged]:
-    lines, params = args
+def judge_chunk(args: tuple[list[str], CurateParams, ToolErrorRule]) -> list[Judged]:
+    lines, params, rule = args
     out = []
     for line in lines:
         record = orjson.loads(line)
-        failures = golden_failures(record, params, line)
+        failures = golden_failures(record, params, line, rule)
         golden = not failures  # only golden trajectories take part in dedupe: key them alone
         exact = exact_key(record) if golden and params.dedupe_exact else ""
         near = near_key(record) if golden and params.dedupe_near else ""
-        out.append(Judged(line, str(record.get("family")), failures, exact, near))
+        messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
+        errors = rule.count(messages)
+        out.append(Judged(line, str(record.get("family")), failures, exact, near, errors))
     return out
 
 
@@ -169,6 +167,7 @@ class CurateReport:
     failing: Counter[str] = field(default_factory=Counter)  # by every failing rule
     families_in: Counter[str] = field(default_factory=Counter)
     families_kept: Counter[str] = field(default_factory=Counter)
+    with_tool_errors: int = 0  # trajectories with a failed tool call (`tool_errors` rule)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -180,19 +179,28 @@ class CurateReport:
             "failing_by_rule": {r: self.failing[r] for r in RULES},
             "families_in": dict(sorted(self.families_in.items())),
             "families_kept": dict(sorted(self.families_kept.items())),
+            "with_tool_errors": self.with_tool_errors,
             "keep_rate": round(self.kept / self.input, 4) if self.input else None,
             "seconds": round(self.seconds, 2),
         }
 
 
 def curate(
-    lines: Iterable[str], params: CurateParams, out: TextIO, workers: int = 1, chunk: int = 500
+    lines: Iterable[str],
+    params: CurateParams,
+    out: TextIO,
+    workers: int = 1,
+    chunk: int = 500,
+    rule: ToolErrorRule = DEFAULT_RULE,
 ) -> CurateReport:
-    """Stream ingested trajectory lines through the golden filter and dedupe into `out`."""
+    """Stream ingested trajectory lines through the golden filter and dedupe into `out`.
+
+    `rule` says which tool results are failed calls (the error-retry rule's input).
+    """
     report = CurateReport()
     exact_seen, near_seen = DiskSet(), DiskSet()
     try:
-        jobs = ((c, params) for c in chunked(lines, chunk))
+        jobs = ((c, params, rule) for c in chunked(lines, chunk))
         for judged in ordered_map(judge_chunk, jobs, workers):
             for item in judged:
                 _keep_or_drop(item, params, exact_seen, near_seen, report, out)
@@ -212,6 +220,7 @@ def _keep_or_drop(
 ) -> None:
     report.input += 1
     report.families_in[item.family] += 1
+    report.with_tool_errors += item.tool_errors > 0
     failures = list(item.failures)
     if not failures:  # only golden trajectories take part in dedupe
         if params.dedupe_exact and not exact_seen.add(item.exact):

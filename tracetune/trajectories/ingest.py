@@ -43,6 +43,7 @@ from tracetune.trajectories.sources import (
     SourceUnavailable,
     open_source,
 )
+from tracetune.trajectories.usage import UsageEstimator, estimator_from_params
 
 CHUNK_LINES = 500
 
@@ -73,6 +74,8 @@ class IngestReport:
     files: Counter[str] = field(default_factory=Counter)  # new / appended / rewritten / unchanged
     pii: Counter[str] = field(default_factory=Counter)
     pii_key_secret: bool = False
+    usage_estimated: int = 0  # accepted trajectories whose usage/cost ingest estimated
+    usage_counted_with: str = ""
     seconds: float = 0.0
 
     @property
@@ -99,6 +102,8 @@ class IngestReport:
             "files": dict(sorted(self.files.items())),
             "pii_replacements": dict(sorted(self.pii.items())),
             "pii_key": "secret" if self.pii_key_secret else "development default",
+            "usage_estimated": self.usage_estimated,
+            "usage_counted_with": self.usage_counted_with,
             "seconds": round(self.seconds, 2),
             "trajectories_per_s": round(self.read / self.seconds, 1) if self.seconds else None,
         }
@@ -115,19 +120,23 @@ class Parsed(NamedTuple):
     family: str | None
     quarantine: q.QuarantineRecord | None
     pii: dict[str, int] | None
+    estimated: bool = False  # usage or cost estimated (tracetune.trajectories.usage)
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def init_worker(mapping: FieldMapping, pii: PiiParams, key: bytes) -> None:
+def init_worker(
+    mapping: FieldMapping, pii: PiiParams, key: bytes, usage: UsageEstimator | None = None
+) -> None:
     _WORKER["mapping"] = mapping
     _WORKER["scrubber"] = Scrubber(pii, key)
+    _WORKER["usage"] = usage
 
 
 def parse_chunk(chunk: list[tuple[str, int, bytes | None, str | None]]) -> list[Parsed]:
-    mapping, scrubber = _WORKER["mapping"], _WORKER["scrubber"]
-    return [parse_line(uri, n, raw, err, mapping, scrubber) for uri, n, raw, err in chunk]
+    mapping, scrubber, usage = _WORKER["mapping"], _WORKER["scrubber"], _WORKER.get("usage")
+    return [parse_line(uri, n, raw, err, mapping, scrubber, usage) for uri, n, raw, err in chunk]
 
 
 def parse_line(
@@ -137,6 +146,7 @@ def parse_line(
     error: str | None,
     mapping: FieldMapping,
     scrubber: Scrubber,
+    usage: UsageEstimator | None = None,
 ) -> Parsed:
     """One log line -> an accepted trajectory (normalised JSON) or a quarantine record."""
 
@@ -168,6 +178,7 @@ def parse_line(
         return reject(q.MAPPING, str(exc), text, tid)
     scrubber.hits.clear()
     scrubber.scrub_obj(record)
+    estimated = usage.complete(record) if usage is not None else False
     try:
         trajectory = Trajectory.model_validate(record)
     except ValidationError as exc:
@@ -182,6 +193,7 @@ def parse_line(
         trajectory.family,
         None,
         dict(hits) if hits else None,
+        estimated,
     )
 
 
@@ -361,19 +373,25 @@ def reset(paths: IngestPaths) -> None:
 
 
 def ingest(
-    params: IngestParams, paths: IngestPaths, source: LogSource | None = None
+    params: IngestParams,
+    paths: IngestPaths,
+    source: LogSource | None = None,
+    usage: UsageEstimator | None = None,
 ) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
-    Raises `QuarantineRateExceeded` when the batch quarantines too much, and
+    `usage` fills in missing token usage and cost (default: `params.usage` with its fallback
+    count). Raises `QuarantineRateExceeded` when the batch quarantines too much, and
     `SourceUnavailable` when the store fails to deliver an object even after retries.
     """
+    usage = usage or estimator_from_params(params.usage, None)
     started = time.perf_counter()
     if params.full_refresh:
         reset(paths)
     source = source or open_source(params.source, params.s3_endpoint_url, params.s3_retry)
     key, secret = resolve_key(params.pii)
     report = IngestReport(source=source.uri, pii_key_secret=secret)
+    report.usage_counted_with = usage.source if usage.enabled else "off"
     index = IngestIndex(paths.index)
     name = ""
     try:
@@ -392,7 +410,7 @@ def ingest(
                 chunked(lines, CHUNK_LINES),
                 params.workers,
                 init_worker,
-                (params.mapping, params.pii, key),
+                (params.mapping, params.pii, key, usage),
             )
             for chunk in results:
                 for parsed in chunk:
@@ -435,6 +453,7 @@ def _take(parsed: Parsed, index: IngestIndex, out: Any, qout: Any, report: Inges
             report.families[parsed.family or ""] += 1
             if parsed.pii:
                 report.pii.update(parsed.pii)
+            report.usage_estimated += parsed.estimated
             return
         report.duplicates += 1
         record = q.QuarantineRecord(

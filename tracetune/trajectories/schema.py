@@ -8,6 +8,7 @@ the curation and evaluation stages need sits beside the messages, never inside t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -49,9 +50,13 @@ class Message(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token usage as logged; `estimated: true` when the log had none and tracetune counted it
+    (`tracetune.trajectories.usage`): gates never judge estimated numbers."""
+
     model_config = ConfigDict(extra="forbid")
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    estimated: bool | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -73,6 +78,7 @@ class Trajectory(BaseModel):
     error_retries: int = Field(ge=0, default=0)
     usage: Usage
     cost_usd: float = Field(ge=0)
+    cost_estimated: bool | None = None  # true: priced by ingest.usage.pricing, not logged
     latency_s: float = Field(ge=0)
     environment: str = "support_desk"
     final_answer: str | None = None
@@ -92,6 +98,40 @@ class Trajectory(BaseModel):
 def count_steps(messages: list[Message] | list[dict[str, Any]]) -> int:
     """Steps = assistant turns: each tool-calling turn and the final answer count once."""
     return sum(1 for m in messages if _role(m) == "assistant")
+
+
+def final_answer(messages: Sequence[Message] | Sequence[dict[str, Any]]) -> str | None:
+    """The text of the last assistant message that has any: a conversation may go on after the
+    answer (the user's goodbye, a hand-off tool's result), so it is not always the last one."""
+    items: list[Message | dict[str, Any]] = list(messages)
+    for message in reversed(items):
+        if _role(message) != "assistant":
+            continue
+        content = message.content if isinstance(message, Message) else message.get("content")
+        if isinstance(content, str) and content.strip():
+            return content
+    return None
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """What of a message a chat template writes out, as plain text: its content (a string or
+    text parts) and each tool call's name and arguments. What token estimates count."""
+    parts = [_content_text(message.get("content"))]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts += [str(function.get("name") or ""), _content_text(function.get("arguments"))]
+    return "\n".join(p for p in parts if p)
+
+
+def _content_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts
+        return "".join(str(p.get("text") or "") for p in value if isinstance(p, dict))
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _role(message: Message | dict[str, Any]) -> str:
