@@ -325,8 +325,9 @@ class EvaluateParams(Section):
     """Stage `evaluate`: a model's rollouts on the held-out tasks against two baselines.
 
     Model paths: `models[name]` when given, else `base_model.name_or_path` for `base` and
-    `paths.models/<name>/merged` otherwise (the SFT and RLVR stages' merged models). `pricing[name]` prices each
-    evaluated model's tokens (USD per 1k); the production baseline keeps its logged cost.
+    `paths.models/<name>/merged` otherwise (the SFT and RLVR stages' merged models).
+    `pricing[name]` prices each evaluated model's tokens (USD per 1k); the production baseline
+    keeps its logged cost.
     """
 
     max_tasks: int = Field(200, ge=1, description="held-out tasks evaluated (families in turn)")
