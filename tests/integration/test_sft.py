@@ -309,3 +309,27 @@ def test_family_mix_trains_one_redrawn_epoch_per_epoch(
     assert result.examples == 12 and result.epochs == pytest.approx(2.0)
     assert result.steps == 6  # 2 re-drawn epochs of 12 examples, batch 4, one trainer epoch
     assert result.final_loss is not None and result.first_loss is not None
+
+
+def test_resuming_at_the_final_checkpoint_changes_nothing(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    """A run killed after its last checkpoint (during the final save, say) reruns into the
+    same result: no extra step (it once wrote checkpoint-3 for max_steps 2), the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    params = _params(max_steps=2, save_steps=2)
+    out, ck = tmp_path / "sft", tmp_path / "ck"
+    first = train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert first.steps == 2 and (ck / "checkpoint-2").exists()
+    weights = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+
+    again = train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-2")
+    assert again.steps == 2
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    assert resumed.keys() == weights.keys()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert again.final_loss == first.final_loss
