@@ -75,20 +75,21 @@ def _raise_on_termination() -> Iterator[None]:
 
 
 def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, Linux), None if it is gone. With the
-    pid, it names one process: a reused pid has another start time."""
+    """When process `pid` started (clock ticks since boot, from Linux's /proc), None if it is
+    gone. With the pid, it names one process: a reused pid has another start time. Without
+    /proc, "unknown" for a live pid (the kernel still says whether it exists)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        if not Path("/proc/self/stat").exists():  # no procfs: ask the kernel whether pid lives
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                return "unknown"
-            return "unknown"
-        return None
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return "unknown"
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), after "pid (comm)"
 
 
