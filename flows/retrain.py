@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,10 @@ class Pipeline:
         result = task(
             name, str(self.root), str(self.params.paths.reports), force=name in opts.force_stages
         )
+        note = nothing_validated(self.root / self.params.paths.metrics, name)
+        if note:  # a gate that checked nothing must not read as a pass
+            get_run_logger().warning("%s: nothing to validate: %s", name, note)
+            result = replace(result, status="nothing-to-validate", note=note)
         self.results.append(result)
         return result
 
@@ -384,6 +388,20 @@ def request_approval(deployment: str, version: str, root: Path) -> str:
         as_subflow=False,
     )
     return f"v{version} awaits a reviewer in {deployment} run {flow_run.id}"
+
+
+def nothing_validated(metrics_dir: Path, stage: str) -> str | None:
+    """The note of a gate stage whose metrics say it had nothing to check, else None."""
+    path = metrics_dir / f"{stage}.json"
+    if not stage.startswith("validate_") or not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("status") != "nothing_to_validate":
+        return None
+    return str(metrics.get("note") or "nothing to validate")
 
 
 def run_record(results: list[StageResult], wall_s: float) -> dict[str, Any]:

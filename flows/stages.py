@@ -73,7 +73,7 @@ class StageResult:
     """What the flow records per stage: how it ended and the stage's own wall time."""
 
     name: str
-    status: str  # ran | up-to-date | missing | skipped | dispatched
+    status: str  # ran | up-to-date | missing | skipped | dispatched | nothing-to-validate
     seconds: float = 0.0
     note: str = ""
     reports: tuple[str, ...] = field(default_factory=tuple)

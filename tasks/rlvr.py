@@ -114,6 +114,9 @@ def run(params: Params) -> RLVRResult:
         from tracetune.training.sft import file_md5
 
         tags["data.heldout_tasks_md5"] = file_md5(paths["heldout"])
+    # A killed or failed run must not leave the last run's metrics looking current; the model
+    # folder stays the last complete one (saves are atomic) until this run replaces it.
+    paths["metrics"].unlink(missing_ok=True)
     with stage_run(params.tracking, "rlvr", tags) as active:
         mlflow.log_params(flat("rlvr", params.rlvr.model_dump(mode="json")))
         if decision.run:

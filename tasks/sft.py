@@ -83,6 +83,9 @@ def run(params: Params) -> SFTResult:
                 paths["checkpoints"],
             )
     data_md5 = file_md5(paths["train"])
+    # A killed or failed run must not leave the last run's metrics looking current; the model
+    # folder stays the last complete one (saves are atomic) until this run replaces it.
+    paths["metrics"].unlink(missing_ok=True)
     with stage_run(params.tracking, "sft", {"data.train_md5": data_md5}) as active:
         mlflow.log_params(flat("sft", params.sft.model_dump(mode="json")))
         mlflow.log_param("base_model", params.base_model.name_or_path)

@@ -14,6 +14,9 @@ from tracetune.trajectories.ingest import last_batch_file
 from tracetune.trajectories.tool_errors import build_rule
 
 METRICS = "validate_raw.json"
+# What the metrics' `status` says when there was no batch to check: not a pass (`success` is
+# null), not a failure either (an incremental run may have nothing new); the flow shows it.
+NOTHING_TO_VALIDATE = "nothing_to_validate"
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -22,7 +25,12 @@ def run(params: Params) -> dict[str, Any]:
     out.unlink(missing_ok=True)  # a stale pass must not outlive a failing run
     batch = last_batch_file(params.paths.ingest_state, params.paths.ingested)
     if batch is None or not batch.exists() or batch.stat().st_size == 0:
-        metrics = {"gate": "raw", "success": True, "skipped": "no ingested trajectories to check"}
+        metrics = {
+            "gate": "raw",
+            "status": NOTHING_TO_VALIDATE,
+            "success": None,  # not a pass: nothing was checked
+            "note": "no ingested trajectories to check (no batch yet, or it is empty)",
+        }
         write_json(out, metrics)
         return metrics
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
@@ -41,7 +49,7 @@ def run(params: Params) -> dict[str, Any]:
     if not result.success:
         (params.paths.reports / "gx" / "raw" / "summary.txt").write_text(result.summary() + "\n")
         raise GateFailed(result)
-    metrics = result.metrics() | {"batch": batch.name}
+    metrics = result.metrics() | {"status": "passed", "batch": batch.name}
     write_json(out, metrics)
     return metrics
 
@@ -53,9 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     except GateFailed as exc:
         print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
         raise SystemExit(1) from None
+    if metrics["status"] == NOTHING_TO_VALIDATE:
+        print(f"GX gate 'raw': NOTHING TO VALIDATE, {metrics['note']}")
+        return
     print(
-        metrics.get("skipped")
-        or f"GX gate 'raw' PASSED on {metrics['rows']} rows "
+        f"GX gate 'raw' PASSED on {metrics['rows']} rows "
         f"({metrics['evaluated']} expectations, batch {metrics['batch']})"
     )
 

@@ -36,10 +36,18 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
 
 @params_app.command("check")
 def params_check(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Validate params.yaml against the typed schema and print the resolved values."""
+    """Validate params.yaml against the typed schema, build the environment it names, and
+    print the resolved values."""
     import yaml
 
+    from tracetune.config import ParamsError, check_environment
+
     loaded = _load(params)
+    try:
+        check_environment(loaded.environment, str(params))
+    except ParamsError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
     typer.secho("params OK", fg="green")
 

@@ -2,6 +2,8 @@
 
 Every section forbids unknown keys, so a typo (`sft.lerning_rate`) fails loudly with the key's
 path instead of silently training with a default. Stages call `load_params()` before any work.
+Every default equals the shipped params.yaml's value (tests/unit/test_config.py holds them
+equal), so an omitted key means what the shipped file says.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ class EnvironmentParams(Section):
 
     class_path: str = "tracetune.environments.support_desk.SupportDesk"
     max_steps: int = Field(15, ge=1, description="hard cap on tool calls per episode")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"db_seed": 1234},
+        description="constructor arguments of class_path (the default: SupportDesk's world seed)",
+    )
     grounded_arguments: bool = Field(
         True,
         description="decode the arguments the environment declares grounded (ids, emails) only"
@@ -82,8 +87,8 @@ class Pricing(Section):
 
 
 class SimulateParams(Section):
-    n_trajectories: int = Field(3000, ge=1)
-    seed: int = 7
+    n_trajectories: int = Field(6000, ge=1)
+    seed: int = Field(7, ge=0)
     files: int = Field(3, ge=1, description="log files the batch is spread over")
     model_name: str = "prod-agent-v1"
     start_time: str = "2026-11-01T00:00:00+00:00"
@@ -98,7 +103,7 @@ class BaseModelBuild(Section):
     STACK.md: on CPU, optimizer steps beat model size (batch 4 runs at the tokens/s of 16).
     """
 
-    vocab_size: int = Field(1024, ge=300, description="byte-level BPE vocabulary, incl. specials")
+    vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary, incl. specials")
     pretokenizer: Literal["qwen2", "isolated"] = Field(
         "qwen2",
         description="isolated: a word is the same tokens wherever it stands (copyable); "
@@ -121,7 +126,7 @@ class BaseModelBuild(Section):
         0.25, ge=0, le=1, description="loss weight of non-assistant tokens (0: assistant-only)"
     )
     corpus_size: int = Field(8000, ge=10, description="synthetic conversations generated")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class BaseModelParams(Section):
@@ -157,21 +162,24 @@ class LoraParams(Section):
 class SFTParams(Section):
     """Supervised fine-tuning on golden trajectories (assistant-only loss).
 
-    `use_lora: true` is the right default for pretrained bases; the embedded tiny base trains in
-    full (LoRA on a 0.6M-parameter model barely learns, STACK.md), so params.yaml turns it off.
+    Defaults are the shipped params.yaml's, tuned for the embedded tiny base: it trains in full
+    (LoRA on a 0.6M-parameter model barely learns, STACK.md); set `use_lora: true` (and the
+    recipe's 2-3 epochs, a lower learning rate) for pretrained hub bases.
     """
 
-    use_lora: bool = True
+    use_lora: bool = False
     lora: LoraParams = LoraParams()
-    epochs: float = Field(3, gt=0)
-    max_steps: int = Field(-1, description="-1: run the epochs; >0 caps optimizer steps")
-    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(4, gt=0)
+    max_steps: int = Field(
+        -1, ge=-1, description="-1: no limit, run the epochs; >0 caps optimizer steps"
+    )
+    learning_rate: float = Field(2e-3, gt=0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(1024, ge=32, description="longer examples are dropped, not truncated")
+    max_length: int = Field(2048, ge=32, description="longer examples are dropped, not truncated")
     batching: Literal["grouped", "packed", "padded"] = Field(
         "grouped",
         description="grouped: length-grouped batches (least padding without cross-attention cost);"
@@ -205,7 +213,14 @@ class SFTParams(Section):
     )
     save_steps: int = Field(200, ge=1)
     logging_steps: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_no_limit(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps trains nothing: -1 (no limit, run the epochs) or >= 1")
+        return value
 
 
 class RLVRRewardParams(Section):
@@ -280,7 +295,7 @@ class RLVRParams(Section):
     steps: int = Field(30, ge=1, description="GRPO optimizer steps")
     group_size: int = Field(8, ge=2, description="episodes per task (GRPO's G)")
     tasks_per_step: int = Field(2, ge=1, description="tasks per step; episodes = x group_size")
-    learning_rate: float = Field(1e-5, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: str = "constant"
     beta: float = Field(0.02, ge=0, description="KL coefficient against the SFT model")
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
@@ -301,7 +316,7 @@ class RLVRParams(Section):
         " outcome has zero advantage and teaches nothing); 0: train on every drawn task",
     )
     save_steps: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     rewards: RLVRRewardParams = RLVRRewardParams()
     health: RLVRHealthParams = RLVRHealthParams()
 
@@ -322,8 +337,9 @@ class EvaluateParams(Section):
     """Stage `evaluate`: a model's rollouts on the held-out tasks against two baselines.
 
     Model paths: `models[name]` when given, else `base_model.name_or_path` for `base` and
-    `paths.models/<name>` otherwise (`models/sft`, `models/rlvr`). `pricing[name]` prices each
-    evaluated model's tokens (USD per 1k); the production baseline keeps its logged cost.
+    `paths.models/<name>/merged` otherwise (the SFT and RLVR stages' merged models).
+    `pricing[name]` prices each evaluated model's tokens (USD per 1k); the production baseline
+    keeps its logged cost.
     """
 
     max_tasks: int = Field(200, ge=1, description="held-out tasks evaluated (families in turn)")
@@ -337,7 +353,7 @@ class EvaluateParams(Section):
     )
     greedy: bool = True
     temperature: float = Field(1.0, gt=0, description="when greedy is false")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     decoder: Literal["loop", "hf"] = Field(
         "loop", description="loop: tracetune's KV-cached batch decoder; hf: model.generate"
     )
@@ -373,7 +389,7 @@ class GateParams(Section):
 class RegisterParams(Section):
     """Stage `register` and promotion: gate, approval and the registry lock."""
 
-    candidate: str = Field("sft", description="eval_<candidate>.json / models/<candidate>")
+    candidate: str = Field("rlvr", description="eval_<candidate>.json / models/<candidate>")
     gate: GateParams = GateParams()
     auto_approve: bool = Field(False, description="skip the human approval (never in production)")
     approval_timeout_s: int = Field(86_400, ge=1, description="the approval flow's pause")
@@ -560,7 +576,7 @@ class SplitParams(Section):
 
     heldout_fraction: float = Field(0.15, ge=0, lt=1)
     heldout_families: list[str] = Field(default_factory=list, description="held out whole")
-    seed: int = 13
+    seed: int = Field(13, ge=0)
 
 
 class OrchestrateParams(Section):
@@ -633,3 +649,41 @@ def format_errors(exc: ValidationError, source: str) -> str:
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+def check_environment(params: EnvironmentParams, source: str = "params") -> None:
+    """Import `environment.class_path` and build it with `environment.kwargs`, as every stage
+    will: a path that does not import, a class that is not an `Environment`, or arguments its
+    constructor refuses fail here with the file and key, not later as a stage's traceback."""
+    import importlib
+
+    from tracetune.environments.base import Environment
+
+    def fail(key: str, message: str) -> ParamsError:
+        return ParamsError(f"{source}: 1 invalid value(s)\n  environment.{key}: {message}")
+
+    path = params.class_path
+    module_name, _, attr = path.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise fail("class_path", f"'{path}' must be 'module.Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # an import can fail in any way: missing module, its own bug
+        raise fail("class_path", f"cannot import '{module_name}': {exc}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise fail("class_path", f"module '{module_name}' has no attribute '{attr}'")
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise fail("class_path", f"'{path}' is not a tracetune Environment subclass")
+    try:
+        env = cls(**params.kwargs)  # as the stages build it (load_environment)
+    except Exception as exc:
+        raise fail(
+            "kwargs", f"{cls.__name__}(**kwargs) failed: {type(exc).__name__}: {exc}"
+        ) from None
+    try:  # a constructor may only store its arguments; drawing one task uses them
+        env.tasks(1, seed=0)
+    except Exception as exc:
+        raise fail(
+            "kwargs", f"{cls.__name__}(**kwargs).tasks(1) failed: {type(exc).__name__}: {exc}"
+        ) from None

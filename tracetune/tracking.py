@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,14 +48,120 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+class StageKilled(BaseException):
+    """SIGTERM / SIGHUP reached a stage: unwinds like Ctrl-C so that its MLflow run is ended."""
+
+
+@contextmanager
+def _raise_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `StageKilled` in the main thread (their default is to die on the
+    spot, leaving the MLflow run RUNNING forever); the previous handlers come back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise StageKilled(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from Linux's /proc), None if it is
+    gone. With the pid, it names one process: a reused pid has another start time. Without
+    /proc, "unknown" for a live pid (the kernel still says whether it exists)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return "unknown"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), after "pid (comm)"
+
+
+def _owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {
+        "tracetune.host": socket.gethostname(),
+        "tracetune.pid": str(pid),
+        "tracetune.pid_start": _process_start(pid) or "unknown",
+    }
+
+
+def is_orphaned(tags: dict[str, str]) -> bool:
+    """A RUNNING run whose process on this host is gone (or its pid now names another process).
+    Runs of other hosts, or without the owner tags, cannot be judged here and are left alone."""
+    if tags.get("tracetune.host") != socket.gethostname() or "tracetune.pid" not in tags:
+        return False
+    started = _process_start(int(tags["tracetune.pid"]))
+    if started is None:
+        return True
+    recorded = tags.get("tracetune.pid_start", "unknown")
+    return "unknown" not in (started, recorded) and started != recorded
+
+
+def reap_orphaned_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of `stage` whose process died without ending them
+    (`kill -9`, a lost machine): run at each stage start. Returns the run ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`tracetune.stage` = '{stage}'",
+        max_results=1000,
+    )
+    reaped = []
+    for run in runs:
+        if is_orphaned(run.data.tags):
+            client.set_tag(run.info.run_id, "tracetune.reaped", "process gone; reaped at start")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            reaped.append(run.info.run_id)
+    return reaped
+
+
 @contextmanager
 def stage_run(
     params: TrackingParams, stage: str, tags: dict[str, Any] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one pipeline stage, tagged with the stage and the git commit."""
+    """An MLflow run for one pipeline stage, tagged with the stage and the git commit.
+
+    The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM, SIGHUP); a run
+    whose process was killed outright (`kill -9`) is marked KILLED by the next start of the
+    same stage (`reap_orphaned_runs`).
+    """
     import mlflow
 
-    configure(params)
-    all_tags = {"tracetune.stage": stage, "git_commit": git_commit() or "unknown", **(tags or {})}
-    with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in all_tags.items()}) as run:
-        yield run
+    experiment_id = configure(params)
+    reap_orphaned_runs(experiment_id, stage)
+    all_tags = {
+        "tracetune.stage": stage,
+        "git_commit": git_commit() or "unknown",
+        **_owner_tags(),
+        **(tags or {}),
+    }
+    with _raise_on_termination():
+        run = mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in all_tags.items()})
+        try:
+            yield run
+        except (KeyboardInterrupt, StageKilled):
+            mlflow.end_run(status="KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run(status="FINISHED")

@@ -267,3 +267,21 @@ def test_plain_text_tool_errors_count_in_the_gate(tmp_path: Path) -> None:
         "raw", raw_checks(RawGateParams(), KNOWN, NOW), f.RAW_COLUMNS, iter(rows), tmp_path / "d"
     )
     assert {r.check.column for r in result.failed} == {"tool_errors"}
+
+
+def test_gate_with_no_batch_says_nothing_to_validate_not_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No batch yet: the stage exits 0 (an incremental run may have nothing new) but its
+    metrics and output say nothing was validated; it once wrote `success: true`."""
+    import yaml
+
+    from tasks import validate_raw
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"paths": paths_under(tmp_path)}))
+    validate_raw.main([str(params_file)])
+    metrics = json.loads((tmp_path / "metrics/validate_raw.json").read_text())
+    assert metrics["status"] == validate_raw.NOTHING_TO_VALIDATE
+    assert metrics["success"] is None
+    assert "NOTHING TO VALIDATE" in capsys.readouterr().out

@@ -407,3 +407,27 @@ def test_max_length_beyond_the_model_context_is_capped_with_a_warning(
         )
     assert result.max_length == 2048 and result.steps == 1
     assert "sft.max_length=8192 is longer than the model's context (2048)" in caplog.text
+
+
+def test_resuming_at_the_final_checkpoint_changes_nothing(
+    tiny_base: Path, golden_train: Path, tmp_path: Path
+) -> None:
+    """A run killed after its last checkpoint (during the final save, say) reruns into the
+    same result: no extra step (it once wrote checkpoint-3 for max_steps 2), the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    params = _params(max_steps=2, save_steps=2)
+    out, ck = tmp_path / "sft", tmp_path / "ck"
+    first = train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert first.steps == 2 and (ck / "checkpoint-2").exists()
+    weights = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+
+    again = train_sft(params, str(tiny_base), golden_train, TOOLS, out, ck)
+    assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-2")
+    assert again.steps == 2
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    assert resumed.keys() == weights.keys()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert again.final_loss == first.final_loss

@@ -61,3 +61,28 @@ def test_env_commands(in_tmp: Path) -> None:
     assert {t["function"]["name"] for t in json.loads(tools.output)} >= {"get_order", "calculate"}
     oracle = runner.invoke(app, ["env", "oracle", "--n", "40"])
     assert oracle.exit_code == 0 and "oracle TSR: 1.000" in oracle.output
+
+
+@pytest.mark.parametrize(
+    ("environment", "says"),
+    [
+        ("  class_path: no_such_package.Env\n", "environment.class_path: cannot import"),
+        ("  class_path: collections.OrderedDict\n", "environment.class_path: 'collections"),
+        ("  kwargs: {colour: red}\n", "environment.kwargs: SupportDesk(**kwargs) failed"),
+    ],
+)
+def test_params_check_builds_the_environment(tmp_path: Path, environment: str, says: str) -> None:
+    """It once said "params OK" for all three, and every stage then died with a traceback."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text("environment:\n" + environment)
+    result = runner.invoke(app, ["params", "check", "--params", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert "params OK" not in result.output
+    assert str(bad) in result.output and says in result.output
+
+
+def test_params_check_rejects_negative_steps_naming_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("sft:\n  max_steps: -5\n")
+    result = runner.invoke(app, ["params", "check", "--params", str(bad)])
+    assert result.exit_code == 2 and str(bad) in result.output and "sft.max_steps" in result.output

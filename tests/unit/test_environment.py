@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tracetune.environments import Call, Environment, Outcome, Task, Tool, load_environment
+from tracetune.environments.bounds import MAX_ARGUMENT_CHARS
 from tracetune.environments.support_desk import FAMILIES, SupportDesk, numbers_in, oracle_solver
 from tracetune.trajectories.episode import run_scripted
 
@@ -230,3 +231,129 @@ def test_tasks_rebuild_from_their_ids(env: SupportDesk) -> None:
         env.task_by_id("order_status:O-00000:0")
     with pytest.raises(KeyError):
         env.task_by_id("teleport:now")
+
+
+# --- hostile tool calls (issue 20, item 4): every one is an error observation, never a crash ---
+HUGE_NAME = "n" * 10_000_000
+
+FX = '{"amount": %s, "from_currency": "USD", "to_currency": "EUR"}'
+HOSTILE_ARGUMENTS: list[tuple[str, str, object]] = [
+    ("deep_list", "get_customer", "[" * 100_000 + "]" * 100_000),
+    ("deep_object", "get_customer", '{"a":' * 50_000 + "1" + "}" * 50_000),
+    ("deep_within_size", "get_customer", '{"customer_id": ' + "[" * 2_000 + "]" * 2_000 + "}"),
+    ("deep_but_parsable", "get_customer", '{"customer_id": ' + "[" * 200 + "]" * 200 + "}"),
+    ("big_int", "convert_currency", FX % ("9" * 5_000)),
+    ("big_negative_int", "convert_currency", FX % ("-" + "9" * 30)),
+    ("nan", "convert_currency", FX % "NaN"),
+    ("infinity", "convert_currency", FX % "Infinity"),
+    ("minus_infinity", "convert_currency", FX % "-Infinity"),
+    ("overflowing_float", "convert_currency", FX % "1e999"),
+    ("huge_float", "convert_currency", FX % "1e300"),
+    ("huge_string", "get_customer", '{"customer_id": "' + "C" * 1_000_000 + '"}'),
+    ("many_values", "get_customer", '{"customer_id": [' + ",".join(["1"] * 20_000) + "]}"),
+    ("null", "get_customer", "null"),
+    ("list", "get_customer", "[1, 2]"),
+    ("py_null", "get_customer", None),
+    ("py_list", "get_customer", ["C-0001"]),
+    ("py_int", "get_customer", 7),
+    (
+        "py_nan",
+        "convert_currency",
+        {"amount": float("nan"), "from_currency": "USD", "to_currency": "EUR"},
+    ),
+    (
+        "py_inf",
+        "convert_currency",
+        {"amount": float("inf"), "from_currency": "USD", "to_currency": "EUR"},
+    ),
+    (
+        "py_big_int",
+        "convert_currency",
+        {"amount": 10**5000, "from_currency": "USD", "to_currency": "EUR"},
+    ),
+    ("py_set", "get_customer", {"customer_id": {"C-0001"}}),
+    ("py_int_key", "get_customer", {1: "C-0001"}),
+]
+
+
+def _deep_dict(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _assert_error_observation(obs: Any, error: str) -> None:
+    assert obs.error == error
+    assert len(obs.content) < 2_000, "an error observation must stay small"
+    payload = json.loads(obs.content, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert set(payload) == {"error"}
+
+
+@pytest.mark.parametrize(
+    ("label", "tool", "arguments"), HOSTILE_ARGUMENTS, ids=[h[0] for h in HOSTILE_ARGUMENTS]
+)
+def test_hostile_arguments_become_error_observations(
+    started: SupportDesk, label: str, tool: str, arguments: Any
+) -> None:
+    obs = started.step(Call(tool, arguments))
+    _assert_error_observation(obs, "bad_arguments")
+    assert started.errors == 1 and started.call_log[-1][2] is False
+    assert len(started.call_log[-1][1]) < MAX_ARGUMENT_CHARS + 200, "a bounded call-log key"
+
+
+def test_arguments_nested_deeper_than_the_stack_as_a_dict(started: SupportDesk) -> None:
+    obs = started.step(Call("get_customer", _deep_dict(100_000)))
+    _assert_error_observation(obs, "bad_arguments")
+    assert "nested deeper" in json.loads(obs.content)["error"]
+
+
+@pytest.mark.parametrize(
+    "name", [HUGE_NAME, None, ["get_customer"], 7], ids=["10MB", "None", "list", "int"]
+)
+def test_hostile_tool_names_are_refused_and_never_echoed_whole(
+    started: SupportDesk, name: Any
+) -> None:
+    obs = started.step(Call(name, '{"customer_id": "C-0001"}'))
+    _assert_error_observation(obs, "unknown_tool")
+    assert len(started.call_log[-1][0] if isinstance(name, str) else "") <= len(HUGE_NAME)
+    assert len(started.call_log[-1][1]) < 200
+
+
+def test_long_unknown_tool_name_is_truncated_in_the_message(started: SupportDesk) -> None:
+    obs = started.step(Call("x" * 100, "{}"))
+    message = json.loads(obs.content)["error"]
+    assert obs.error == "unknown_tool" and "x" * 64 in message and "x" * 65 not in message
+
+
+def test_numbers_in_bounds_still_work(started: SupportDesk) -> None:
+    fx = _payload(started, "convert_currency", amount=1e12, from_currency="USD", to_currency="USD")
+    assert fx["currency"] == "USD" and "_error" not in fx
+
+
+class _NanTool(Environment):
+    """A tool that returns a non-finite float: its result must not be written as `NaN`."""
+
+    name = "nan_env"
+
+    def _tools(self) -> Sequence[Tool]:
+        return [
+            Tool("ratio", "", {"type": "object", "properties": {}}, lambda: {"r": float("nan")}),
+            Tool("blob", "", {"type": "object", "properties": {}}, lambda: {"b": object()}),
+        ]
+
+    def tasks(self, n: int, seed: int, families: Sequence[str] | None = None) -> list[Task]:
+        return [Task(f"t{i}", "f", "goal") for i in range(n)]
+
+    def _reset(self, task: Task) -> None:
+        pass
+
+    def verify(self, final_answer: str | None) -> Outcome:
+        return Outcome(False, 0.0)
+
+
+@pytest.mark.parametrize("tool", ["ratio", "blob"])
+def test_tool_results_are_strict_json(tool: str) -> None:
+    env = _NanTool()
+    env.reset(env.tasks(1, seed=0)[0])
+    _assert_error_observation(env.step(Call(tool, "{}")), "tool_exception")

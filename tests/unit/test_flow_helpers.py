@@ -202,3 +202,19 @@ def test_the_flow_body_is_the_table_of_contents() -> None:
         and isinstance(node.args[0], ast.Constant)
     )
     assert [name for _, name in calls] == list(TABLE_OF_CONTENTS)
+
+
+def test_a_gate_that_checked_nothing_shows_in_the_run_record(tmp_path: Path) -> None:
+    from flows.retrain import nothing_validated, summary_table
+    from flows.stages import StageResult
+
+    (tmp_path / "validate_raw.json").write_text(
+        json.dumps({"status": "nothing_to_validate", "success": None, "note": "no batch yet"})
+    )
+    (tmp_path / "validate_curated.json").write_text(json.dumps({"status": "passed"}))
+    assert nothing_validated(tmp_path, "validate_raw") == "no batch yet"
+    assert nothing_validated(tmp_path, "validate_curated") is None
+    assert nothing_validated(tmp_path, "curate") is None
+    row = StageResult("validate_raw", "nothing-to-validate", 0.1, "no batch yet")
+    table = summary_table(run_record([row], 1.0))
+    assert "nothing-to-validate" in table and "no batch yet" in table

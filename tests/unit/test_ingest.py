@@ -311,3 +311,49 @@ def test_a_failing_disk_fails_the_batch_instead_of_quarantining(tmp_path: Path) 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ingest(params(tmp_path / "nope"), make_paths(tmp_path))
+
+
+def _with_call(i: int, name: str, arguments: str) -> dict:
+    record = good(i)
+    record["messages"][1]["tool_calls"][0]["function"] = {"name": name, "arguments": arguments}
+    return record
+
+
+HOSTILE_CALLS: list[tuple[str, str, str]] = [
+    ("deep_list", "get_customer", "[" * 100_000 + "]" * 100_000),
+    ("deep_within_size", "get_customer", '{"customer_id": ' + "[" * 2_000 + "]" * 2_000 + "}"),
+    ("deep_for_orjson_too", "get_customer", '{"customer_id": ' + "[" * 200 + "]" * 200 + "}"),
+    ("big_int", "convert_currency", '{"amount": ' + "9" * 5_000 + "}"),
+    ("big_int_orjson_reads", "convert_currency", '{"amount": 18446744073709551615}'),
+    ("nan", "convert_currency", '{"amount": NaN}'),
+    ("infinity", "convert_currency", '{"amount": -Infinity}'),
+    ("overflowing_float", "convert_currency", '{"amount": 1e999}'),
+    ("huge_string", "get_customer", '{"customer_id": "' + "C" * 100_000 + '"}'),
+    ("huge_name", "n" * 1_000_000, "{}"),
+]
+
+
+def test_trajectories_with_hostile_tool_calls_are_quarantined(tmp_path: Path) -> None:
+    """The same bounds as `Environment.step` (environments/bounds.py): what the environment
+    would refuse never reaches a batch, and so never curation or train.jsonl."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    hostile = [
+        line(_with_call(100 + i, name, args)) for i, (_, name, args) in enumerate(HOSTILE_CALLS)
+    ]
+    malformed = line(_with_call(99, "get_customer", '{"customer_id": "C-1"'))  # an agent fault
+    goods = [line(good(i)) for i in range(1, 30)]
+    (src / "a.jsonl").write_bytes(b"".join(goods) + malformed + b"".join(hostile))
+    paths = make_paths(tmp_path)
+    report = ingest(params(src, max_quarantine_rate=0.5), paths)
+
+    assert report.read == report.accepted + report.quarantined == 30 + len(HOSTILE_CALLS)
+    assert report.accepted == 30, "malformed arguments are an agent fault, kept for the gates"
+    assert report.reasons == {"out_of_bounds": len(HOSTILE_CALLS)}
+    records = quarantine_records(paths)
+    assert [r["trajectory_id"] for r in records] == [
+        f"t-{100 + i}" for i in range(len(HOSTILE_CALLS))
+    ]
+    assert all(len(r["detail"]) < 300 for r in records), "details name the bound, not the value"
+    accepted = {t.trajectory_id for t in read_trajectories(paths.batches)}
+    assert "t-99" in accepted and not accepted & {r["trajectory_id"] for r in records}

@@ -9,6 +9,7 @@ default does, is in docs/environments.md; `tests/unit/test_env_conformance.py` c
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -19,6 +20,15 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema
+
+from tracetune.environments.bounds import (
+    MAX_ARGUMENT_CHARS,
+    OutOfBounds,
+    check_name,
+    parse_arguments,
+    shown,
+    to_json,
+)
 
 
 @lru_cache(maxsize=1024)
@@ -393,11 +403,17 @@ class Environment(ABC):
         return obs
 
     def _execute(self, call: Call) -> Observation:
-        tool = self._registry.get(call.name)
+        name = call.name
+        tool = self._registry.get(name) if isinstance(name, str) else None
         if tool is None:
             known = ", ".join(self._registry)
-            return Observation(_err(f"unknown tool '{call.name}'; known: {known}"), "unknown_tool")
-        args = _parse_arguments(call.arguments)
+            problem = _name_problem(name)
+            if problem:
+                return Observation(_err(f"{problem}; known: {known}"), "unknown_tool")
+            return Observation(
+                _err(f"unknown tool '{shown(name)}'; known: {known}"), "unknown_tool"
+            )
+        args = parse_arguments(call.arguments)
         if isinstance(args, str):
             return Observation(_err(args), "bad_arguments")
         problem = jsonschema.exceptions.best_match(self._validators[tool.name].iter_errors(args))
@@ -409,7 +425,10 @@ class Environment(ABC):
             return Observation(_err(str(exc)), "tool_error")
         except Exception as exc:  # a tool bug must not end the episode
             return Observation(_err(f"tool failed: {type(exc).__name__}: {exc}"), "tool_exception")
-        return Observation(result_text(result))
+        try:
+            return Observation(result_text(result))
+        except (TypeError, ValueError) as exc:  # NaN, Infinity or a non-JSON object: a tool bug
+            return Observation(_err(f"tool result is not JSON: {exc}"), "tool_exception")
 
     def _terminates(self, tool_name: str) -> bool:
         tool = self._registry.get(tool_name)
@@ -417,33 +436,42 @@ class Environment(ABC):
 
 
 def result_text(result: Any) -> str:
-    """A tool's return value as the agent reads it: a string verbatim, anything else as JSON."""
+    """A tool's return value as the agent reads it: a string verbatim, anything else as strict
+    JSON (`bounds.to_json`: no NaN or Infinity)."""
     if isinstance(result, str):
         return result
-    return json.dumps(result, ensure_ascii=False, sort_keys=True)
+    return to_json(result)
 
 
 def _err(message: str) -> str:
     return json.dumps({"error": message})
 
 
-def _parse_arguments(raw: str | dict[str, Any]) -> dict[str, Any] | str:
-    """Arguments as a dict, or a message saying why they are unusable (never `eval`)."""
-    if isinstance(raw, dict):
-        return raw
+def _name_problem(name: object) -> str | None:
     try:
-        value = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as exc:
-        return f"arguments are not valid JSON: {exc.msg} at char {exc.pos}"
-    if not isinstance(value, dict):
-        return "arguments must be a JSON object"
-    return value
+        check_name(name)
+    except OutOfBounds as exc:
+        return str(exc)
+    return None
 
 
 def _call_key(call: Call) -> str:
-    args = _parse_arguments(call.arguments)
-    canon = json.dumps(args, sort_keys=True) if isinstance(args, dict) else str(call.arguments)
-    return f"{call.name}:{canon}"
+    """What makes two calls "the same call" (redundant-call detection), bounded in size: a
+    refused name or refused arguments are keyed by a digest, never kept whole."""
+    name = call.name if _name_problem(call.name) is None else _digest(call.name)
+    args = parse_arguments(call.arguments)
+    if isinstance(args, dict):
+        canon = json.dumps(args, sort_keys=True)
+    elif isinstance(call.arguments, str) and len(call.arguments) <= MAX_ARGUMENT_CHARS:
+        canon = call.arguments
+    else:
+        canon = _digest(call.arguments)
+    return f"{name}:{canon}"
+
+
+def _digest(value: object) -> str:
+    text = value if isinstance(value, str) else repr(type(value))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def load_environment(class_path: str, **kwargs: Any) -> Environment:

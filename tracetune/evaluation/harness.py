@@ -100,12 +100,14 @@ def select_heldout(env: Environment, params: Params) -> HeldoutSet:
 
 def model_path(params: Params, name: str) -> str:
     """Where model `name` lives: `evaluate.models[name]`, `base_model.name_or_path` for the
-    base, else `paths.models/<name>` (the SFT and RLVR stages' outputs)."""
+    base, else the SFT / RLVR stage's output `paths.models/<name>/merged` (or, when that
+    folder has no `merged`, `paths.models/<name>` itself: a model saved there whole)."""
     if name in params.evaluate.models:
         return params.evaluate.models[name]
     if name == PROMPT_ONLY:
         return params.base_model.name_or_path
-    return str(params.paths.models / name)
+    merged = params.paths.models / name / "merged"
+    return str(merged if merged.is_dir() else params.paths.models / name)
 
 
 def pricing_for(evaluate: EvaluateParams, name: str) -> Pricing:

@@ -134,13 +134,13 @@ def skip_rlvr(sft_dir: Path, out_dir: Path, decision: Decision) -> Path:
     downstream stages (evaluate@rlvr, register) see a model where they expect one, with the
     marker telling them it is the SFT model.
     """
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    shutil.copytree(sft_dir, out_dir, symlinks=False)
-    marker = out_dir / SKIPPED_FILE
+    from tracetune.outputs import atomic_dir
+
     payload = decision.as_dict() | {"source": str(sft_dir)}
-    marker.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    return marker
+    with atomic_dir(out_dir) as tmp:  # the old out_dir or the whole copy, never half
+        shutil.copytree(sft_dir, tmp, symlinks=False, dirs_exist_ok=True)
+        (tmp / SKIPPED_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return out_dir / SKIPPED_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,7 +751,7 @@ def train_rlvr(
     """
     import torch
 
-    from tracetune.training.sft import prepare_checkpoints, save_model
+    from tracetune.training.sft import prepare_checkpoints, save_model, train_or_restore
 
     started = time.perf_counter()
     model, tokenizer = load_policy(sft_dir, params)
@@ -794,7 +794,7 @@ def train_rlvr(
             rollout_func=rollout,
         )
     train_start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = train_or_restore(trainer, resume)  # a finished checkpoint: nothing trains
     train_seconds = time.perf_counter() - train_start
     history = [h for h in trainer.state.log_history if "reward" in h]
     final = trainer.accelerator.unwrap_model(trainer.model)

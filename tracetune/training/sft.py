@@ -307,6 +307,38 @@ def prepare_checkpoints(checkpoint_dir: Path, run_id: str) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir))
 
 
+def finished_state(checkpoint: str | None) -> dict[str, Any] | None:
+    """The trainer state of a checkpoint that already holds its run's last step, else None."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.exists():
+        return None
+    state: dict[str, Any] = json.loads(path.read_text())
+    max_steps = int(state.get("max_steps") or 0)
+    return state if max_steps > 0 and int(state.get("global_step", 0)) >= max_steps else None
+
+
+def train_or_restore(trainer: Any, resume: str | None) -> Any:
+    """`trainer.train`, except from a checkpoint that is already the run's last step (a run
+    killed after its final save): its weights and state are loaded and nothing trains.
+    Resuming there used to take one step more (checkpoint-31 for max_steps 30)."""
+    if finished_state(resume) is None:
+        return trainer.train(resume_from_checkpoint=resume)
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    assert resume is not None
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainOutput(
+        trainer.state.global_step,
+        sum(losses) / len(losses) if losses else 0.0,
+        {"epoch": trainer.state.epoch},
+    )
+
+
 def is_main_process() -> bool:
     """Rank 0 of an `accelerate launch` / torchrun job, or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -384,7 +416,7 @@ def train_sft(
         callbacks=list(callbacks),
     )
     train_start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = train_or_restore(trainer, resume)
     train_seconds = time.perf_counter() - train_start
     history = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.is_world_process_zero():
@@ -417,14 +449,17 @@ def train_sft(
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, lora: bool
 ) -> None:
-    """Adapter (LoRA) and merged weights in Hugging Face format; the tokenizer beside both."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    """Adapter (LoRA) and merged weights in Hugging Face format; the tokenizer beside both.
+
+    Atomic (`tracetune.outputs`): a kill during the save leaves the previous `out_dir` whole,
+    never a folder holding only `config.json`."""
+    from tracetune.outputs import atomic_dir
+
     tokenizer.padding_side = "left"
-    merged_dir = out_dir / "merged"
-    if lora:
-        model.save_pretrained(str(out_dir / "adapter"))
-        tokenizer.save_pretrained(str(out_dir / "adapter"))
-        model = model.merge_and_unload()  # type: ignore[operator]
-    model.save_pretrained(str(merged_dir))
-    tokenizer.save_pretrained(str(merged_dir))
+    with atomic_dir(out_dir) as tmp:
+        if lora:
+            model.save_pretrained(str(tmp / "adapter"))
+            tokenizer.save_pretrained(str(tmp / "adapter"))
+            model = model.merge_and_unload()  # type: ignore[operator]
+        model.save_pretrained(str(tmp / "merged"))
+        tokenizer.save_pretrained(str(tmp / "merged"))

@@ -32,6 +32,7 @@ import orjson
 from pydantic import ValidationError
 
 from tracetune.config import FieldMapping, IngestParams, PiiParams
+from tracetune.environments.bounds import calls_problem
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
@@ -184,6 +185,13 @@ def parse_line(
     except ValidationError as exc:
         reason, detail = q.schema_reason(exc)
         return reject(reason, detail, text, q.trajectory_id_of(record))
+    problem = calls_problem(
+        (call.function.name, call.function.arguments)
+        for message in trajectory.messages
+        for call in message.tool_calls or ()
+    )
+    if problem:
+        return reject(q.OUT_OF_BOUNDS, problem, text, trajectory.trajectory_id)
     hits = scrubber.hits
     return Parsed(
         uri,

@@ -22,6 +22,7 @@ NOT_AN_OBJECT = "not_an_object"
 MAPPING = "mapping"
 DUPLICATE_ID = "duplicate_trajectory_id"
 UNREADABLE_FILE = "unreadable_file"
+OUT_OF_BOUNDS = "out_of_bounds"  # a tool call the environment would refuse (bounds.py)
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
