@@ -8,6 +8,7 @@ from typing import Any
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+from tracetune.trajectories.pii import PiiKeyMissing, key_for
 
 METRICS = "ingest.json"
 
@@ -24,8 +25,9 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad."""
-    report = ingest(params.ingest, ingest_paths(params))
+    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
+    `PiiKeyMissing` (nothing read) for a production source without a secret pseudonym key."""
+    report = ingest(params.ingest, ingest_paths(params), key=key_for(params))
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv)
     try:
         summary = run(params)
+    except PiiKeyMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)

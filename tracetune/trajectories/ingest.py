@@ -21,7 +21,7 @@ import sqlite3
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from tracetune.config import FieldMapping, IngestParams, PiiParams
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
-from tracetune.trajectories.pii import Scrubber, resolve_key
+from tracetune.trajectories.pii import PiiKey, Scrubber, resolve_key
 from tracetune.trajectories.schema import Trajectory
 from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject, open_source
 
@@ -66,7 +66,7 @@ class IngestReport:
     families: Counter[str] = field(default_factory=Counter)
     files: Counter[str] = field(default_factory=Counter)  # new / appended / rewritten / unchanged
     pii: Counter[str] = field(default_factory=Counter)
-    pii_key_secret: bool = False
+    pii_key: str = ""  # where the pseudonym key came from (never the key)
     seconds: float = 0.0
 
     @property
@@ -92,7 +92,7 @@ class IngestReport:
             "families": dict(sorted(self.families.items())),
             "files": dict(sorted(self.files.items())),
             "pii_replacements": dict(sorted(self.pii.items())),
-            "pii_key": "secret" if self.pii_key_secret else "development default",
+            "pii_key": self.pii_key,
             "seconds": round(self.seconds, 2),
             "trajectories_per_s": round(self.read / self.seconds, 1) if self.seconds else None,
         }
@@ -132,11 +132,16 @@ def parse_line(
     mapping: FieldMapping,
     scrubber: Scrubber,
 ) -> Parsed:
-    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record."""
+    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record.
+
+    Everything a quarantine record keeps (source name, id, detail, raw text) is scrubbed too.
+    """
+    uri = scrubber.scrub_text(uri)  # a file name may hold an email
 
     def reject(reason: str, detail: str, text: str = "", tid: str | None = None) -> Parsed:
+        tid = scrubber.scrub_text(tid) if tid else tid
         record = q.QuarantineRecord(
-            uri, number, reason, scrubber.scrub_text(detail), scrubber.scrub_text(text), tid
+            uri, number, reason, scrubber.scrub_text(detail), scrubber.scrub_raw(text), tid
         )
         return Parsed(uri, number, tid, None, None, record, None)
 
@@ -191,11 +196,16 @@ class FileMark:
 
 
 class IngestIndex:
-    """Seen trajectory ids, per-object read marks and the batch log, in one SQLite file."""
+    """Seen trajectory ids, per-object read marks and the batch log, in one SQLite file.
 
-    def __init__(self, path: Path) -> None:
+    Objects are keyed by `name(uri)`: ingest passes the PII scrub, so a source file named after
+    a customer's email is remembered (and exported) under its pseudonym.
+    """
+
+    def __init__(self, path: Path, name: Callable[[str], str] = str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.name = name
         self.conn = sqlite3.connect(path, isolation_level="DEFERRED")
         self.conn.execute("PRAGMA cache_size=-8000")
         self.conn.executescript(
@@ -209,14 +219,14 @@ class IngestIndex:
 
     def mark(self, uri: str) -> FileMark | None:
         row = self.conn.execute(
-            "SELECT fingerprint, head, offset, lines FROM files WHERE uri=?", (uri,)
+            "SELECT fingerprint, head, offset, lines FROM files WHERE uri=?", (self.name(uri),)
         ).fetchone()
         return FileMark(*row) if row else None
 
     def set_mark(self, uri: str, mark: FileMark) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
-            (uri, mark.fingerprint, mark.head, mark.offset, mark.lines),
+            (self.name(uri), mark.fingerprint, mark.head, mark.offset, mark.lines),
         )
 
     def add_id(self, trajectory_id: str) -> bool:
@@ -352,19 +362,25 @@ def reset(paths: IngestPaths) -> None:
 
 
 def ingest(
-    params: IngestParams, paths: IngestPaths, source: LogSource | None = None
+    params: IngestParams,
+    paths: IngestPaths,
+    source: LogSource | None = None,
+    key: PiiKey | None = None,
 ) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
-    Raises `QuarantineRateExceeded` when the batch quarantines too much.
+    Raises `QuarantineRateExceeded` when the batch quarantines too much, and `PiiKeyMissing`
+    before reading anything when no `key` is given and no secret is configured (the stage
+    passes `pii.key_for(params)`, which knows the embedded demo).
     """
     started = time.perf_counter()
+    key = key or resolve_key(params.pii, demo=False)  # before anything is read or reset
     if params.full_refresh:
         reset(paths)
     source = source or open_source(params.source, params.s3_endpoint_url)
-    key, secret = resolve_key(params.pii)
-    report = IngestReport(source=source.uri, pii_key_secret=secret)
-    index = IngestIndex(paths.index)
+    names = Scrubber(params.pii, key.value)
+    report = IngestReport(source=names.scrub_text(source.uri), pii_key=key.origin)
+    index = IngestIndex(paths.index, names.scrub_text)
     name = ""
     try:
         batch = index.next_batch()
@@ -382,7 +398,7 @@ def ingest(
                 chunked(lines, CHUNK_LINES),
                 params.workers,
                 init_worker,
-                (params.mapping, params.pii, key),
+                (params.mapping, params.pii, key.value),
             )
             for chunk in results:
                 for parsed in chunk:
