@@ -143,8 +143,8 @@ _CARD = r"(?<![\w.,+-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"
 _SSN = r"(?<![\w.,+-])(?!000|666|9)\d{3}(?P<ssn_sep>[- ])(?!00)\d{2}(?P=ssn_sep)(?!0000)\d{4}(?![\w-]|[.,]\d)"
 # Phone candidates: an optional + or (, then digits with single separators or parentheses; the
 # `phonenumbers` library decides (E.164 and national forms of `phone_region`).
-_PHONE = r"(?<![\w+.,/(-])[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/-]\d)"
-_FLOAT = re.compile(r"\d+\.\d+")
+_PHONE = r"(?<![\w+.,/:(-])[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
+_NOT_PHONE = re.compile(r"\d+\.\d+|.*\d{4}-\d\d-\d\d.*")  # a float, a date
 # Cheap test for "could hold PII": an @ or 7+ digits with at most short separators between.
 _PREFILTER = re.compile(r"@|\d(?:[ ().-]{0,2}\d){6}")
 # JSON escapes in raw (undecodable) text: the scrub runs between them.
@@ -335,7 +335,7 @@ class Scrubber:
     def _phone(self, value: str) -> str | None:
         """E.164 form when `phonenumbers` says the text is a possible phone number."""
         digits = sum(c.isdigit() for c in value)
-        if not self.params.phone_min_digits <= digits <= 15 or _FLOAT.fullmatch(value):
+        if not self.params.phone_min_digits <= digits <= 15 or _NOT_PHONE.fullmatch(value):
             return None
         return _e164(value, self.params.phone_region)
 
