@@ -352,6 +352,43 @@ class RegisterParams(Section):
     lock_timeout_s: float = Field(120.0, gt=0, description="wait for a concurrent promotion")
 
 
+# Structured keys that hold PII wherever they appear, and what makes `name` a person's name.
+PII_KEYS: tuple[str, ...] = (
+    "first_name",
+    "last_name",
+    "full_name",
+    "middle_name",
+    "customer_name",
+    "contact_name",
+    "address",
+    "street",
+    "street_address",
+    "address_line1",
+    "address_line2",
+    "zip",
+    "zip_code",
+    "postal_code",
+    "postcode",
+    "phone",
+    "phone_number",
+    "mobile",
+    "ssn",
+    "date_of_birth",
+    "dob",
+)
+PERSON_KEYS: tuple[str, ...] = (
+    "customer_id",
+    "user_id",
+    "account_id",
+    "person_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "address",
+)
+
+
 class PiiParams(Section):
     """PII scrub, applied at ingest so that nothing versioned ever holds PII (docs/data.md).
 
@@ -388,43 +425,6 @@ class PiiParams(Section):
         Path(".tracetune/pii.key"),
         description="the embedded demo's random per-workspace key (gitignored, dvcignored)",
     )
-
-
-# Structured keys that hold PII wherever they appear, and what makes `name` a person's name.
-PII_KEYS = (
-    "first_name",
-    "last_name",
-    "full_name",
-    "middle_name",
-    "customer_name",
-    "contact_name",
-    "address",
-    "street",
-    "street_address",
-    "address_line1",
-    "address_line2",
-    "zip",
-    "zip_code",
-    "postal_code",
-    "postcode",
-    "phone",
-    "phone_number",
-    "mobile",
-    "ssn",
-    "date_of_birth",
-    "dob",
-)
-PERSON_KEYS = (
-    "customer_id",
-    "user_id",
-    "account_id",
-    "person_id",
-    "email",
-    "phone",
-    "first_name",
-    "last_name",
-    "address",
-)
 
 
 class FieldMapping(Section):

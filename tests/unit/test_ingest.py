@@ -251,7 +251,7 @@ def test_quarantine_ids_and_source_names_are_scrubbed(tmp_path: Path) -> None:
         index_rows = [
             "\n".join(map(str, row))
             for table in ("ids", "files", "batches")
-            for row in db.execute(f"SELECT * FROM {table}")  # noqa: S608
+            for row in db.execute(f"SELECT * FROM {table}")
         ]
     written = [
         *(p.read_text() for p in paths.quarantine.glob("*.jsonl")),

@@ -288,7 +288,12 @@ def _customer_trajectory() -> dict[str, Any]:
                     }
                 ],
             },
-            {"role": "tool", "tool_call_id": "c1", "name": "find_customer", "content": json.dumps(found)},
+            {
+                "role": "tool",
+                "tool_call_id": "c1",
+                "name": "find_customer",
+                "content": json.dumps(found),
+            },
             {"role": "tool", "tool_call_id": "c2", "content": json.dumps(products)},
             {"role": "assistant", "content": "Ana Smith, you are gold; the Blue Mug is 12.50."},
         ],
@@ -396,7 +401,8 @@ def test_which_sources_are_the_demo(tmp_path: Path) -> None:
     from tracetune.config import parse_params
 
     raw = tmp_path / "data/raw_logs"
-    assert is_demo_source(str(raw), raw) and is_demo_source(f"{tmp_path}/data/../data/raw_logs", raw)
+    assert is_demo_source(str(raw), raw)
+    assert is_demo_source(f"{tmp_path}/data/../data/raw_logs", raw)
     assert not is_demo_source(str(tmp_path / "prod_logs"), raw)
     assert not is_demo_source("s3://bucket/data/raw_logs", raw)
     demo = parse_params({})
@@ -410,3 +416,18 @@ def test_which_sources_are_the_demo(tmp_path: Path) -> None:
             key_for(prod, tmp_path)
     finally:
         os.environ["TRACETUNE_PII_KEY"] = "tests-only-pii-pseudonym-key"
+
+
+def test_the_flow_checks_the_key_before_any_stage(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`Pipeline.start` calls this first (the slow flow test runs the whole refusal)."""
+    from flows.retrain import share_pii_key
+    from tracetune.config import parse_params
+
+    monkeypatch.delenv("TRACETUNE_PII_KEY")
+    prod = parse_params({"ingest": {"source": str(tmp_path / "agent-logs")}})
+    with pytest.raises(PiiKeyMissing):
+        share_pii_key(prod, tmp_path)
+    share_pii_key(parse_params({}), tmp_path)  # the embedded demo: its workspace key
+    assert (tmp_path / ".tracetune/pii.key").exists()

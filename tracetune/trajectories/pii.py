@@ -45,7 +45,7 @@ import secrets
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,7 +140,10 @@ _EMAIL = r"(?<![\w.%+-])\w[\w.%+-]*@(?:[\w-]+\.)+[^\W\d_]{2,24}(?![\w-])"
 # `trace_4111...`) or a longer number. Cards: 13 to 19 digits, grouped by single spaces/dashes.
 _CARD = r"(?<![\w.,+-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"
 # US SSNs (AAA-GG-SSSS): area 000, 666 and 9xx, group 00 and serial 0000 are never issued.
-_SSN = r"(?<![\w.,+-])(?!000|666|9)\d{3}(?P<ssn_sep>[- ])(?!00)\d{2}(?P=ssn_sep)(?!0000)\d{4}(?![\w-]|[.,]\d)"
+_SSN = (
+    r"(?<![\w.,+-])(?!000|666|9)\d{3}(?P<ssn_sep>[- ])(?!00)\d{2}(?P=ssn_sep)(?!0000)\d{4}"
+    r"(?![\w-]|[.,]\d)"
+)
 # Phone candidates: an optional + or (, then digits with single separators or parentheses; the
 # `phonenumbers` library decides (E.164 and national forms of `phone_region`).
 _PHONE = r"(?<![\w+.,/:(-])[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
@@ -254,7 +257,8 @@ def _prefect_secret(name: str) -> str:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name, _sync=True)  # type: ignore[call-arg]
+        value = block.get()  # type: ignore[union-attr]
     except ValueError as exc:
         raise PiiKeyMissing(f"Prefect Secret block {name!r} cannot be read: {exc}") from None
     return str(value)
@@ -370,7 +374,8 @@ class Scrubber:
     def _may_hold_pii(self, text: str) -> bool:
         if _PREFILTER.search(text):
             return True
-        return self._key_hint is not None and _is_json_shaped(text) and bool(self._key_hint.search(text))
+        hint = self._key_hint
+        return hint is not None and _is_json_shaped(text) and bool(hint.search(text))
 
     def _scrub_string(self, text: str, values: _Values | None) -> str:
         """One string: JSON inside is scrubbed value by value, other text by the detectors."""
@@ -395,7 +400,7 @@ class Scrubber:
             node = stack.pop()
             items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
             for key, value in items:
-                kind = self._kind_of(key, node) if isinstance(node, dict) else None
+                kind = self._kind_of(str(key), node) if isinstance(node, dict) else None
                 if kind is not None and _is_value(value):
                     if _is_pseudonym_value(str(value)):
                         continue

@@ -1,4 +1,4 @@
-"""Raw logs never reach the DVC cache or remote; the demo's key stays out of git and DVC.
+"""Raw logs never reach the DVC cache or remote; the key: secret in production, the demo's own.
 
 A fresh `git init`-ed copy of the working tree runs `simulate` and `ingest` through `dvc repro`
 and pushes to its local remote, as the flow does. The simulated "production" logs hold the
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from flow_support import keep_stages, tiny_repo
 
 from flows.stages import dvc_argv, stage_env
 from tracetune.environments.support_desk import SupportDesk
-from tracetune.trajectories.pii import find_pii
+from tracetune.trajectories.pii import PiiKeyMissing, find_pii, resolve_key
 
 
 def run(root: Path, *args: str) -> str:
@@ -67,3 +69,43 @@ def test_simulated_logs_stay_out_of_the_dvc_cache_and_remote(tmp_path: Path) -> 
     assert not any(secret in p.read_bytes().decode(errors="replace") for p in data)
     assert "demo workspace key" in (root / "metrics/ingest.json").read_text()
     assert os.environ.get("TRACETUNE_PII_KEY")  # the test process keeps its own
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.mark.slow  # ~70 s: a fresh Prefect API for the Secret block and the flow
+def test_a_production_run_needs_a_secret_key_from_env_or_a_prefect_block(
+    harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+
+    from flows.retrain import retrain, share_pii_key
+    from tracetune.config import PiiParams, load_params, parse_params
+
+    monkeypatch.delenv("TRACETUNE_PII_KEY")
+    root = tiny_repo(tmp_path / "repo")
+    prod = tmp_path / "agent-logs"
+    prod.mkdir()
+    # No key: the flow refuses before any stage runs (nothing simulated, read or written).
+    state = retrain(repo=str(root), ingest_source=str(prod), return_state=True)
+    assert state.is_failed()
+    assert "no PII pseudonym key" in str(state.result(raise_on_failure=False))
+    assert not (root / "data").exists() and not (root / "metrics").exists()
+
+    # A Prefect Secret block holds it: read, and handed to the stage processes.
+    Secret(value="a-secret-from-a-prefect-block").save("tt-pii-key", overwrite=True)
+    key = resolve_key(PiiParams(key_block="tt-pii-key"), demo=False)
+    assert key.value == b"a-secret-from-a-prefect-block"
+    assert key.origin == "Prefect Secret tt-pii-key"
+    with pytest.raises(PiiKeyMissing, match="cannot be read"):
+        resolve_key(PiiParams(key_block="no-such-block"), demo=False)
+    params = parse_params({"ingest": {"source": str(prod), "pii": {"key_block": "tt-pii-key"}}})
+    share_pii_key(params, root)
+    assert os.environ["TRACETUNE_PII_KEY"] == "a-secret-from-a-prefect-block"
+    assert load_params(root / "params.yaml").ingest.source == str(prod)
