@@ -148,8 +148,11 @@ _SSN = (
 # `phonenumbers` library decides (E.164 and national forms of `phone_region`).
 _PHONE = r"(?<![\w+.,/:(-])[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
 _NOT_PHONE = re.compile(r"\d+\.\d+|.*\d{4}-\d\d-\d\d.*")  # a float, a date
-# Cheap test for "could hold PII": an @ or 7+ digits with at most short separators between.
-_PREFILTER = re.compile(r"@|\d(?:[ ().-]{0,2}\d){6}")
+# Cheap test for "could hold PII": an @, a +digit, 7 digits in a row, or digit groups shaped like
+# a phone, card or SSN (`555-123-4567`, `(555) 123`, `030 123456`); ISO dates do not pass.
+_PREFILTER = re.compile(
+    r"@|\+\d|\d(?:\d{6}|\d{1,4}[ ().-]{1,2}\d{6}|\d{2}[ ().-]{1,2}\d{2,4}[ ().-]{1,2}\d{3})"
+)
 # JSON escapes in raw (undecodable) text: the scrub runs between them.
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.S)
 _UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -323,18 +326,23 @@ class Scrubber:
         self.hits[kind] += n
 
     def _replace(self, match: re.Match[str]) -> str:
+        kind = self._detected(match)
+        if kind is None:
+            return match.group(0)
+        self._count(kind)
+        return self.pseudonym(kind, match.group(0))
+
+    def _detected(self, match: re.Match[str]) -> str | None:
+        """The kind of PII a detector match is, or None (a pseudonym, a failed check)."""
         kind = match.lastgroup or ""
-        if kind == "ssn_sep":  # the SSN's inner group names the match last
-            kind = "ssn"
         value = match.group(0)
         if kind == "email" and is_email_pseudonym(value):
-            return value  # already a pseudonym
+            return None  # already a pseudonym
         if kind == "card" and self.params.card_luhn and not luhn_ok(re.sub(r"\D", "", value)):
-            return value
+            return None
         if kind == "phone" and self._phone(value) is None:
-            return value
-        self._count(kind)
-        return self.pseudonym(kind, value)
+            return None
+        return kind
 
     def _phone(self, value: str) -> str | None:
         """E.164 form when `phonenumbers` says the text is a possible phone number."""
@@ -364,7 +372,7 @@ class Scrubber:
             self._texts[text] = (text, ())
             return text
         before = dict(self.hits)
-        out = self._scrub_string(text, None)
+        out = self._scrub_string(text)
         hits = tuple(
             (k, n - before.get(k, 0)) for k, n in self.hits.items() if n != before.get(k, 0)
         )
@@ -377,22 +385,28 @@ class Scrubber:
         hint = self._key_hint
         return hint is not None and _is_json_shaped(text) and bool(hint.search(text))
 
-    def _scrub_string(self, text: str, values: _Values | None) -> str:
+    def _any_pii(self, text: str) -> bool:
+        pattern = self._pattern
+        if pattern is None or not _PREFILTER.search(text):
+            return False
+        return any(self._detected(m) is not None for m in pattern.finditer(text))
+
+    def _scrub_string(self, text: str) -> str:
         """One string: JSON inside is scrubbed value by value, other text by the detectors."""
         if _is_json_shaped(text):
+            if "\\" not in text and not self._keyed_of(text) and not self._any_pii(text):
+                return text  # no escape can hide a value, no PII key, no detector match
             try:
                 decoded = orjson.loads(text)
             except orjson.JSONDecodeError:
                 decoded = None
             if isinstance(decoded, dict | list):
-                return self._scrub_json(text, decoded, values)
-        if values is not None:
-            text = values.sub(text, self)
+                return self._scrub_json(text, decoded)
         if self._pattern is not None and _PREFILTER.search(text):
             text = self._pattern.sub(self._replace, text)
         return text
 
-    def _scrub_json(self, text: str, decoded: Any, values: _Values | None) -> str:
+    def _scrub_json(self, text: str, decoded: Any) -> str:
         """JSON text -> the same JSON with PII values replaced, in the text's own style."""
         changed = False
         stack = [decoded]
@@ -407,7 +421,7 @@ class Scrubber:
                     new: Any = self._keyed_pseudonym(kind, str(value))
                     self._count(kind)
                 elif isinstance(value, str):
-                    new = self._scrub_string(value, values) if len(value) >= 2 else value
+                    new = self._scrub_string(value) if len(value) >= 2 else value
                 elif isinstance(value, dict | list):
                     stack.append(value)
                     continue
@@ -446,12 +460,9 @@ class Scrubber:
         """
         if not self.enabled or not isinstance(obj, dict | list):
             return obj
-        values = self._collect(obj)
-        if values is not None:
-            for node, key, value in _strings(obj):
-                node[key] = self._scrub_string(value, values)
-            return obj
         scrub, seen = self.scrub_text, self._texts.get
+        keyed, keyed_of = self._keyed.get, self._keyed_of
+        found: dict[str, str] = {}
         stack = [obj]
         while stack:
             node = stack.pop()
@@ -459,31 +470,55 @@ class Scrubber:
             for key, value in items:
                 kind = type(value)
                 if kind is str:
+                    if value[:1] in "{[" and len(value) >= 8:  # structured: PII by key
+                        pairs = keyed(value)
+                        for pii_kind, pii_value in keyed_of(value) if pairs is None else pairs:
+                            found.setdefault(pii_value, pii_kind)
                     # Inlined cache test: most strings were seen before and hold no PII, and a
                     # call per string was a third of the ingest stage's time.
                     if len(value) >= 6 and ((hit := seen(value)) is None or hit[1]):
                         node[key] = scrub(value)
                 elif kind is dict or kind is list:
                     stack.append(value)
+        if found:  # the same values wherever else they appear (user text, answers, ids)
+            values = _Values(found)
+            literals = tuple(found)
+            for node, key, value in _strings(obj):
+                if any(v in value for v in literals):
+                    node[key] = self._apply_values(value, values)
         return obj
 
-    def _collect(self, obj: Any) -> _Values | None:
-        """Values under PII keys in the JSON strings of `obj` (None when there are none)."""
-        if self._key_hint is None:
-            return None
-        found: dict[str, str] = {}
-        for _node, _key, text in _strings(obj):
-            if len(text) < 8 or not _is_json_shaped(text):
-                continue
-            keyed = self._keyed.get(text)
-            if keyed is None:
-                keyed = self._keyed_values(text) if self._key_hint.search(text) else ()
-                if len(self._keyed) >= self.CACHE_LIMIT:
-                    self._keyed.clear()
-                self._keyed[text] = keyed
-            for kind, value in keyed:
-                found.setdefault(value, kind)
-        return _Values(found) if found else None
+    def _keyed_of(self, text: str) -> tuple[tuple[str, str], ...]:
+        """(kind, value) of every PII-key value in a JSON text (cached; () for most texts)."""
+        keyed = self._keyed.get(text)
+        if keyed is None:
+            hint = self._key_hint
+            ok = hint is not None and _is_json_shaped(text) and hint.search(text) is not None
+            keyed = self._keyed_values(text) if ok else ()
+            if len(self._keyed) >= self.CACHE_LIMIT:
+                self._keyed.clear()
+            self._keyed[text] = keyed
+        return keyed
+
+    def _apply_values(self, text: str, values: _Values) -> str:
+        """Replace the trajectory's keyed values in one string (JSON inside stays JSON)."""
+        if _is_json_shaped(text):
+            try:
+                decoded = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, dict | list):
+                changed = False
+                for node, key, value in list(_strings(decoded)):
+                    new = self._apply_values(value, values)
+                    if new != value:
+                        node[key] = new
+                        changed = True
+                if not changed:
+                    return text
+                ensure_ascii, separators = _json_style(text)
+                return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+        return values.sub(text, self)
 
     def _keyed_values(self, text: str) -> tuple[tuple[str, str], ...]:
         try:
@@ -528,9 +563,9 @@ class Scrubber:
         text = self._raw_pairs().sub(self._replace_pair, text)
         pieces = _ESCAPE.split(text)
         escapes = _ESCAPE.findall(text)
-        out = [self._scrub_string(pieces[0], None)]
+        out = [self._scrub_string(pieces[0])]
         for escape, piece in zip(escapes, pieces[1:], strict=True):
-            out += [escape, self._scrub_string(piece, None)]
+            out += [escape, self._scrub_string(piece)]
         return "".join(out)
 
     def _raw_pairs(self) -> re.Pattern[str]:
@@ -627,6 +662,7 @@ def _normalise(kind: str, value: str, region: str) -> str:
     return " ".join(unicodedata.normalize("NFC", value).casefold().split())
 
 
+@functools.lru_cache(maxsize=20_000)
 def _e164(value: str, region: str) -> str | None:
     import phonenumbers
 
