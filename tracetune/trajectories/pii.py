@@ -382,8 +382,7 @@ class Scrubber:
     def _may_hold_pii(self, text: str) -> bool:
         if _PREFILTER.search(text):
             return True
-        hint = self._key_hint
-        return hint is not None and _is_json_shaped(text) and bool(hint.search(text))
+        return _is_json_shaped(text) and bool(self._keyed_of(text))
 
     def _any_pii(self, text: str) -> bool:
         pattern = self._pattern
