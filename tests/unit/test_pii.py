@@ -372,6 +372,9 @@ def test_production_refuses_to_run_without_a_secret_key(
     monkeypatch.setenv("TRACETUNE_PII_KEY", "short")
     with pytest.raises(PiiKeyMissing, match="at least 16"):
         resolve_key(PiiParams(), demo=False)
+    monkeypatch.setenv("TRACETUNE_PII_KEY", "change-me-pii-secret")  # infra/.env.example's
+    with pytest.raises(PiiKeyMissing, match="placeholder"):
+        resolve_key(PiiParams(), demo=False)
     monkeypatch.setenv("TRACETUNE_PII_KEY", "a-real-secret-of-32-characters!!")
     key = resolve_key(PiiParams(), demo=False)
     assert key.value == b"a-real-secret-of-32-characters!!" and "TRACETUNE_PII_KEY" in key.origin

@@ -247,7 +247,12 @@ def workspace_key(path: Path) -> bytes:
     return value.encode()
 
 
+_PLACEHOLDERS = ("change-me", "replace-me", "changeme", "replaceme")  # infra examples' values
+
+
 def _checked(value: str, origin: str) -> PiiKey:
+    if value.strip().lower().startswith(_PLACEHOLDERS):
+        raise PiiKeyMissing(f"the PII key from {origin} is the example's placeholder: set a secret")
     if len(value) < MIN_KEY_CHARS:
         raise PiiKeyMissing(
             f"the PII key from {origin} has {len(value)} characters; at least {MIN_KEY_CHARS}"
