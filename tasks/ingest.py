@@ -41,7 +41,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
-        f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
+        f"PII replaced: {s['pii_replacements'] or 'none'} (key: {s['pii_key']}); files {s['files']}"
     )
 
 
