@@ -205,6 +205,8 @@ def test_scrub_obj_equals_scrubbing_every_string_alone(value: Any) -> None:
         ("mail jürgen.müller@example.de today", "jürgen.müller@example.de"),
         ("from josé@example.com", "josé@example.com"),
         ("ssn 123-45-6789 on file", "123-45-6789"),
+        ("tel:+15551234567", "+15551234567"),
+        ("Phone:555-123-4567", "555-123-4567"),
         ("phone 020 7946 0958 (UK)", None),  # national UK form: not a US number, kept
     ],
 )
@@ -234,6 +236,7 @@ def test_e164_and_national_forms_are_one_pseudonym(scrubber: Scrubber) -> None:
         "v4111111111111111",
         "order 4111111111111112",  # 16 digits, Luhn fails
         "2026-11-01 12:00",
+        "at 10:30 5551234",
         "O-10423 and C-0042",
         "total 1234567.89 USD",
         "ssn 000-12-3456 / 666-12-3456 / 123-00-4567",  # never issued

@@ -146,7 +146,7 @@ _SSN = (
 )
 # Phone candidates: an optional + or (, then digits with single separators or parentheses; the
 # `phonenumbers` library decides (E.164 and national forms of `phone_region`).
-_PHONE = r"(?<![\w+.,/:(-])[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
+_PHONE = r"(?<![\w+.,/(-])(?<!\d:)[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
 _NOT_PHONE = re.compile(r"\d+\.\d+|.*\d{4}-\d\d-\d\d.*")  # a float, a date
 # Cheap test for "could hold PII": an @, a +digit, 7 digits in a row, or digit groups shaped like
 # a phone, card or SSN (`555-123-4567`, `(555) 123`, `030 123456`); ISO dates do not pass.
