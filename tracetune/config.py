@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -425,6 +425,17 @@ class PiiParams(Section):
         Path(".tracetune/pii.key"),
         description="the embedded demo's random per-workspace key (gitignored, dvcignored)",
     )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        """An unknown region would make every national-form number pass unnoticed."""
+        import phonenumbers
+
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region phonenumbers knows (ISO 3166, e.g. US)")
+        return region
 
 
 class FieldMapping(Section):

@@ -454,3 +454,11 @@ def test_ten_million_distinct_emails_get_ten_million_pseudonyms() -> None:
         pseudonym = scrub.pseudonym("email", f"user{i}@example.com").encode()
         digests[i] = int.from_bytes(hashlib.blake2b(pseudonym, digest_size=8).digest(), "big")
     assert len(np.unique(digests)) == n
+
+
+def test_an_unknown_phone_region_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a region"):
+        PiiParams(phone_region="XX")
+    assert PiiParams(phone_region="gb").phone_region == "GB"
