@@ -462,3 +462,10 @@ def test_an_unknown_phone_region_is_refused() -> None:
     with pytest.raises(ValidationError, match="not a region"):
         PiiParams(phone_region="XX")
     assert PiiParams(phone_region="gb").phone_region == "GB"
+
+
+def test_pii_in_json_keys_is_replaced(scrubber: Scrubber) -> None:
+    result = json.dumps({"ana.smith1@example.com": {"orders": 2}, "total": 0.04999999999999716})
+    out = json.loads(scrubber.scrub_text(result))
+    assert not find_pii(json.dumps(out)) and list(out)[1] == "total"
+    assert out[scrubber.pseudonym("email", "ana.smith1@example.com")] == {"orders": 2}

@@ -416,6 +416,8 @@ class Scrubber:
         stack = [decoded]
         while stack:
             node = stack.pop()
+            if isinstance(node, dict) and self._scrub_keys(node):
+                changed = True
             items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
             for key, value in items:
                 kind = self._kind_of(str(key), node) if isinstance(node, dict) else None
@@ -438,6 +440,18 @@ class Scrubber:
             return text
         ensure_ascii, separators = _json_style(text)
         return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+
+    def _scrub_keys(self, node: dict[str, Any]) -> bool:
+        """Rename keys that are PII (`{"ana@example.com": {...}}`), keeping their order."""
+        pattern = self._pattern
+        if pattern is None or not any(_PREFILTER.search(k) for k in node):
+            return False
+        renamed = {pattern.sub(self._replace, k): v for k, v in node.items()}
+        if list(renamed) == list(node):
+            return False
+        node.clear()
+        node.update(renamed)
+        return True
 
     def _kind_of(self, key: str, node: dict[str, Any]) -> str | None:
         """The pseudonym kind when `node[key]` is PII by its key, else None."""
