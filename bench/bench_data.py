@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def run_once(logs: Path, workers: int) -> dict[str, Any]:
     from tracetune.trajectories.curation import curate
     from tracetune.trajectories.ingest import IngestPaths, ingest
     from tracetune.trajectories.io import iter_lines
+    from tracetune.trajectories.pii import PiiKey
 
     started = time.perf_counter()
     n_ref = 0
@@ -111,7 +113,8 @@ def run_once(logs: Path, workers: int) -> dict[str, Any]:
         paths = IngestPaths(root / "b", root / "q", root / "i.sqlite", root / "s.json", root / "r")
         c0 = cpu_seconds()
         t0 = time.perf_counter()
-        report = ingest(IngestParams(source=str(logs), workers=workers), paths)
+        key = PiiKey(secrets.token_hex(32).encode(), "benchmark: a random key")
+        report = ingest(IngestParams(source=str(logs), workers=workers), paths, key=key)
         t1 = time.perf_counter()
         known = frozenset(SupportDesk().tool_names())
         batch = next(paths.batches.glob("*.jsonl")).open("rb")

@@ -109,6 +109,20 @@ def run_local(repo: Path, ingest_source: str | None = None) -> bool:
 # --- what the table of contents calls -----------------------------------------------------------
 
 
+def share_pii_key(params: Params, root: Path) -> None:
+    """Refuse to start a production run without a secret pseudonym key (`PiiKeyMissing`).
+
+    A key from a Prefect Secret block is handed to the stage processes through `key_env`, as
+    `dvc repro` runs them without this flow's Prefect client.
+    """
+    from tracetune.trajectories.pii import key_for
+
+    pii = params.ingest.pii
+    key = key_for(params, root)
+    if key.origin.startswith("Prefect Secret"):
+        os.environ[pii.key_env] = key.value.decode()
+
+
 @dataclass
 class Pipeline:
     """One run's context (repo, params, the stages dvc.yaml defines) and what each stage did."""
@@ -130,6 +144,7 @@ class Pipeline:
         if overrides:
             override_params(root / PARAMS_FILE, overrides)
         params = load_params(root / PARAMS_FILE)
+        share_pii_key(params, root)
         dvc = read_dvc_repo(root)
         log = get_run_logger()
         log.info("repo %s: dvc.yaml defines %s", root, ", ".join(sorted(dvc.stages)) or "nothing")

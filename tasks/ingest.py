@@ -8,6 +8,7 @@ from typing import Any
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+from tracetune.trajectories.pii import PiiKeyMissing, key_for
 from tracetune.trajectories.sources import SourceUnavailable
 from tracetune.trajectories.usage import estimator_from_params
 
@@ -27,9 +28,10 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 def run(params: Params) -> dict[str, Any]:
     """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
-    `SourceUnavailable` (nothing committed) when the store keeps failing."""
+    `SourceUnavailable` (nothing committed) when the store keeps failing, `PiiKeyMissing`
+    (nothing read) for a production source without a secret pseudonym key."""
     usage = estimator_from_params(params.ingest.usage, params.base_model.name_or_path)
-    report = ingest(params.ingest, ingest_paths(params), usage=usage)
+    report = ingest(params.ingest, ingest_paths(params), usage=usage, key=key_for(params))
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary
@@ -45,7 +47,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
-        f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); "
+        f"PII replaced: {s['pii_replacements'] or 'none'} (key: {s['pii_key']}); "
         f"usage estimated for {s['usage_estimated']} ({s['usage_counted_with']}); "
         f"files {s['files']}" + pending
     )
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv)
     try:
         summary = run(params)
+    except PiiKeyMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)

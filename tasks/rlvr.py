@@ -83,9 +83,10 @@ def log_history(history: list[dict[str, Any]]) -> None:
 
 def heldout_ids(params: Params, env: Any) -> set[str]:
     """The evaluation's task ids, as the environment builds them (pseudonymised ids resolved)."""
+    from tracetune.trajectories.pii import key_for
     from tracetune.trajectories.split import load_heldout_tasks
 
-    held = load_heldout_tasks(env, params.paths.curated_dir, params.ingest.pii)
+    held = load_heldout_tasks(env, params.paths.curated_dir, params.ingest.pii, key=key_for(params))
     return {t.id for t in held.tasks}
 
 

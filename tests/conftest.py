@@ -14,6 +14,9 @@ from tracetune.environments.support_desk import SupportDesk
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests ingest from temporary folders, which is production for the PII key rule (docs/data.md):
+# a test-only secret; tests of the refusal and of the demo key remove it.
+os.environ.setdefault("TRACETUNE_PII_KEY", "tests-only-pii-pseudonym-key")
 
 
 @pytest.fixture

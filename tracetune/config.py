@@ -396,6 +396,43 @@ class RegisterParams(Section):
     lock_timeout_s: float = Field(120.0, gt=0, description="wait for a concurrent promotion")
 
 
+# Structured keys that hold PII wherever they appear, and what makes `name` a person's name.
+PII_KEYS: tuple[str, ...] = (
+    "first_name",
+    "last_name",
+    "full_name",
+    "middle_name",
+    "customer_name",
+    "contact_name",
+    "address",
+    "street",
+    "street_address",
+    "address_line1",
+    "address_line2",
+    "zip",
+    "zip_code",
+    "postal_code",
+    "postcode",
+    "phone",
+    "phone_number",
+    "mobile",
+    "ssn",
+    "date_of_birth",
+    "dob",
+)
+PERSON_KEYS: tuple[str, ...] = (
+    "customer_id",
+    "user_id",
+    "account_id",
+    "person_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "address",
+)
+
+
 class PiiParams(Section):
     """PII scrub, applied at ingest so that nothing versioned ever holds PII (docs/data.md).
 
@@ -407,10 +444,42 @@ class PiiParams(Section):
     emails: bool = True
     phones: bool = True
     cards: bool = True
-    card_luhn: bool = Field(False, description="only Luhn-valid card-like numbers count as cards")
+    ssns: bool = Field(True, description="US social security numbers (AAA-GG-SSSS)")
+    card_luhn: bool = Field(True, description="only Luhn-valid card-like numbers count as cards")
+    phone_region: str = Field(
+        "US", min_length=2, max_length=2, description="region of phone numbers without +country"
+    )
+    phone_min_digits: int = Field(8, ge=5, le=15, description="shorter numbers are not phones")
+    keys: list[str] = Field(
+        default_factory=lambda: list(PII_KEYS),
+        description="keys whose values in structured tool results/arguments are PII",
+    )
+    keys_beside: dict[str, list[str]] = Field(
+        default_factory=lambda: {"name": list(PERSON_KEYS)},
+        description="keys that are PII only in an object that also holds one of these keys"
+        " (`name` of a customer, not of a product)",
+    )
     key_env: str = Field(
         "TRACETUNE_PII_KEY", description="environment variable holding the pseudonym secret"
     )
+    key_block: str | None = Field(
+        None, description="Prefect Secret block holding the secret (read when key_env is unset)"
+    )
+    demo_key_file: Path = Field(
+        Path(".tracetune/pii.key"),
+        description="the embedded demo's random per-workspace key (gitignored, dvcignored)",
+    )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        """An unknown region would make every national-form number pass unnoticed."""
+        import phonenumbers
+
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region phonenumbers knows (ISO 3166, e.g. US)")
+        return region
 
 
 class FieldMapping(Section):

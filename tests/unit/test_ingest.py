@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from tracetune.trajectories.ingest import (
     read_state,
 )
 from tracetune.trajectories.io import read_trajectories
-from tracetune.trajectories.pii import find_pii
+from tracetune.trajectories.pii import PiiKeyMissing, find_pii, has_pseudonym
 from tracetune.trajectories.sources import RACY_NS, SourceUnavailable, stat_fingerprint
 
 
@@ -357,3 +358,108 @@ def test_trajectories_with_hostile_tool_calls_are_quarantined(tmp_path: Path) ->
     assert all(len(r["detail"]) < 300 for r in records), "details name the bound, not the value"
     accepted = {t.trajectory_id for t in read_trajectories(paths.batches)}
     assert "t-99" in accepted and not accepted & {r["trajectory_id"] for r in records}
+
+
+# --- PII in what ingest writes (issue 20.3) -------------------------------------------------------
+def test_quarantine_ids_and_source_names_are_scrubbed(tmp_path: Path) -> None:
+    """Quarantine records, the watermark JSON and the index hold no PII: not the raw text after
+    an escaped newline, not a trajectory id with an email, not a file named after a customer."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    truncated = (
+        '{"trajectory_id": "t-x", "messages": [{"role": "user", "content": "hi\\n555-123-4567 '
+        'j\\u00fcrgen@example.de"}, {"role": "tool", "content": "{\\"customer_id\\": \\"C-1\\", '
+        '\\"name\\": \\"Ana Smith\\"'
+    )
+    bad_id = good(2, trajectory_id="ticket:bob.jones9@example.com", steps="three")
+    (src / "ana.smith1@example.com.jsonl").write_bytes(
+        line(good(1)) + truncated.encode() + b"\n" + line(bad_id)
+    )
+    paths = make_paths(tmp_path)
+    report = ingest(params(src, max_quarantine_rate=1.0), paths)
+    assert (report.read, report.accepted, report.quarantined) == (3, 1, 2)
+
+    records = quarantine_records(paths)
+    assert [r["reason"] for r in records] == ["invalid_json", "schema:steps"]
+    assert records[1]["trajectory_id"].startswith("ticket:") and has_pseudonym(
+        records[1]["trajectory_id"]
+    )
+    with sqlite3.connect(paths.index) as db:  # every text the index holds, row by row
+        index_rows = [
+            "\n".join(map(str, row))
+            for table in ("ids", "files", "batches")
+            for row in db.execute(f"SELECT * FROM {table}")
+        ]
+    written = [
+        *(p.read_text() for p in paths.quarantine.glob("*.jsonl")),
+        *(p.read_text() for p in paths.batches.glob("*.jsonl")),
+        paths.state.read_text(),
+        *index_rows,
+    ]
+    for text in [*written, paths.index.read_bytes().decode("utf-8", errors="replace")]:
+        for leaked in ("ana.smith1", "bob.jones9", "555-123-4567", "rgen@", "Ana Smith"):
+            assert leaked not in text, leaked
+    for text in written:
+        assert not find_pii(text.replace("\\n", "\n"))
+    assert json.loads(json.dumps(read_state(paths.state)["files"]))  # still one file, keyed
+    again = ingest(params(src, max_quarantine_rate=1.0), paths)  # the scrubbed key still matches
+    assert again.read == 0 and again.files["unchanged"] == 1
+
+
+def test_production_source_without_a_key_reads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(line(good(1)))
+    monkeypatch.delenv("TRACETUNE_PII_KEY")
+    paths = make_paths(tmp_path)
+    with pytest.raises(PiiKeyMissing):
+        ingest(params(src), paths)
+    assert not paths.index.exists() and not paths.batches.exists()
+
+
+def test_no_name_email_or_phone_of_the_simulated_world_reaches_the_data(
+    tmp_path: Path, sim_lines: list[str]
+) -> None:
+    """Real ingest, curation and split on simulated support_desk logs: the customers' names and
+    emails and the users' own emails and phones are in the raw logs, and in no file after."""
+    from tracetune.config import CurateParams, SplitParams
+    from tracetune.environments.support_desk import SupportDesk
+    from tracetune.trajectories.curation import curate
+    from tracetune.trajectories.io import iter_lines
+    from tracetune.trajectories.split import split_curated
+
+    env = SupportDesk()
+    env.reset(env.tasks(1, seed=0)[0])
+    world = env.db.execute("SELECT name, email FROM customers").fetchall()
+    src = tmp_path / "logs"
+    src.mkdir()
+    raw = "\n".join(sim_lines) + "\n"
+    (src / "a.jsonl").write_text(raw)
+    names = {n for n, _ in world if n in raw}
+    emails = {e for _, e in world if e in raw}
+    assert len(names) > 20 and emails and find_pii(raw)  # the test can fail: PII is there
+
+    paths = make_paths(tmp_path / "data")
+    ingest(params(src, max_quarantine_rate=0.5), paths)
+    curated = tmp_path / "data/curated"
+    curated.mkdir()
+    with (curated / "golden.jsonl").open("w") as out:
+        curate(iter_lines(paths.batches), CurateParams(), out)
+    split_curated(iter_lines(curated / "golden.jsonl"), curated, SplitParams(heldout_fraction=0.3))
+
+    files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    wanted = {"train.jsonl", "heldout.jsonl", "golden.jsonl", "batch-000001.jsonl"}
+    assert wanted <= {p.name for p in files}
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        leaked = [v for v in names | emails if v in text]
+        assert not leaked, f"{path.name}: {leaked[:5]}"
+        assert not find_pii(text), f"{path.name}: {find_pii(text)[:5]}"
+    batch = [json.loads(x) for x in iter_lines(paths.batches)]
+    assert any("<name:" in (m.get("content") or "") for t in batch for m in t["messages"])
+    for t in batch:  # tool results are still JSON
+        for m in t["messages"]:
+            if m["role"] == "tool" and (m.get("content") or "").startswith("{"):
+                json.loads(m["content"])

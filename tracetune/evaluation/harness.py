@@ -81,11 +81,12 @@ def interleave_families(pairs: Sequence[tuple[str, Task]], limit: int) -> list[t
 
 def select_heldout(env: Environment, params: Params) -> HeldoutSet:
     """The held-out tasks of the split, rebuilt in `env`, capped at `evaluate.max_tasks`."""
+    from tracetune.trajectories.pii import key_for
     from tracetune.trajectories.split import load_heldout_tasks, read_heldout_tasks
 
     curated = params.paths.curated_dir
     entries = read_heldout_tasks(curated)["tasks"]
-    loaded = load_heldout_tasks(env, curated, params.ingest.pii)
+    loaded = load_heldout_tasks(env, curated, params.ingest.pii, key=key_for(params))
     missing = set(loaded.unresolved)
     log_ids = [e["task_id"] for e in entries if e["task_id"] not in missing]
     pairs = list(zip(log_ids, loaded.tasks, strict=True))

@@ -22,7 +22,7 @@ import sqlite3
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +36,7 @@ from tracetune.environments.bounds import calls_problem
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError, apply_mapping
-from tracetune.trajectories.pii import Scrubber, resolve_key
+from tracetune.trajectories.pii import PiiKey, Scrubber, resolve_key
 from tracetune.trajectories.schema import Trajectory
 from tracetune.trajectories.sources import (
     LogSource,
@@ -74,7 +74,7 @@ class IngestReport:
     families: Counter[str] = field(default_factory=Counter)
     files: Counter[str] = field(default_factory=Counter)  # new / appended / rewritten / unchanged
     pii: Counter[str] = field(default_factory=Counter)
-    pii_key_secret: bool = False
+    pii_key: str = ""  # where the pseudonym key came from (never the key)
     usage_estimated: int = 0  # accepted trajectories whose usage/cost ingest estimated
     usage_counted_with: str = ""
     seconds: float = 0.0
@@ -102,7 +102,7 @@ class IngestReport:
             "families": dict(sorted(self.families.items())),
             "files": dict(sorted(self.files.items())),
             "pii_replacements": dict(sorted(self.pii.items())),
-            "pii_key": "secret" if self.pii_key_secret else "development default",
+            "pii_key": self.pii_key,
             "usage_estimated": self.usage_estimated,
             "usage_counted_with": self.usage_counted_with,
             "seconds": round(self.seconds, 2),
@@ -149,11 +149,16 @@ def parse_line(
     scrubber: Scrubber,
     usage: UsageEstimator | None = None,
 ) -> Parsed:
-    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record."""
+    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record.
+
+    Everything a quarantine record keeps (source name, id, detail, raw text) is scrubbed too.
+    """
+    uri = scrubber.scrub_text(uri)  # a file name may hold an email
 
     def reject(reason: str, detail: str, text: str = "", tid: str | None = None) -> Parsed:
+        tid = scrubber.scrub_text(tid) if tid else tid
         record = q.QuarantineRecord(
-            uri, number, reason, scrubber.scrub_text(detail), scrubber.scrub_text(text), tid
+            uri, number, reason, scrubber.scrub_text(detail), scrubber.scrub_raw(text), tid
         )
         return Parsed(uri, number, tid, None, None, record, None)
 
@@ -217,11 +222,16 @@ class FileMark:
 
 
 class IngestIndex:
-    """Seen trajectory ids, per-object read marks and the batch log, in one SQLite file."""
+    """Seen trajectory ids, per-object read marks and the batch log, in one SQLite file.
 
-    def __init__(self, path: Path) -> None:
+    Objects are keyed by `name(uri)`: ingest passes the PII scrub, so a source file named after
+    a customer's email is remembered (and exported) under its pseudonym.
+    """
+
+    def __init__(self, path: Path, name: Callable[[str], str] = str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.name = name
         self.conn = sqlite3.connect(path, isolation_level="DEFERRED")
         self.conn.execute("PRAGMA cache_size=-8000")
         self.conn.executescript(
@@ -235,14 +245,14 @@ class IngestIndex:
 
     def mark(self, uri: str) -> FileMark | None:
         row = self.conn.execute(
-            "SELECT fingerprint, head, offset, lines FROM files WHERE uri=?", (uri,)
+            "SELECT fingerprint, head, offset, lines FROM files WHERE uri=?", (self.name(uri),)
         ).fetchone()
         return FileMark(*row) if row else None
 
     def set_mark(self, uri: str, mark: FileMark) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
-            (uri, mark.fingerprint, mark.head, mark.offset, mark.lines),
+            (self.name(uri), mark.fingerprint, mark.head, mark.offset, mark.lines),
         )
 
     def add_id(self, trajectory_id: str) -> bool:
@@ -385,22 +395,26 @@ def ingest(
     paths: IngestPaths,
     source: LogSource | None = None,
     usage: UsageEstimator | None = None,
+    key: PiiKey | None = None,
 ) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
     `usage` fills in missing token usage and cost (default: `params.usage` with its fallback
-    count). Raises `QuarantineRateExceeded` when the batch quarantines too much, and
-    `SourceUnavailable` when the store fails to deliver an object even after retries.
+    count). Raises `QuarantineRateExceeded` when the batch quarantines too much,
+    `SourceUnavailable` when the store fails to deliver an object even after retries, and
+    `PiiKeyMissing` before reading anything when no `key` is given and no secret is configured
+    (the stage passes `pii.key_for(params)`, which knows the embedded demo).
     """
     usage = usage or estimator_from_params(params.usage, None)
     started = time.perf_counter()
+    key = key or resolve_key(params.pii, demo=False)  # before anything is read or reset
     if params.full_refresh:
         reset(paths)
     source = source or open_source(params.source, params.s3_endpoint_url, params.s3_retry)
-    key, secret = resolve_key(params.pii)
-    report = IngestReport(source=source.uri, pii_key_secret=secret)
+    names = Scrubber(params.pii, key.value)
+    report = IngestReport(source=names.scrub_text(source.uri), pii_key=key.origin)
     report.usage_counted_with = usage.source if usage.enabled else "off"
-    index = IngestIndex(paths.index)
+    index = IngestIndex(paths.index, names.scrub_text)
     name = ""
     try:
         batch = index.next_batch()
@@ -418,7 +432,7 @@ def ingest(
                 chunked(lines, CHUNK_LINES),
                 params.workers,
                 init_worker,
-                (params.mapping, params.pii, key, usage),
+                (params.mapping, params.pii, key.value, usage),
             )
             for chunk in results:
                 for parsed in chunk:

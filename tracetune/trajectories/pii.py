@@ -1,4 +1,4 @@
-"""PII scrub: emails, phone numbers and card-like numbers become keyed pseudonyms.
+"""PII scrub: emails, phones, cards, SSNs and structured personal fields become keyed pseudonyms.
 
 Why pseudonyms and not `[REDACTED]`: a `find_customer(email)` trajectory carries the email in the
 user text, the tool arguments and the tool results. A keyed hash (HMAC) maps the same value to the
@@ -6,33 +6,60 @@ same pseudonym everywhere, so the scrubbed trajectory still reads as one coheren
 model still learns to copy the user's email into the tool call) while the value itself is gone.
 
 Email pseudonyms keep the shape of an email a model will meet in production
-(`ana.smith1@example.com` -> `mara.lind03817@example.com`: made-up first and last names, digits,
-the original domain) instead of a hex tag: measured on the embedded default, a model fine-tuned
-on `user_<hex>@example.invalid` pseudonyms learned to write that shape, not to copy the user's
-address, and scored 0% on email tasks. The last two digits are a public checksum of the rest, so
-the detectors recognise a pseudonym and never replace it again (the scrub is idempotent, and tests
-scan curated files with the same detectors). The price: a real address that happens to have
-exactly this shape, names from our lists and a matching checksum (about 1 in 100 of those) is
-taken for a pseudonym and kept. Phones and cards become `<phone:tag>` / `<card:tag>`.
+(`ana.smith1@example.com` -> `mara.lind0381742290156317@example.com`: made-up first and last
+names, 14 keyed digits, a 2-digit public checksum, the original domain) instead of a hex tag:
+measured on the embedded default, a model fine-tuned on `user_<hex>@example.invalid` pseudonyms
+learned to write that shape, not to copy the user's address, and scored 0% on email tasks. The
+checksum lets the detectors recognise a pseudonym and never replace it again (the scrub is
+idempotent, and tests scan curated files with the same detectors). Other kinds become
+`<kind:16 hex digits>` (`<phone:...>`, `<card:...>`, `<ssn:...>`, `<name:...>`, `<zip:...>`).
 
-The key comes from an environment variable (`ingest.pii.key_env`); without it a fixed
-development key is used and the ingest metrics say so: with a public key, pseudonyms of guessable
-values (an email of a known customer) can be recomputed, so production sets a secret.
+Collisions: every pseudonym carries at least 56 keyed bits (emails: 1,000 name pairs x 10^14
+numbers = 10^17 values; tags: 64 bits). Two distinct values share a pseudonym with probability
+1/N, so n distinct values give about n^2 / 2N collisions: at n = 10M that is 5e-4 for emails and
+3e-6 for tags (the old 1,000 x 1,000 email space gave ~50 per 10,000 addresses).
+
+Structured PII (a customer's `name`, `address`, `zip` in a tool result) is found by key
+(`ingest.pii.keys`, and `keys_beside` for keys such as `name` that are personal only next to a
+person's id), then the same value is replaced the same way in every string of the trajectory:
+the user's text, the assistant's answer, other tool results. JSON inside strings (tool results,
+arguments) is decoded, scrubbed value by value and written back in its own style, so what was
+valid JSON stays valid JSON and numbers (`0.04999999999999716`) are never touched.
+
+The key (docs/data.md "PII"): `ingest.pii.key_env`, else the Prefect Secret block
+`ingest.pii.key_block`. A production source without one refuses to run: with a public key,
+pseudonyms of guessable values (a known customer's email) can be recomputed. Only the embedded
+demo (`ingest.source` is `paths.raw_logs`, the folder the `simulate` stage writes) falls back to
+a random per-workspace key in `ingest.pii.demo_key_file`, kept out of data, git and DVC.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import json
 import os
 import re
+import secrets
+import unicodedata
 import zlib
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from tracetune.config import PiiParams
 
-DEV_KEY = b"tracetune-development-key"
+if TYPE_CHECKING:
+    from tracetune.config import Params
+
+MIN_KEY_CHARS = 16  # a shorter secret can be guessed, which is what a public key allows
+EMAIL_DIGITS = 14  # keyed digits in an email pseudonym (module docstring: collisions)
+TAG_HEX = 16  # hex digits (64 bits) in `<kind:...>` pseudonyms
 PSEUDONYM_DOMAIN = "example.invalid"  # earlier pseudonyms (`user_<hex>@example.invalid`)
 PSEUDO_FIRST = (
     "ada",
@@ -103,20 +130,45 @@ PSEUDO_LAST = (
     "ystad",
     "zorn",
 )
-_PSEUDO_EMAIL = re.compile(r"([a-z]+)\.([a-z]+)(\d{3})(\d{2})@(.+)")
+_PSEUDO_EMAIL = re.compile(rf"([a-z]+)\.([a-z]+)(\d{{{EMAIL_DIGITS}}})(\d{{2}})@(.+)")
 _FIRST_SET, _LAST_SET = frozenset(PSEUDO_FIRST), frozenset(PSEUDO_LAST)
+_TAG = re.compile(rf"<[a-z_]+:[0-9a-f]{{{TAG_HEX}}}>")
 
-# Emails: a conservative RFC 5322 subset (what real logs hold).
-_EMAIL = r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])"
-# Card-like: 13 to 19 digits, optionally grouped by single spaces or dashes.
-_CARD = r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"
-# Phones: optional +country code, then three groups separated by space/dot/dash; the digit count
-# (9 to 15, E.164) is checked after the match, so dates (2026-10-09) and ids (O-10423) never match.
-_PHONE = (
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"
+# Emails, Unicode included (`jürgen.müller@example.de`, `josé@example.com`, IDN domains).
+_EMAIL = r"(?<![\w.%+-])\w[\w.%+-]*@(?:[\w-]+\.)+[^\W\d_]{2,24}(?![\w-])"
+# Standalone digit runs only: never inside a float (`0.04999999999999716`), an id (`O-10423`,
+# `trace_4111...`) or a longer number. Cards: 13 to 19 digits, grouped by single spaces/dashes.
+_CARD = r"(?<![\w.,+-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"
+# US SSNs (AAA-GG-SSSS): area 000, 666 and 9xx, group 00 and serial 0000 are never issued.
+_SSN = (
+    r"(?<![\w.,+-])(?!000|666|9)\d{3}(?P<ssn_sep>[- ])(?!00)\d{2}(?P=ssn_sep)(?!0000)\d{4}"
+    r"(?![\w-]|[.,]\d)"
 )
-# Cheap test for "could hold PII": an @, a grouped digit run (phones, spaced cards) or a long one.
-_PREFILTER = re.compile(r"@|\d{3,4}[ .-]\d{3,4}|\d{13}")
+# Phone candidates: an optional + or (, then digits with single separators or parentheses; the
+# `phonenumbers` library decides (E.164 and national forms of `phone_region`).
+_PHONE = r"(?<![\w+.,/(-])(?<!\d:)[+(]?\d(?:\)?[ .-]?\(?\d){6,15}(?![\w+]|[.,/:-]\d)"
+_NOT_PHONE = re.compile(r"\d+\.\d+|.*\d{4}-\d\d-\d\d.*")  # a float, a date
+# Cheap test for "could hold PII": an @, a +digit, 7 digits in a row, or digit groups shaped like
+# a phone, card or SSN (`555-123-4567`, `(555) 123`, `030 123456`); ISO dates do not pass.
+_PREFILTER = re.compile(
+    r"@|\+\d|\d(?:\d{6}|\d{1,4}[ ().-]{1,2}\d{6}|\d{2}[ ().-]{1,2}\d{2,4}[ ().-]{1,2}\d{3})"
+)
+# JSON escapes in raw (undecodable) text: the scrub runs between them.
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.S)
+_UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+class PiiKeyMissing(RuntimeError):
+    """A production source and no secret key: pseudonyms with a public key can be reversed."""
+
+
+@dataclass(frozen=True)
+class PiiKey:
+    value: bytes
+    origin: str  # where it came from, for the ingest report (never the key itself)
+
+    def __repr__(self) -> str:  # a key never lands in a log or a traceback
+        return f"PiiKey(origin={self.origin!r})"
 
 
 def luhn_ok(digits: str) -> bool:
@@ -130,12 +182,97 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def resolve_key(params: PiiParams) -> tuple[bytes, bool]:
-    """(key, is_secret): the secret from the environment, or the public development key."""
+# --- the key ------------------------------------------------------------------------------------
+def is_demo_source(source: str, raw_logs: Path) -> bool:
+    """The embedded demo: ingest reads the folder the `simulate` stage writes, nothing else.
+
+    Any other source (another folder, a file, S3) is production and needs a secret key.
+    """
+    if "://" in source:
+        return False
+    return Path(source).resolve() == Path(raw_logs).resolve()
+
+
+def resolve_key(params: PiiParams, demo: bool) -> PiiKey:
+    """The pseudonym key: environment variable, else Prefect Secret block, else (demo only) the
+    workspace file; raises `PiiKeyMissing` for a production source without a secret."""
     value = os.environ.get(params.key_env, "")
-    return (value.encode(), True) if value else (DEV_KEY, False)
+    if value:
+        return _checked(value, f"environment variable {params.key_env}")
+    if params.key_block:
+        return _checked(_prefect_secret(params.key_block), f"Prefect Secret {params.key_block}")
+    if demo:
+        path = params.demo_key_file
+        return PiiKey(workspace_key(path), f"demo workspace key {path}")
+    raise PiiKeyMissing(
+        f"no PII pseudonym key: set the environment variable {params.key_env} (or "
+        "ingest.pii.key_block, a Prefect Secret block) to a secret of at least "
+        f"{MIN_KEY_CHARS} characters. Only the embedded demo (ingest.source = paths.raw_logs) "
+        "runs without one (docs/data.md, PII)"
+    )
 
 
+def key_for(params: Params, root: Path | None = None) -> PiiKey:
+    """The key every stage uses with these params (ingest, split, evaluation agree on it).
+
+    Relative paths are the repository's (`root`, default: the working directory, as in stages).
+    """
+    base = Path.cwd() if root is None else Path(root)
+    source = params.ingest.source
+    local = source if "://" in source else str(base / source)
+    demo = is_demo_source(local, base / params.paths.raw_logs)
+    pii = params.ingest.pii
+    pii = pii.model_copy(update={"demo_key_file": base / pii.demo_key_file})
+    return resolve_key(pii, demo)
+
+
+def workspace_key(path: Path) -> bytes:
+    """The demo's random key, made once per workspace (0600, its folder gitignored)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ignore = path.parent / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# tracetune's per-workspace secrets: never commit them\n*\n")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+    value = path.read_text().strip()
+    if len(value) < MIN_KEY_CHARS:
+        raise PiiKeyMissing(f"{path} holds no usable key: delete it to make a new one")
+    return value.encode()
+
+
+_PLACEHOLDERS = ("change-me", "replace-me", "changeme", "replaceme")  # infra examples' values
+
+
+def _checked(value: str, origin: str) -> PiiKey:
+    if value.strip().lower().startswith(_PLACEHOLDERS):
+        raise PiiKeyMissing(f"the PII key from {origin} is the example's placeholder: set a secret")
+    if len(value) < MIN_KEY_CHARS:
+        raise PiiKeyMissing(
+            f"the PII key from {origin} has {len(value)} characters; at least {MIN_KEY_CHARS}"
+            " are needed (a short key can be guessed)"
+        )
+    return PiiKey(value.encode(), origin)
+
+
+def _prefect_secret(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    try:
+        block = Secret.load(name, _sync=True)  # type: ignore[call-arg]
+        value = block.get()  # type: ignore[union-attr]
+    except ValueError as exc:
+        raise PiiKeyMissing(f"Prefect Secret block {name!r} cannot be read: {exc}") from None
+    return str(value)
+
+
+# --- the scrubber -------------------------------------------------------------------------------
 class Scrubber:
     """Replaces PII in strings with keyed pseudonyms and counts what it replaced.
 
@@ -145,48 +282,79 @@ class Scrubber:
 
     CACHE_LIMIT = 20_000  # entries per cache: a few MB at most
 
-    def __init__(self, params: PiiParams, key: bytes | None = None) -> None:
+    def __init__(self, params: PiiParams, key: bytes) -> None:
         self.params = params
-        self.key = key if key is not None else resolve_key(params)[0]
+        self.key = key
         kinds = []
         if params.emails:
             kinds.append(f"(?P<email>{_EMAIL})")
         if params.cards:
             kinds.append(f"(?P<card>{_CARD})")
+        if params.ssns:
+            kinds.append(f"(?P<ssn>{_SSN})")
         if params.phones:
             kinds.append(f"(?P<phone>{_PHONE})")
-        self.enabled = params.enabled and bool(kinds)
+        self._always = {k.lower(): _key_kind(k) for k in params.keys}
+        self._beside = {
+            k.lower(): frozenset(v.lower() for v in vs) for k, vs in params.keys_beside.items()
+        }
+        names = sorted(set(self._always) | set(self._beside), key=len, reverse=True)
+        self._key_hint = (
+            re.compile("|".join(rf'"{re.escape(k)}"' for k in names), re.I) if names else None
+        )
+        self.enabled = params.enabled and bool(kinds or names)
         self._pattern = re.compile("|".join(kinds)) if kinds else None
         self._cache: dict[tuple[str, str], str] = {}
         self._texts: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {}
+        self._keyed: dict[str, tuple[tuple[str, str], ...]] = {}
         self.counts: Counter[str] = Counter()  # every replacement so far, by kind
         self.hits: Counter[str] = Counter()  # replacements since the caller last cleared it
 
     # --- pseudonyms ---------------------------------------------------------------------------
     def pseudonym(self, kind: str, value: str) -> str:
-        norm = value.lower() if kind == "email" else re.sub(r"\D", "", value)
+        norm = _normalise(kind, value, self.params.phone_region)
         cached = self._cache.get((kind, norm))
         if cached is not None:
             return cached
         digest = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).digest()
-        out = _email_pseudonym(digest, norm) if kind == "email" else f"<{kind}:{digest.hex()[:10]}>"
+        if kind == "email":
+            out = _email_pseudonym(digest, norm)
+        else:
+            out = f"<{kind}:{digest.hex()[:TAG_HEX]}>"
         if len(self._cache) >= self.CACHE_LIMIT:
             self._cache.clear()
         self._cache[(kind, norm)] = out
         return out
 
+    def _count(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] += n
+        self.hits[kind] += n
+
     def _replace(self, match: re.Match[str]) -> str:
+        kind = self._detected(match)
+        if kind is None:
+            return match.group(0)
+        self._count(kind)
+        return self.pseudonym(kind, match.group(0))
+
+    def _detected(self, match: re.Match[str]) -> str | None:
+        """The kind of PII a detector match is, or None (a pseudonym, a failed check)."""
         kind = match.lastgroup or ""
         value = match.group(0)
         if kind == "email" and is_email_pseudonym(value):
-            return value  # already a pseudonym
+            return None  # already a pseudonym
         if kind == "card" and self.params.card_luhn and not luhn_ok(re.sub(r"\D", "", value)):
-            return value
-        if kind == "phone" and not 9 <= sum(c.isdigit() for c in value) <= 15:
-            return value
-        self.counts[kind] += 1
-        self.hits[kind] += 1
-        return self.pseudonym(kind, value)
+            return None
+        if kind == "phone" and self._phone(value) is None:
+            return None
+        return kind
+
+    def _phone(self, value: str) -> str | None:
+        """E.164 form when `phonenumbers` says the text is a possible phone number."""
+        digits = sum(c.isdigit() for c in value)
+        if not self.params.phone_min_digits <= digits <= 15 or _NOT_PHONE.fullmatch(value):
+            return None
+        return _e164(value, self.params.phone_region)
 
     # --- scrubbing ----------------------------------------------------------------------------
     def scrub_text(self, text: str) -> str:
@@ -195,37 +363,124 @@ class Scrubber:
         Results are cached (bounded): system prompts and tool results repeat across thousands of
         trajectories, and scanning them again is most of the cost of the scrub.
         """
-        if not self.enabled or self._pattern is None or len(text) < 6:
+        if not self.enabled or len(text) < 6:
             return text
         cached = self._texts.get(text)
         if cached is not None:
             out, hits = cached
             for kind, n in hits:
-                self.counts[kind] += n
-                self.hits[kind] += n
+                self._count(kind, n)
             return out
         if len(self._texts) >= self.CACHE_LIMIT:
             self._texts.clear()
-        if not _PREFILTER.search(text):  # most strings: ids, names, prose without PII
+        if not self._may_hold_pii(text):  # most strings: ids, prose, results without PII
             self._texts[text] = (text, ())
             return text
         before = dict(self.hits)
-        out = self._pattern.sub(self._replace, text)
+        out = self._scrub_string(text)
         hits = tuple(
             (k, n - before.get(k, 0)) for k, n in self.hits.items() if n != before.get(k, 0)
         )
         self._texts[text] = (out, hits)
         return out
 
+    def _may_hold_pii(self, text: str) -> bool:
+        if _PREFILTER.search(text):
+            return True
+        return _is_json_shaped(text) and bool(self._keyed_of(text))
+
+    def _any_pii(self, text: str) -> bool:
+        pattern = self._pattern
+        if pattern is None or not _PREFILTER.search(text):
+            return False
+        return any(self._detected(m) is not None for m in pattern.finditer(text))
+
+    def _scrub_string(self, text: str) -> str:
+        """One string: JSON inside is scrubbed value by value, other text by the detectors."""
+        if _is_json_shaped(text):
+            if "\\" not in text and not self._keyed_of(text) and not self._any_pii(text):
+                return text  # no escape can hide a value, no PII key, no detector match
+            try:
+                decoded = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, dict | list):
+                return self._scrub_json(text, decoded)
+        if self._pattern is not None and _PREFILTER.search(text):
+            text = self._pattern.sub(self._replace, text)
+        return text
+
+    def _scrub_json(self, text: str, decoded: Any) -> str:
+        """JSON text -> the same JSON with PII values replaced, in the text's own style."""
+        changed = False
+        stack = [decoded]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict) and self._scrub_keys(node):
+                changed = True
+            items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+            for key, value in items:
+                kind = self._kind_of(str(key), node) if isinstance(node, dict) else None
+                if kind is not None and _is_value(value):
+                    if _is_pseudonym_value(str(value)):
+                        continue
+                    new: Any = self._keyed_pseudonym(kind, str(value))
+                    self._count(kind)
+                elif isinstance(value, str):
+                    new = self._scrub_string(value) if len(value) >= 2 else value
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+                    continue
+                else:
+                    continue
+                if new != value:
+                    node[key] = new
+                    changed = True
+        if not changed:
+            return text
+        ensure_ascii, separators = _json_style(text)
+        return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+
+    def _scrub_keys(self, node: dict[str, Any]) -> bool:
+        """Rename keys that are PII (`{"ana@example.com": {...}}`), keeping their order."""
+        pattern = self._pattern
+        if pattern is None or not any(_PREFILTER.search(k) for k in node):
+            return False
+        renamed = {pattern.sub(self._replace, k): v for k, v in node.items()}
+        if list(renamed) == list(node):
+            return False
+        node.clear()
+        node.update(renamed)
+        return True
+
+    def _kind_of(self, key: str, node: dict[str, Any]) -> str | None:
+        """The pseudonym kind when `node[key]` is PII by its key, else None."""
+        low = key.lower()
+        kind = self._always.get(low)
+        if kind is not None:
+            return kind
+        beside = self._beside.get(low)
+        if beside and any(k.lower() in beside for k in node if k != key):
+            return _key_kind(low)
+        return None
+
+    def _keyed_pseudonym(self, kind: str, value: str) -> str:
+        if kind == "phone" and (e164 := self._phone(value)) is not None:
+            return self.pseudonym("phone", e164)
+        return self.pseudonym(kind, value)
+
     def scrub_obj(self, obj: Any) -> Any:
         """Scrub every string value of a JSON-like object in place (dict keys are left alone).
 
         Works on decoded values, never on JSON text: a regex over JSON text would meet escapes
-        (`\\n555-123-4567`, `\\u00f6`) and either miss PII or break the document.
+        (`\\n555-123-4567`, `\\u00f6`) and either miss PII or break the document. Values found
+        by key in structured tool results are replaced the same way in every string of `obj`.
         """
         if not self.enabled or not isinstance(obj, dict | list):
             return obj
         scrub, seen = self.scrub_text, self._texts.get
+        keyed, keyed_of = self._keyed.get, self._keyed_of
+        found: dict[str, str] = {}
         stack = [obj]
         while stack:
             node = stack.pop()
@@ -233,24 +488,159 @@ class Scrubber:
             for key, value in items:
                 kind = type(value)
                 if kind is str:
+                    if value[:1] in "{[" and len(value) >= 8:  # structured: PII by key
+                        pairs = keyed(value)
+                        for pii_kind, pii_value in keyed_of(value) if pairs is None else pairs:
+                            found.setdefault(pii_value, pii_kind)
                     # Inlined cache test: most strings were seen before and hold no PII, and a
                     # call per string was a third of the ingest stage's time.
                     if len(value) >= 6 and ((hit := seen(value)) is None or hit[1]):
                         node[key] = scrub(value)
                 elif kind is dict or kind is list:
                     stack.append(value)
+        if found:  # the same values wherever else they appear (user text, answers, ids)
+            values = _Values(found)
+            literals = tuple(found)
+            for node, key, value in _strings(obj):
+                if any(v in value for v in literals):
+                    node[key] = self._apply_values(value, values)
         return obj
 
+    def _keyed_of(self, text: str) -> tuple[tuple[str, str], ...]:
+        """(kind, value) of every PII-key value in a JSON text (cached; () for most texts)."""
+        keyed = self._keyed.get(text)
+        if keyed is None:
+            hint = self._key_hint
+            ok = hint is not None and _is_json_shaped(text) and hint.search(text) is not None
+            keyed = self._keyed_values(text) if ok else ()
+            if len(self._keyed) >= self.CACHE_LIMIT:
+                self._keyed.clear()
+            self._keyed[text] = keyed
+        return keyed
 
-_DETECTOR = Scrubber(PiiParams(card_luhn=False), key=DEV_KEY)
+    def _apply_values(self, text: str, values: _Values) -> str:
+        """Replace the trajectory's keyed values in one string (JSON inside stays JSON)."""
+        if _is_json_shaped(text):
+            try:
+                decoded = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, dict | list):
+                changed = False
+                for node, key, value in list(_strings(decoded)):
+                    new = self._apply_values(value, values)
+                    if new != value:
+                        node[key] = new
+                        changed = True
+                if not changed:
+                    return text
+                ensure_ascii, separators = _json_style(text)
+                return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+        return values.sub(text, self)
+
+    def _keyed_values(self, text: str) -> tuple[tuple[str, str], ...]:
+        try:
+            decoded = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return ()
+        out = []
+        stack = [decoded]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    kind = self._kind_of(key, node)
+                    if kind is not None and _is_value(value) and len(str(value).strip()) >= 2:
+                        if not _is_pseudonym_value(str(value)):
+                            out.append((kind, str(value)))
+                    elif isinstance(value, dict | list):
+                        stack.append(value)
+            elif isinstance(node, list):
+                stack.extend(v for v in node if isinstance(v, dict | list))
+        return tuple(out)
+
+    def scrub_raw(self, text: str) -> str:
+        """Raw log text for the quarantine, scrubbed like an accepted record.
+
+        Valid JSON goes through `scrub_obj`. Text that does not parse (a truncated record) is
+        scrubbed between its JSON escapes (`\\n555-123-4567` is found) after `\\uXXXX` escapes
+        are decoded (`j\\u00fcrgen@...`), and `"key": "value"` pairs of PII keys are replaced
+        even where the key is personal only beside another (the neighbours may be cut off).
+        """
+        if not self.enabled or not text:
+            return text
+        try:
+            decoded = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            decoded = _UNPARSED
+        if decoded is not _UNPARSED:
+            if isinstance(decoded, str):
+                return json.dumps(self.scrub_text(decoded), ensure_ascii=False)
+            return json.dumps(self.scrub_obj(decoded), ensure_ascii=False)
+        text = _UNICODE_ESCAPE.sub(_unescape, text)
+        text = self._raw_pairs().sub(self._replace_pair, text)
+        pieces = _ESCAPE.split(text)
+        escapes = _ESCAPE.findall(text)
+        out = [self._scrub_string(pieces[0])]
+        for escape, piece in zip(escapes, pieces[1:], strict=True):
+            out += [escape, self._scrub_string(piece)]
+        return "".join(out)
+
+    def _raw_pairs(self) -> re.Pattern[str]:
+        names = sorted(set(self._always) | set(self._beside), key=len, reverse=True) or ["\x00"]
+        alt = "|".join(re.escape(n) for n in names)
+        return re.compile(
+            rf'(?P<head>\\*"(?P<key>{alt})\\*"\s*:\s*)'
+            rf'(?:(?P<q>\\*")(?P<s>(?:[^"\\]|\\u[0-9a-fA-F]{{4}})*)(?P=q)|(?P<n>-?\d[\d.eE+-]*))',
+            re.I,
+        )
+
+    def _replace_pair(self, m: re.Match[str]) -> str:
+        value = m.group("s") if m.group("s") is not None else m.group("n")
+        if not value or _is_pseudonym_value(value):
+            return m.group(0)
+        key = m.group("key").lower()
+        kind = self._always.get(key) or _key_kind(key)
+        pseudonym = self._keyed_pseudonym(kind, value)
+        self._count(kind)
+        quote = m.group("q") or ""
+        return f"{m.group('head')}{quote}{pseudonym}{quote}"
+
+
+class _Values:
+    """Values found by key in one trajectory, replaced wherever they appear in its text."""
+
+    def __init__(self, found: dict[str, str]) -> None:
+        self.kinds = found
+        ordered = sorted(found, key=len, reverse=True)
+        alt = "|".join(re.escape(v) for v in ordered)
+        self.pattern = re.compile(rf"(?<![\w.-])(?:{alt})(?![\w-]|\.\w)")
+
+    def sub(self, text: str, scrubber: Scrubber) -> str:
+        def repl(m: re.Match[str]) -> str:
+            kind = self.kinds[m.group(0)]
+            scrubber._count(kind)
+            return scrubber._keyed_pseudonym(kind, m.group(0))
+
+        return self.pattern.sub(repl, text)
+
+
+_UNPARSED = object()
+
+
+@functools.cache
+def _detector() -> Scrubber:
+    """The default detectors, for checks only (its key never makes an output)."""
+    return Scrubber(PiiParams(), key=b"detector-only: never used for an output")
 
 
 def find_pii(text: str) -> list[str]:
     """PII values present in `text` (pseudonyms excluded): the check tests and gates use."""
-    pattern = _DETECTOR._pattern
+    detector = _detector()
+    pattern = detector._pattern
     if pattern is None or not _PREFILTER.search(text):
         return []
-    return [m.group(0) for m in pattern.finditer(text) if _DETECTOR._replace(m) != m.group(0)]
+    return [m.group(0) for m in pattern.finditer(text) if detector._replace(m) != m.group(0)]
 
 
 def pii_in(obj: Any) -> list[str]:
@@ -263,9 +653,83 @@ def pii_in(obj: Any) -> list[str]:
 
 def has_pseudonym(text: str) -> bool:
     """True when `text` holds a pseudonym this module wrote."""
-    if "<phone:" in text or "<card:" in text:
+    if "<" in text and _TAG.search(text):
         return True
     return "@" in text and any(is_email_pseudonym(m) for m in re.findall(_EMAIL, text))
+
+
+def _key_kind(key: str) -> str:
+    """The pseudonym kind of a PII key: phones share the detector's pseudonyms, names one tag."""
+    low = key.lower()
+    if low in ("phone", "phone_number", "mobile"):
+        return "phone"
+    if low == "email":
+        return "email"
+    if "name" in low:
+        return "name"
+    return re.sub(r"[^a-z_]", "_", low)[:24] or "pii"
+
+
+def _normalise(kind: str, value: str, region: str) -> str:
+    if kind == "email":
+        return unicodedata.normalize("NFC", value).lower()
+    if kind == "phone":
+        return _e164(value, region) or re.sub(r"\D", "", value)
+    if kind in ("card", "ssn"):
+        return re.sub(r"\D", "", value)
+    return " ".join(unicodedata.normalize("NFC", value).casefold().split())
+
+
+@functools.lru_cache(maxsize=20_000)
+def _e164(value: str, region: str) -> str | None:
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def _is_value(value: Any) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool) and value != ""
+
+
+def _is_pseudonym_value(value: str) -> bool:
+    return bool(_TAG.fullmatch(value)) or is_email_pseudonym(value)
+
+
+def _is_json_shaped(text: str) -> bool:
+    head, tail = text[:1], text[-1:]
+    return (head == "{" and tail == "}") or (head == "[" and tail == "]")
+
+
+def _json_style(text: str) -> tuple[bool, tuple[str, str] | None]:
+    """(ensure_ascii, separators) of a JSON text, so that a rewrite keeps its look."""
+    compact = '":' in text and '": ' not in text and ", " not in text
+    return text.isascii() and "\\u" in text, ((",", ":") if compact else None)
+
+
+def _unescape(m: re.Match[str]) -> str:
+    char = chr(int(m.group(1), 16))
+    if char in '"\\' or not char.isprintable() or 0xD800 <= ord(char) <= 0xDFFF:
+        return m.group(0)
+    return char
+
+
+def _strings(obj: Any) -> Iterator[tuple[Any, Any, str]]:
+    """(container, key, string) for every string value in a JSON-like object."""
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        for key, value in items:
+            if isinstance(value, str):
+                yield node, key, value
+            elif isinstance(value, dict | list):
+                stack.append(value)
 
 
 def _checksum(name: str) -> str:
@@ -273,13 +737,13 @@ def _checksum(name: str) -> str:
 
 
 def _email_pseudonym(digest: bytes, email: str) -> str:
-    """`first.lastNNNCC@domain`: names and NNN from the keyed digest, CC the public checksum."""
+    """`first.lastNNNNNNNNNNNNNNCC@domain`: names and digits keyed, CC the public checksum."""
     first = PSEUDO_FIRST[digest[0] % len(PSEUDO_FIRST)]
     last = PSEUDO_LAST[digest[1] % len(PSEUDO_LAST)]
-    number = int.from_bytes(digest[2:4], "big") % 1000
+    number = int.from_bytes(digest[2:10], "big") % 10**EMAIL_DIGITS
     domain = email.rsplit("@", 1)[-1]
-    name = f"{first}.{last}{number:03d}@{domain}"
-    return f"{first}.{last}{number:03d}{_checksum(name)}@{domain}"
+    name = f"{first}.{last}{number:0{EMAIL_DIGITS}d}@{domain}"
+    return f"{first}.{last}{number:0{EMAIL_DIGITS}d}{_checksum(name)}@{domain}"
 
 
 def is_email_pseudonym(value: str) -> bool:

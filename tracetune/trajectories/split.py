@@ -27,7 +27,7 @@ import orjson
 from tracetune.config import PiiParams, SplitParams
 from tracetune.environments.base import HELDOUT_SPLIT, TRAIN_SPLIT, Environment, Task
 from tracetune.trajectories.io import iter_lines, read_trajectories
-from tracetune.trajectories.pii import Scrubber, has_pseudonym
+from tracetune.trajectories.pii import PiiKey, Scrubber, has_pseudonym, resolve_key
 from tracetune.trajectories.schema import Trajectory
 
 TRAIN_FILE = "train.jsonl"
@@ -195,17 +195,25 @@ class HeldoutTasks:
 
 
 def load_heldout_tasks(
-    env: Environment, curated_dir: Path | str, pii: PiiParams | None = None, max_draws: int = 20_000
+    env: Environment,
+    curated_dir: Path | str,
+    pii: PiiParams | None = None,
+    max_draws: int = 20_000,
+    key: PiiKey | None = None,
 ) -> HeldoutTasks:
     """Rebuild the held-out tasks in `env`: the evaluation set of every later stage.
 
     Plain ids go through `env.task_by_id`. Ids that hold a pseudonym (the PII scrub at ingest
     replaced an email inside them) cannot be read back; they are found by drawing the family's
     tasks from the environment and pseudonymising each id with the same key as ingest
-    (`ingest.pii.key_env`) until it matches. Order follows `heldout_tasks.json`.
+    (`pii.key_for(params)`; without `key`, the configured secret) until it matches. Order
+    follows `heldout_tasks.json`.
     """
     entries = read_heldout_tasks(curated_dir)["tasks"]
-    scrubber = Scrubber(pii or PiiParams())
+    pii = pii or PiiParams()
+    hidden_any = any(has_pseudonym(e["task_id"]) for e in entries)
+    key = key or (resolve_key(pii, demo=False) if hidden_any else PiiKey(b"", "unused"))
+    scrubber = Scrubber(pii, key.value)
     hidden = {e["task_id"]: e["family"] for e in entries if has_pseudonym(e["task_id"])}
     found = _find_pseudonymised(env, hidden, scrubber, max_draws)
     tasks, unresolved = [], []
