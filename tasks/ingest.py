@@ -7,7 +7,9 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
+from tracetune.tracking import tracking_uri
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
+from tracetune.trajectories.readers import UnrecognisedFormat, open_log_source
 
 METRICS = "ingest.json"
 
@@ -24,8 +26,14 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad."""
-    report = ingest(params.ingest, ingest_paths(params))
+    """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
+    `UnrecognisedFormat` (nothing committed) when a log object is in no format it can read.
+
+    An `mlflow://<experiment>` source reads the project's tracking store.
+    """
+    p = params.ingest
+    source = open_log_source(p.source, p.s3_endpoint_url, tracking_uri(params.tracking))
+    report = ingest(p, ingest_paths(params), source)
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary
@@ -50,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except UnrecognisedFormat as exc:
+        print(f"error: nothing was committed: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     print(format_summary(summary))
 

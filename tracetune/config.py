@@ -376,9 +376,16 @@ class FieldMapping(Section):
         default_factory=dict, description="our field (dotted) <- their field (dotted)"
     )
     success_from_reward: str | None = Field(
-        None, description="their numeric reward field; success = reward >= success_threshold"
+        None,
+        description="their reward/score field (a number, a boolean, a numeric string or a"
+        " yes/no, pass/fail label); success = score >= success_threshold",
     )
     success_threshold: float = 0.5
+    derive_id: list[str] | Literal["content"] | None = Field(
+        None,
+        description="when a record logs no trajectory_id: 'content' (a hash of the record as"
+        " read) or their fields (dotted) joined by ':' (e.g. [task_id, trial])",
+    )
     roles: dict[str, str] = Field(default_factory=dict, description="their role -> ours")
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="values for fields their logs lack"
@@ -387,10 +394,22 @@ class FieldMapping(Section):
     derive_steps: bool = Field(False, description="count steps from the messages when absent")
 
 
+LogFormat = Literal["auto", "tracetune", "openai_chat", "otel_genai", "mlflow_traces"]
+
+
 class IngestParams(Section):
     """Stage `ingest`: where logs come from, and what a batch may quarantine."""
 
-    source: str = Field("data/raw_logs", description="a local folder/file or s3://bucket/prefix")
+    source: str = Field(
+        "data/raw_logs",
+        description="a local folder/file, s3://bucket/prefix, or mlflow://<experiment> (the"
+        " traces of an experiment in the tracking store, tracking.tracking_uri)",
+    )
+    format: LogFormat = Field(
+        "auto",
+        description="how to read each log object (docs/data.md); auto: recognised by content,"
+        " an object no reader recognises fails the stage",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible store (MinIO, moto)")
     max_quarantine_rate: float = Field(0.05, ge=0, le=1)
     workers: int = Field(1, ge=1, description="parser processes (1: in-process)")

@@ -8,6 +8,10 @@ rewritten file never duplicates a trajectory (the copy is quarantined as
 change in one transaction, so a crash or a failed batch leaves the watermark where it was.
 `paths.ingest_state` is a readable JSON export of it.
 
+Formats are the readers' business (`tracetune.trajectories.readers`): each object is recognised
+by its content (or `ingest.format`) and read as JSON Lines or as one document; ingest only moves
+the items through mapping, PII scrub and validation, and keeps the marks.
+
 Each batch is written as `batch-NNNNNN.jsonl` beside its `quarantine/batch-NNNNNN.jsonl`, under
 temporary names that become final only when the batch passes the quarantine-rate check. Memory
 stays bounded: lines stream through, the id set is on disk, workers see a bounded window.
@@ -33,10 +37,12 @@ from pydantic import ValidationError
 from tracetune.config import FieldMapping, IngestParams, PiiParams
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
-from tracetune.trajectories.mapping import MappingError, apply_mapping
+from tracetune.trajectories.mapping import MappingError
 from tracetune.trajectories.pii import Scrubber, resolve_key
+from tracetune.trajectories.readers import READERS, Detected, ReadError, detect, document_items
+from tracetune.trajectories.readers import open_log_source as open_source
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject, open_source
+from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject
 
 CHUNK_LINES = 500
 
@@ -119,9 +125,15 @@ def init_worker(mapping: FieldMapping, pii: PiiParams, key: bytes) -> None:
     _WORKER["scrubber"] = Scrubber(pii, key)
 
 
-def parse_chunk(chunk: list[tuple[str, int, bytes | None, str | None]]) -> list[Parsed]:
+# (uri, line or item number, raw bytes or None, read error, reader name)
+Unit = tuple[str, int, bytes | None, str | None, str]
+
+
+def parse_chunk(chunk: list[Unit]) -> list[Parsed]:
     mapping, scrubber = _WORKER["mapping"], _WORKER["scrubber"]
-    return [parse_line(uri, n, raw, err, mapping, scrubber) for uri, n, raw, err in chunk]
+    return [
+        parse_line(uri, n, raw, err, mapping, scrubber, fmt) for uri, n, raw, err, fmt in chunk
+    ]
 
 
 def parse_line(
@@ -131,8 +143,9 @@ def parse_line(
     error: str | None,
     mapping: FieldMapping,
     scrubber: Scrubber,
+    fmt: str = "tracetune",
 ) -> Parsed:
-    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record."""
+    """One log line (or document item) -> an accepted trajectory or a quarantine record."""
 
     def reject(reason: str, detail: str, text: str = "", tid: str | None = None) -> Parsed:
         record = q.QuarantineRecord(
@@ -153,13 +166,13 @@ def parse_line(
         record = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return reject(q.INVALID_JSON, str(exc), text)
-    if not isinstance(record, dict):
-        return reject(q.NOT_AN_OBJECT, f"a JSON {type(record).__name__}, not an object", text)
     tid = q.trajectory_id_of(record)
     try:
-        apply_mapping(record, mapping)
+        record = READERS[fmt].to_record(record, mapping)
     except MappingError as exc:
         return reject(q.MAPPING, str(exc), text, tid)
+    except ReadError as exc:
+        return reject(exc.reason, str(exc), text, tid)
     scrubber.hits.clear()
     scrubber.scrub_obj(record)
     try:
@@ -297,30 +310,68 @@ def iter_planned_lines(
     plans: list[ReadPlan],
     marks: dict[str, FileMark],
     report: IngestReport,
-) -> Iterator[tuple[str, int, bytes | None, str | None]]:
-    """(uri, line number, raw bytes, read error) for every planned line; fills `marks`.
+    fmt: str = "auto",
+    mapping: FieldMapping | None = None,
+) -> Iterator[Unit]:
+    """(uri, line number, raw bytes, read error, reader) for every planned line; fills `marks`.
 
+    The reader of each object comes from its content (`readers.detect`) or `ingest.format`.
     A local file's last line without a newline may still be being written: it is held back
-    (the mark stays before it) unless it already parses as JSON.
+    (the mark stays before it) unless it already parses as JSON. An object read as one document
+    (a JSON array, an OTLP export) is read whole, its items numbered from 1; a later change
+    re-reads it whole (ids already accepted come back as duplicates). Raises
+    `readers.UnrecognisedFormat` for an object no reader understands.
     """
     for plan in plans:
         obj = plan.obj
         report.files[plan.kind] += 1
-        offset, number = plan.offset, plan.first_line - 1
+        position = [plan.offset, plan.first_line - 1]  # byte offset, lines (items) read
         try:
-            with source.open(obj, plan.offset) as stream:
-                for raw in stream:
-                    if obj.appendable and not raw.endswith(b"\n") and not _parses(raw):
-                        report.held_back += 1
-                        break
-                    number += 1
-                    offset += len(raw)
-                    yield obj.uri, number, raw, None
-        except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
-            number += 1
-            yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
+            detected = detect(source, obj, fmt, mapping or FieldMapping())
+        except (OSError, EOFError, zlib.error) as exc:  # a corrupt gzip, an unreadable object
+            position[1] += 1
+            yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", "tracetune"
+        else:
+            if detected is not None and detected.document:
+                yield from _document_units(source, obj, detected, position)
+            elif detected is not None:
+                yield from _line_units(source, plan, detected.reader.name, position, report)
+        offset, number = position
         head = source.head_hash(obj, min(HEAD_BYTES, offset)) if obj.appendable else ""
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
+
+
+def _line_units(
+    source: LogSource, plan: ReadPlan, reader: str, position: list[int], report: IngestReport
+) -> Iterator[Unit]:
+    obj = plan.obj
+    try:
+        with source.open(obj, plan.offset) as stream:
+            for raw in stream:
+                if obj.appendable and not raw.endswith(b"\n") and not _parses(raw):
+                    report.held_back += 1
+                    break
+                position[0] += len(raw)
+                position[1] += 1
+                yield obj.uri, position[1], raw, None, reader
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
+        position[1] += 1
+        yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", reader
+
+
+def _document_units(
+    source: LogSource, obj: SourceObject, detected: Detected, position: list[int]
+) -> Iterator[Unit]:
+    """Items of an object read whole; it is read again whole when it changes."""
+    position[:] = [obj.size, 0]
+    stream = source.open(obj, 0) if detected.data is None else None
+    try:
+        for number, raw, _ in document_items(obj, detected, stream):
+            position[1] = max(position[1], number)
+            yield obj.uri, number, raw, None, detected.reader.name
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def _parses(raw: bytes) -> bool:
@@ -375,7 +426,7 @@ def ingest(
         q_tmp = paths.quarantine / (name + ".tmp")
         marks: dict[str, FileMark] = {}
         plans = plan_reads(source, index, report)
-        lines = iter_planned_lines(source, plans, marks, report)
+        lines = iter_planned_lines(source, plans, marks, report, params.format, params.mapping)
         with out_tmp.open("w", encoding="utf-8") as out, q_tmp.open("w", encoding="utf-8") as qout:
             results = ordered_map(
                 parse_chunk,
