@@ -22,6 +22,9 @@ from typing import IO, Any
 
 from tracetune.trajectories.io import JSONL_SUFFIXES
 
+# Names read from a folder (a file named as the source is read whatever its name); what is in
+# them is recognised by content (tracetune.trajectories.readers), never by these suffixes.
+LOG_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 HEAD_BYTES = 4096
 READ_BUFFER = 1 << 20
 
@@ -52,7 +55,7 @@ class LogSource(ABC):
 
 
 def _is_log(name: str) -> bool:
-    return name.endswith(JSONL_SUFFIXES)
+    return name.endswith(LOG_SUFFIXES)
 
 
 class LocalSource(LogSource):
@@ -65,7 +68,7 @@ class LocalSource(LogSource):
             raise FileNotFoundError(f"ingest source {self.path} does not exist")
         files = [self.path] if self.path.is_file() else sorted(self.path.rglob("*"))
         for file in files:
-            if file.is_file() and _is_log(file.name):
+            if file.is_file() and (file == self.path or _is_log(file.name)):
                 size = file.stat().st_size
                 obj = SourceObject(str(file), size, "", file.name.endswith(".gz"), False)
                 head = self.head_hash(obj, HEAD_BYTES)
