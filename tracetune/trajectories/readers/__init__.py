@@ -23,7 +23,7 @@ import orjson
 
 from tracetune.config import FieldMapping
 from tracetune.trajectories.mapping import is_identity
-from tracetune.trajectories.readers.base import Reader, ReadError, describe
+from tracetune.trajectories.readers.base import Reader, ReadError, describe, held_list
 from tracetune.trajectories.readers.mlflow_traces import MlflowTracesReader
 from tracetune.trajectories.readers.openai_chat import OpenAIChatReader
 from tracetune.trajectories.readers.otel_genai import OtelGenAIReader
@@ -86,14 +86,9 @@ def classify_document(document: Any, mapping: FieldMapping) -> Reader | None:
     if isinstance(document, list):
         return classify(document[0], mapping) if document else READERS["tracetune"]
     if isinstance(document, dict):
-        candidates = {
-            key: classify(value[0], mapping)
-            for key, value in document.items()
-            if isinstance(value, list) and value
-        }
-        readers = {r.name for r in candidates.values() if r is not None}
-        if len(readers) == 1:
-            return READERS[readers.pop()]
+        for reader in READERS.values():
+            if held_list(document, reader.recognises) is not None:  # raises when several
+                return reader
     return found
 
 
@@ -116,7 +111,7 @@ def detect(
         data = first + stream.read()
     document = _loads(data)
     if document is not _BAD:
-        reader = chosen or classify_document(document, mapping)
+        reader = chosen or _classify_document(obj, document, mapping)
         if reader is None:
             raise UnrecognisedFormat(obj.uri, f"one JSON document, {describe(document)}")
         return Detected(reader, True, data)
@@ -134,9 +129,19 @@ def detect(
 
 def _lines(obj: SourceObject, chosen: Reader | None, sample: Any, mapping: FieldMapping) -> Detected:
     reader = chosen or classify(sample, mapping)
+    if reader is not None:
+        return Detected(reader, reader.whole_object)
+    reader = _classify_document(obj, sample, mapping)  # a document written on one line
     if reader is None:
         raise UnrecognisedFormat(obj.uri, f"JSON Lines of {describe(sample)}")
-    return Detected(reader, reader.whole_object)
+    return Detected(reader, True)
+
+
+def _classify_document(obj: SourceObject, document: Any, mapping: FieldMapping) -> Reader | None:
+    try:
+        return classify_document(document, mapping)
+    except ReadError as exc:
+        raise UnrecognisedFormat(obj.uri, str(exc)) from None
 
 
 class _Bad:
