@@ -82,7 +82,7 @@ def legacy_function_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]
             function = m["tool_calls"][0]["function"]
             out.append({"role": "assistant", "content": None, "function_call": dict(function)})
         elif m["role"] == "tool" and out and "function_call" in out[-1]:
-            name = out[-1]["function_call"]["name"]
+            name = out[-1]["function_call"]["name"]  # type: ignore[index]
             out.append({"role": "function", "name": name, "content": m["content"]})
         else:
             out.append(m)
@@ -120,67 +120,80 @@ HARNESS_MAPPING: dict[str, Any] = {
 
 # --- MLflow Tracing -----------------------------------------------------------------------------
 def write_mlflow_traces(
-    records: list[dict[str, Any]], tracking_uri: str, experiment: str
+    records: list[dict[str, Any]], tracking: dict[str, str], experiment: str
 ) -> list[str]:
-    """Log each episode as an MLflow trace: an AGENT span, a CHAT_MODEL span per model call
-    (inputs: the messages so far; outputs: a ChatCompletion with usage), a TOOL span per tool
-    call, task tags, and the outcome as human feedback. Returns the trace ids."""
+    """Log each episode as an MLflow trace: an AGENT span (`@mlflow.trace`), a CHAT_MODEL span
+    per model call (inputs: the messages so far; outputs: a ChatCompletion with usage), a TOOL
+    span per tool call, task tags, and the outcome as human feedback. Returns the trace ids.
+
+    `tracking` is params' `tracking` block (store and artifact location). MLflow's global
+    tracking URI and active experiment (variables it sets) are restored afterwards."""
+    import os
+
     import mlflow
     from mlflow.entities import AssessmentSource, SpanType
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    ids = []
-    for record in records:
-        messages = record["messages"]
-        usage = record["usage"]
-        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-
-        @mlflow.trace(name="support_agent", span_type=SpanType.AGENT)
-        def agent(question: str) -> str:
-            for k in turns:
-                chat(messages[:k], messages[k])
-                for call in messages[k].get("tool_calls") or ():
-                    result = next(
-                        m["content"] for m in messages if m.get("tool_call_id") == call["id"]
-                    )
-                    with mlflow.start_span(call["function"]["name"], SpanType.TOOL) as tool:
-                        tool.set_inputs({"arguments": call["function"]["arguments"]})
-                        tool.set_outputs(result)
-            mlflow.update_current_trace(
-                tags={"task_id": record["task_id"], "family": record["family"]}
-            )
-            return str(messages[-1].get("content"))
-
-        def chat(history: list[dict[str, Any]], reply: dict[str, Any]) -> None:
-            with mlflow.start_span("ChatCompletions", span_type=SpanType.CHAT_MODEL) as span:
-                span.set_inputs({"messages": history, "model": record["model"]})
-                share = max(1, len(turns))
-                span.set_outputs(
-                    {
-                        "object": "chat.completion",
-                        "model": record["model"],
-                        "choices": [{"index": 0, "message": reply, "finish_reason": "stop"}],
-                        "usage": {
-                            "prompt_tokens": usage["prompt_tokens"] // share,
-                            "completion_tokens": usage["completion_tokens"] // share,
-                        },
-                    }
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    try:
+        with _use_tracking_uri(tracking["tracking_uri"]):
+            if mlflow.get_experiment_by_name(experiment) is None:
+                location = tracking["artifact_location"]
+                mlflow.create_experiment(experiment, artifact_location=location)
+            mlflow.set_experiment(experiment)
+            agent = mlflow.trace(_agent, name="support_agent", span_type=SpanType.AGENT)
+            ids = []
+            for record in records:
+                user = next(m["content"] for m in record["messages"] if m["role"] == "user")
+                agent(user, record)
+                trace_id = mlflow.get_last_active_trace_id()
+                assert trace_id is not None
+                ids.append(trace_id)
+            mlflow.flush_trace_async_logging()
+            for trace_id, record in zip(ids, records, strict=True):
+                mlflow.log_feedback(
+                    trace_id=trace_id,
+                    name="resolved",
+                    value=bool(record["success"]),
+                    source=AssessmentSource(source_type="HUMAN", source_id="support-lead"),
                 )
+            return ids
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-        agent(next(m["content"] for m in messages if m["role"] == "user"))
-        trace_id = mlflow.get_last_active_trace_id()
-        assert trace_id is not None
-        ids.append(trace_id)
-    mlflow.flush_trace_async_logging()
-    for trace_id, record in zip(ids, records, strict=True):
-        mlflow.log_feedback(
-            trace_id=trace_id,
-            name="resolved",
-            value=bool(record["success"]),
-            source=AssessmentSource(source_type="HUMAN", source_id="support-lead"),
-        )
-    return ids
+
+def _agent(question: str, record: dict[str, Any]) -> str:
+    """The instrumented agent: one chat span per model call, one tool span per tool call."""
+    import mlflow
+    from mlflow.entities import SpanType
+
+    messages = record["messages"]
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for k in turns:
+        with mlflow.start_span("ChatCompletions", span_type=SpanType.CHAT_MODEL) as span:
+            span.set_inputs({"messages": messages[:k], "model": record["model"]})
+            span.set_outputs(
+                {
+                    "object": "chat.completion",
+                    "model": record["model"],
+                    "choices": [{"index": 0, "message": messages[k], "finish_reason": "stop"}],
+                    "usage": {
+                        "prompt_tokens": record["usage"]["prompt_tokens"] // len(turns),
+                        "completion_tokens": record["usage"]["completion_tokens"] // len(turns),
+                    },
+                }
+            )
+        for call in messages[k].get("tool_calls") or ():
+            result = next(m["content"] for m in messages if m.get("tool_call_id") == call["id"])
+            with mlflow.start_span(call["function"]["name"], span_type=SpanType.TOOL) as tool:
+                tool.set_inputs({"arguments": call["function"]["arguments"]})
+                tool.set_outputs(result)
+    mlflow.update_current_trace(tags={"task_id": record["task_id"], "family": record["family"]})
+    return str(messages[-1].get("content"))
 
 
 MLFLOW_MAPPING: dict[str, Any] = {

@@ -165,7 +165,7 @@ def mlflow_store(
     tmp_path_factory: pytest.TempPathFactory, traced: list[dict[str, Any]]
 ) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("mlflow")
-    ids = write_mlflow_traces(traced[:10], tracking_under(root)["tracking_uri"], "agent-prod")
+    ids = write_mlflow_traces(traced[:10], tracking_under(root), "agent-prod")
     return root, ids
 
 
@@ -173,8 +173,6 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
     tmp_path: Path, traced: list[dict[str, Any]], mlflow_store: tuple[Path, list[str]]
 ) -> None:
     import shutil
-
-    import mlflow
 
     store, ids = mlflow_store
     root = tmp_path / "project"
@@ -197,12 +195,10 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
 
     # The watermark: trace ids already read are not read again; a new trace is.
     assert ingest_stage.run(params)["read"] == 0
-    tracking = tracking_under(root)["tracking_uri"]
-    (new,) = write_mlflow_traces(traced[10:11], tracking, "agent-prod")
+    (new,) = write_mlflow_traces(traced[10:11], tracking_under(root), "agent-prod")
     third = ingest_stage.run(params)
     assert (third["read"], third["accepted"]) == (1, 1)
     assert {r["trajectory_id"] for r in batch(params)} == {*ids, new}
-    mlflow.set_tracking_uri(None)
 
 
 def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
@@ -211,8 +207,9 @@ def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
     store, _ = mlflow_store
     mapping = MLFLOW_MAPPING | {"success_from_reward": "assessments.no_such_judge"}
     params = project(tmp_path, "mlflow://agent-prod", mapping, max_quarantine_rate=1.0)
-    params = params.model_copy(update={"tracking": parse_params(
-        {"tracking": tracking_under(store)}).tracking})
+    params = params.model_copy(
+        update={"tracking": parse_params({"tracking": tracking_under(store)}).tracking}
+    )
     summary = ingest_stage.run(params)
     counts_add_up(summary, 10)
     assert summary["quarantine_reasons"] == {"mapping": 10}

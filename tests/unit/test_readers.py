@@ -73,7 +73,12 @@ def jsonl(*records: Any) -> str:
         ("damaged.jsonl", '{"trajectory_id": "t-0", "ta\n' + jsonl(OURS), "tracetune", False),
         ("otlp.jsonl", jsonl({"resourceSpans": []}, {"resourceSpans": []}), "otel_genai", True),
         ("otlp.json", json.dumps({"resourceSpans": []}, indent=1), "otel_genai", True),
-        ("trace.json", jsonl({"info": {"trace_id": "tr-1"}, "data": {"spans": []}}), "mlflow_traces", False),
+        (
+            "trace.json",
+            jsonl({"info": {"trace_id": "tr-1"}, "data": {"spans": []}}),
+            "mlflow_traces",
+            False,
+        ),
     ],
 )
 def test_the_content_not_the_name_says_the_format(
@@ -126,7 +131,9 @@ def paths(root: Path) -> IngestPaths:
 
 def test_a_json_file_is_read_not_silently_skipped(tmp_path: Path) -> None:
     """Regression: a `.json` source was listed as nothing (`ingest: nothing new`, exit 0)."""
-    runs = [RUN | {"task_id": i} for i in range(5)] + [{"task_id": 9, "reward": 0, "messages": "not a list"}]
+    runs = [RUN | {"task_id": i} for i in range(5)] + [
+        {"task_id": 9, "reward": 0, "messages": "not a list"}
+    ]
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs/runs.json").write_text(json.dumps(runs))
     mapping = FieldMapping(
@@ -155,7 +162,11 @@ def test_openai_chat_shapes_become_our_messages() -> None:
         [
             {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
             {"role": "user", "content": [{"type": "input_text", "text": "a"}, "b"], "name": None},
-            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": {"x": 1}}},
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "f", "arguments": {"x": 1}},
+            },
             {"role": "function", "name": "f", "content": "42"},
             {
                 "role": "assistant",
@@ -172,7 +183,11 @@ def test_openai_chat_shapes_become_our_messages() -> None:
         {
             "role": "assistant",
             "tool_calls": [
-                {"id": "fc_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                {
+                    "id": "fc_1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"x": 1}'},
+                }
             ],
         },
         {"role": "tool", "name": "f", "content": "42", "tool_call_id": "fc_1"},
@@ -255,15 +270,22 @@ def test_an_otel_trace_without_a_chat_span_is_quarantined(tmp_path: Path) -> Non
     span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "http", "startTimeUnixNano": "1"}
     doc = {"resourceSpans": [{"resource": {}, "scopeSpans": [{"spans": [span]}]}]}
     (tmp_path / "t.json").write_text(json.dumps(doc))
-    report = ingest(IngestParams(source=str(tmp_path / "t.json"), max_quarantine_rate=1), paths(tmp_path))
+    report = ingest(
+        IngestParams(source=str(tmp_path / "t.json"), max_quarantine_rate=1), paths(tmp_path)
+    )
     assert (report.read, report.reasons) == (1, {"otel_genai:no_chat_span": 1})
 
 
 def test_mlflow_labels_and_outputs() -> None:
-    items = [
+    items: list[dict[str, Any]] = [
         {"assessment_name": "ok", "feedback": {"value": False}, "create_time": "2026-01-01"},
         {"assessment_name": "ok", "feedback": {"value": True}, "create_time": "2026-01-02"},
-        {"assessment_name": "ok", "feedback": {"value": False}, "create_time": "2026-01-03", "valid": False},
+        {
+            "assessment_name": "ok",
+            "feedback": {"value": False},
+            "create_time": "2026-01-03",
+            "valid": False,
+        },
         {"assessment_name": "judge", "feedback": {"value": None, "error": {"error_code": "X"}}},
         {"assessment_name": "answer", "expectation": {"value": "42"}},
     ]

@@ -131,9 +131,7 @@ Unit = tuple[str, int, bytes | None, str | None, str]
 
 def parse_chunk(chunk: list[Unit]) -> list[Parsed]:
     mapping, scrubber = _WORKER["mapping"], _WORKER["scrubber"]
-    return [
-        parse_line(uri, n, raw, err, mapping, scrubber, fmt) for uri, n, raw, err, fmt in chunk
-    ]
+    return [parse_line(uri, n, raw, err, mapping, scrubber, fmt) for uri, n, raw, err, fmt in chunk]
 
 
 def parse_line(

@@ -148,7 +148,7 @@ def scalar_str(value: Any) -> str:
 
 
 def normalise_ids(record: dict[str, Any]) -> None:
-    """Ids logged as numbers or booleans (integer task ids) become the strings our schema keys on."""
+    """Ids logged as numbers or booleans (integer task ids) become the strings we key on."""
     for key in ID_FIELDS:
         value = record.get(key)
         if isinstance(value, int | float) and not (

@@ -127,7 +127,9 @@ def detect(
     return _lines(obj, chosen, sample, mapping)
 
 
-def _lines(obj: SourceObject, chosen: Reader | None, sample: Any, mapping: FieldMapping) -> Detected:
+def _lines(
+    obj: SourceObject, chosen: Reader | None, sample: Any, mapping: FieldMapping
+) -> Detected:
     reader = chosen or classify(sample, mapping)
     if reader is not None:
         return Detected(reader, reader.whole_object)

@@ -82,7 +82,9 @@ class OtelGenAIReader(Reader):
         spans = sorted((_span(s) for s in item["spans"]), key=lambda s: s["start"])
         ids = {s["id"] for s in spans}
         root = next((s for s in spans if s["parent"] not in ids), spans[0])
-        chats = [s for s in spans if s["attributes"].get("gen_ai.operation.name") in CHAT_OPERATIONS]
+        chats = [
+            s for s in spans if s["attributes"].get("gen_ai.operation.name") in CHAT_OPERATIONS
+        ]
         if not chats:
             raise ReadError(NO_CHAT, "no span with gen_ai.operation.name chat in this trace")
         last = chats[-1]

@@ -20,7 +20,7 @@ class TracetuneReader(Reader):
     name: ClassVar[str] = "tracetune"
 
     def recognises(self, value: Any) -> bool:
-        return isinstance(value, dict) and SIGNATURE <= value.keys()
+        return isinstance(value, dict) and value.keys() >= SIGNATURE
 
     def to_record(self, item: Any, mapping: FieldMapping) -> dict[str, Any]:
         if not isinstance(item, dict):
