@@ -36,6 +36,7 @@ READERS: dict[str, Reader] = {
     for r in (OtelGenAIReader(), MlflowTracesReader(), TracetuneReader(), OpenAIChatReader())
 }
 SNIFF_LINES = 20
+DOCUMENT_OPENINGS = (b"[", b"{", b"[{")  # how a pretty-printed document's first line looks
 UNRECOGNISED = "unrecognised_format"
 
 __all__ = [
@@ -98,7 +99,7 @@ def detect(
     """Which reader reads `obj`, and whether as lines or as one document (None: it is empty).
 
     Raises `UnrecognisedFormat` when the content is neither (or no reader knows its records).
-    Only when the first line is not a JSON object is the object read whole to find out.
+    JSON Lines are recognised from their first lines; only a document is read whole.
     """
     chosen = READERS.get(fmt)
     with source.open(obj, 0) as stream:
@@ -108,23 +109,30 @@ def detect(
         sample = _loads(first)
         if isinstance(sample, dict):
             return _lines(obj, chosen, sample, mapping)
-        data = first + stream.read()
+        head = [first]
+        if first.strip() not in DOCUMENT_OPENINGS:
+            # A damaged first line, or a bare list of messages per line: if a line after it
+            # parses, these are JSON Lines, and nothing needs to be read whole.
+            for raw in stream:
+                head.append(raw)
+                value = _loads(raw)
+                if isinstance(value, dict | list):
+                    return _lines(obj, chosen, value, mapping)
+                if len(head) >= SNIFF_LINES:
+                    break
+        data = b"".join(head) + stream.read()
     document = _loads(data)
     if document is not _BAD:
         reader = chosen or _classify_document(obj, document, mapping)
         if reader is None:
             raise UnrecognisedFormat(obj.uri, f"one JSON document, {describe(document)}")
         return Detected(reader, True, data)
-    # JSON Lines whose first line is damaged or not an object (a bare list of messages per
-    # line): the first line that parses says the format.
-    values = (_loads(raw) for raw in data.splitlines()[:SNIFF_LINES])
-    sample = next((v for v in values if isinstance(v, dict | list)), None)
-    if sample is None:
-        head = first[:80].decode("utf-8", "backslashreplace").strip()
-        raise UnrecognisedFormat(
-            obj.uri, f"neither JSON Lines nor a JSON document (it starts: {head!r})"
-        )
-    return _lines(obj, chosen, sample, mapping)
+    if isinstance(sample, list):
+        return _lines(obj, chosen, sample, mapping)
+    start = first[:80].decode("utf-8", "backslashreplace").strip()
+    raise UnrecognisedFormat(
+        obj.uri, f"neither JSON Lines nor a JSON document (it starts: {start!r})"
+    )
 
 
 def _lines(
