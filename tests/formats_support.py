@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -120,44 +123,59 @@ HARNESS_MAPPING: dict[str, Any] = {
 
 # --- MLflow Tracing -----------------------------------------------------------------------------
 def write_mlflow_traces(
-    records: list[dict[str, Any]], tracking: dict[str, str], experiment: str
+    records: list[dict[str, Any]],
+    tracking: dict[str, str],
+    experiment: str,
+    feedback: bool = True,
 ) -> list[str]:
     """Log each episode as an MLflow trace: an AGENT span (`@mlflow.trace`), a CHAT_MODEL span
     per model call (inputs: the messages so far; outputs: a ChatCompletion with usage), a TOOL
-    span per tool call, task tags, and the outcome as human feedback. Returns the trace ids.
-
-    `tracking` is params' `tracking` block (store and artifact location). MLflow's global
-    tracking URI and active experiment (variables it sets) are restored afterwards."""
-    import os
-
+    span per tool call, task tags, and (with `feedback`) the outcome as human feedback.
+    Returns the trace ids. `tracking` is params' `tracking` block (store, artifacts)."""
     import mlflow
-    from mlflow.entities import AssessmentSource, SpanType
+    from mlflow.entities import SpanType
+
+    with _store(tracking):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=tracking["artifact_location"])
+        mlflow.set_experiment(experiment)
+        agent = mlflow.trace(_agent, name="support_agent", span_type=SpanType.AGENT)
+        ids = []
+        for record in records:
+            agent(next(m["content"] for m in record["messages"] if m["role"] == "user"), record)
+            trace_id = mlflow.get_last_active_trace_id()
+            assert trace_id is not None
+            ids.append(trace_id)
+        mlflow.flush_trace_async_logging()
+    if feedback:
+        log_outcomes(ids, records, tracking)
+    return ids
+
+
+def log_outcomes(ids: list[str], records: list[dict[str, Any]], tracking: dict[str, str]) -> None:
+    """The episodes' outcomes as human feedback (`resolved`) on their traces."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    with _store(tracking):
+        for trace_id, record in zip(ids, records, strict=True):
+            mlflow.log_feedback(
+                trace_id=trace_id,
+                name="resolved",
+                value=bool(record["success"]),
+                source=AssessmentSource(source_type="HUMAN", source_id="support-lead"),
+            )
+
+
+@contextmanager
+def _store(tracking: dict[str, str]) -> Iterator[None]:
+    """MLflow pointed at the test's store; its global URI and the variables it sets restored."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     try:
         with _use_tracking_uri(tracking["tracking_uri"]):
-            if mlflow.get_experiment_by_name(experiment) is None:
-                location = tracking["artifact_location"]
-                mlflow.create_experiment(experiment, artifact_location=location)
-            mlflow.set_experiment(experiment)
-            agent = mlflow.trace(_agent, name="support_agent", span_type=SpanType.AGENT)
-            ids = []
-            for record in records:
-                user = next(m["content"] for m in record["messages"] if m["role"] == "user")
-                agent(user, record)
-                trace_id = mlflow.get_last_active_trace_id()
-                assert trace_id is not None
-                ids.append(trace_id)
-            mlflow.flush_trace_async_logging()
-            for trace_id, record in zip(ids, records, strict=True):
-                mlflow.log_feedback(
-                    trace_id=trace_id,
-                    name="resolved",
-                    value=bool(record["success"]),
-                    source=AssessmentSource(source_type="HUMAN", source_id="support-lead"),
-                )
-            return ids
+            yield
     finally:
         for key, value in saved.items():
             if value is None:

@@ -22,6 +22,7 @@ from formats_support import (
     episodes,
     harness_runs,
     hex_ids,
+    log_outcomes,
     otlp_json,
     write_json,
     write_mlflow_traces,
@@ -33,6 +34,7 @@ from tasks import ingest as ingest_stage
 from tasks import split as split_stage
 from tasks import validate_curated, validate_raw
 from tracetune.config import Params, parse_params
+from tracetune.trajectories.ingest import QuarantineRateExceeded
 from tracetune.trajectories.io import iter_lines, read_trajectories
 from tracetune.trajectories.schema import Trajectory
 
@@ -193,12 +195,17 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
     validate_raw.run(params)
     curate_and_split(params)
 
-    # The watermark: trace ids already read are not read again; a new trace is.
+    # The watermark: trace ids already read are not read again; a new trace is, once it has
+    # its label (without it the batch is rejected whole and the watermark stays).
     assert ingest_stage.run(params)["read"] == 0
-    (new,) = write_mlflow_traces(traced[10:11], tracking_under(root), "agent-prod")
+    tracking = tracking_under(root)
+    new = write_mlflow_traces(traced[10:11], tracking, "agent-prod", feedback=False)
+    with pytest.raises(QuarantineRateExceeded, match="1 of 1 lines"):
+        ingest_stage.run(params)
+    log_outcomes(new, traced[10:11], tracking)
     third = ingest_stage.run(params)
-    assert (third["read"], third["accepted"]) == (1, 1)
-    assert {r["trajectory_id"] for r in batch(params)} == {*ids, new}
+    assert (third["read"], third["accepted"], third["files"]) == (1, 1, {"new": 1, "unchanged": 10})
+    assert {r["trajectory_id"] for r in batch(params)} == {*ids, *new}
 
 
 def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(

@@ -194,6 +194,7 @@ class MlflowTraceSource(LogSource):
             client = MlflowClient(tracking_uri=tracking_uri)
         self.client = client
         self._experiment_id: str | None = None
+        self._last: tuple[str, bytes] = ("", b"")  # detection and reading open the same trace
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -241,5 +242,7 @@ class MlflowTraceSource(LogSource):
 
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
         trace_id = obj.uri.rsplit("/", 1)[-1]
-        trace = self.client.get_trace(trace_id)
-        return io.BytesIO(trace.to_json().encode("utf-8") + b"\n")
+        if self._last[0] != trace_id:
+            data = self.client.get_trace(trace_id).to_json().encode("utf-8") + b"\n"
+            self._last = (trace_id, data)
+        return io.BytesIO(self._last[1])
