@@ -29,11 +29,10 @@ def run(params: Params) -> dict[str, Any]:
     """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
     `UnrecognisedFormat` (nothing committed) when a log object is in no format it can read.
 
-    An `mlflow://<experiment>` source reads the project's tracking store.
+    `ingest.mlflow_experiment` is read from the project's tracking store.
     """
-    p = params.ingest
-    source = open_log_source(p.source, p.s3_endpoint_url, tracking_uri(params.tracking))
-    report = ingest(p, ingest_paths(params), source)
+    source = open_log_source(params.ingest, tracking_uri(params.tracking))
+    report = ingest(params.ingest, ingest_paths(params), source)
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary

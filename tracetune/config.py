@@ -400,10 +400,11 @@ LogFormat = Literal["auto", "tracetune", "openai_chat", "otel_genai", "mlflow_tr
 class IngestParams(Section):
     """Stage `ingest`: where logs come from, and what a batch may quarantine."""
 
-    source: str = Field(
-        "data/raw_logs",
-        description="a local folder/file, s3://bucket/prefix, or mlflow://<experiment> (the"
-        " traces of an experiment in the tracking store, tracking.tracking_uri)",
+    source: str = Field("data/raw_logs", description="a local folder/file or s3://bucket/prefix")
+    mlflow_experiment: str | None = Field(
+        None,
+        description="also read the traces of this MLflow experiment (name or id) in the"
+        " project's tracking store (tracking.tracking_uri); null: none",
     )
     format: LogFormat = Field(
         "auto",

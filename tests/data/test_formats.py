@@ -179,7 +179,8 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
     store, ids = mlflow_store
     root = tmp_path / "project"
     shutil.copytree(store, root)  # the same store, so this test may add to it
-    params = project(root, "mlflow://agent-prod", MLFLOW_MAPPING)
+    (root / "logs").mkdir()
+    params = project(root, str(root / "logs"), MLFLOW_MAPPING, mlflow_experiment="agent-prod")
     summary = ingest_stage.run(params)
     counts_add_up(summary, 10)
     assert summary["accepted"] == 10
@@ -213,7 +214,14 @@ def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
 ) -> None:
     store, _ = mlflow_store
     mapping = MLFLOW_MAPPING | {"success_from_reward": "assessments.no_such_judge"}
-    params = project(tmp_path, "mlflow://agent-prod", mapping, max_quarantine_rate=1.0)
+    (tmp_path / "logs").mkdir()
+    params = project(
+        tmp_path,
+        str(tmp_path / "logs"),
+        mapping,
+        mlflow_experiment="agent-prod",
+        max_quarantine_rate=1.0,
+    )
     params = params.model_copy(
         update={"tracking": parse_params({"tracking": tracking_under(store)}).tracking}
     )

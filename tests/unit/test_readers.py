@@ -300,3 +300,11 @@ def test_a_gzip_json_array_is_one_document(tmp_path: Path) -> None:
     (tmp_path / "r.json.gz").write_bytes(gzip.compress(json.dumps([RUN]).encode()))
     found = detected(tmp_path / "r.json.gz")
     assert (found.reader.name, found.document) == ("openai_chat", True)
+
+
+def test_mlflow_traces_are_a_parameter_not_a_source() -> None:
+    """DVC hashes `ingest.source` as the stage's dependency and knows no mlflow:// scheme."""
+    from tracetune.trajectories.readers import open_log_source
+
+    with pytest.raises(ValueError, match="set ingest.mlflow_experiment"):
+        open_log_source(IngestParams(source="mlflow://agent-prod"))

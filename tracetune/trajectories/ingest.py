@@ -39,8 +39,14 @@ from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
 from tracetune.trajectories.mapping import MappingError
 from tracetune.trajectories.pii import Scrubber, resolve_key
-from tracetune.trajectories.readers import READERS, Detected, ReadError, detect, document_items
-from tracetune.trajectories.readers import open_log_source as open_source
+from tracetune.trajectories.readers import (
+    READERS,
+    Detected,
+    ReadError,
+    detect,
+    document_items,
+    open_log_source,
+)
 from tracetune.trajectories.schema import Trajectory
 from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject
 
@@ -410,7 +416,7 @@ def ingest(
     started = time.perf_counter()
     if params.full_refresh:
         reset(paths)
-    source = source or open_source(params.source, params.s3_endpoint_url)
+    source = source or open_log_source(params)
     key, secret = resolve_key(params.pii)
     report = IngestReport(source=source.uri, pii_key_secret=secret)
     index = IngestIndex(paths.index)

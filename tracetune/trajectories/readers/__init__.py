@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import orjson
 
-from tracetune.config import FieldMapping
+from tracetune.config import FieldMapping, IngestParams
 from tracetune.trajectories.mapping import is_identity
 from tracetune.trajectories.readers.base import Reader, ReadError, describe, held_list
 from tracetune.trajectories.readers.mlflow_traces import MlflowTracesReader
@@ -199,12 +199,21 @@ def document_items(
     yield from errors
 
 
-def open_log_source(
-    source: str, endpoint_url: str | None = None, tracking_uri: str | None = None
-) -> LogSource:
-    """`mlflow://<experiment>`, `s3://bucket/prefix` or a local path."""
-    from tracetune.trajectories.readers.mlflow_traces import SCHEME, MlflowTraceSource
+def open_log_source(params: IngestParams, tracking_uri: str | None = None) -> LogSource:
+    """`ingest.source` (a local path or `s3://bucket/prefix`), plus the traces of
+    `ingest.mlflow_experiment` in the tracking store at `tracking_uri` when one is set.
 
-    if source.startswith(SCHEME):
-        return MlflowTraceSource(source, tracking_uri)
-    return open_source(source, endpoint_url)
+    The experiment is a parameter of its own, not a `mlflow://` source: DVC tracks
+    `ingest.source` as the stage's dependency and knows no such scheme.
+    """
+    from tracetune.trajectories.readers.mlflow_traces import MlflowTraceSource, WithTraces
+
+    if params.source.startswith("mlflow:"):
+        raise ValueError(
+            f"ingest.source '{params.source}': set ingest.mlflow_experiment to read MLflow "
+            "traces (DVC tracks ingest.source as a path or URL it can hash)"
+        )
+    files = open_source(params.source, params.s3_endpoint_url)
+    if params.mlflow_experiment is None:
+        return files
+    return WithTraces(files, MlflowTraceSource(params.mlflow_experiment, tracking_uri))

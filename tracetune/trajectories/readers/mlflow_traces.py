@@ -1,8 +1,9 @@
 """MLflow Tracing: the traces an instrumented agent writes to our tracking store.
 
-Source: `ingest.source: mlflow://<experiment name or id>` reads the traces of that experiment in
-the project's tracking store (`tracking.tracking_uri`, or `MLFLOW_TRACKING_URI`). Each finished
-trace is one log object to the watermark (uri `mlflow://<experiment>/<trace id>`); its
+Source: `ingest.mlflow_experiment: <name or id>` reads the traces of that experiment in the
+project's tracking store (`tracking.tracking_uri`, or `MLFLOW_TRACKING_URI`), beside the files
+of `ingest.source`. Each finished trace is one log object to the watermark (uri
+`mlflow://<experiment>/<trace id>`); its
 fingerprint is the trace's state and its number of assessments, so a trace is read once and read
 again only when feedback arrives later (an accepted trace then comes back as a duplicate, one
 that lacked its label is accepted). Traces still in progress wait for the next run. A trace
@@ -183,11 +184,13 @@ def token_usage(info: dict[str, Any], chats: list[dict[str, Any]]) -> dict[str, 
 class MlflowTraceSource(LogSource):
     """The finished traces of one experiment, each a one-line JSON object to the watermark."""
 
-    def __init__(self, uri: str, tracking_uri: str | None = None, client: Any = None) -> None:
-        self.uri = uri
-        self.experiment = uri.removeprefix(SCHEME).strip("/")
+    def __init__(
+        self, experiment: str, tracking_uri: str | None = None, client: Any = None
+    ) -> None:
+        self.experiment = experiment.strip()
         if not self.experiment:
-            raise ValueError(f"ingest.source '{uri}' must look like mlflow://<experiment>")
+            raise ValueError("ingest.mlflow_experiment is empty: name an experiment or set null")
+        self.uri = f"{SCHEME}{self.experiment}"
         if client is None:
             from mlflow import MlflowClient
 
@@ -208,7 +211,7 @@ class MlflowTraceSource(LogSource):
                     experiment = None
             if experiment is None:
                 raise FileNotFoundError(
-                    f"ingest source {self.uri}: no experiment '{self.experiment}' in the "
+                    f"ingest.mlflow_experiment: no experiment '{self.experiment}' in the "
                     f"tracking store {self.client.tracking_uri}"
                 )
             self._experiment_id = str(experiment.experiment_id)
@@ -246,3 +249,24 @@ class MlflowTraceSource(LogSource):
             data = self.client.get_trace(trace_id).to_json().encode("utf-8") + b"\n"
             self._last = (trace_id, data)
         return io.BytesIO(self._last[1])
+
+
+class WithTraces(LogSource):
+    """The files of `ingest.source` first, then an experiment's traces: one watermark for both."""
+
+    def __init__(self, files: LogSource, traces: MlflowTraceSource) -> None:
+        self.files, self.traces = files, traces
+        self.uri = f"{files.uri} + {traces.uri}"
+
+    def _of(self, obj: SourceObject) -> LogSource:
+        return self.traces if obj.uri.startswith(SCHEME) else self.files
+
+    def objects(self) -> Iterator[SourceObject]:
+        yield from self.files.objects()
+        yield from self.traces.objects()
+
+    def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
+        return self._of(obj).open(obj, offset)
+
+    def head_hash(self, obj: SourceObject, n: int = 4096) -> str:
+        return self._of(obj).head_hash(obj, n)
