@@ -167,7 +167,7 @@ def test_openai_chat_shapes_become_our_messages() -> None:
                 "content": None,
                 "function_call": {"name": "f", "arguments": {"x": 1}},
             },
-            {"role": "function", "name": "f", "content": "42"},
+            {"role": "function", "name": "f", "content": {"answer": 42}},
             {
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": "It is 42.", "annotations": []}],
@@ -190,7 +190,7 @@ def test_openai_chat_shapes_become_our_messages() -> None:
                 }
             ],
         },
-        {"role": "tool", "name": "f", "content": "42", "tool_call_id": "fc_1"},
+        {"role": "tool", "name": "f", "content": '{"answer": 42}', "tool_call_id": "fc_1"},
         {
             "role": "assistant",
             "content": "It is 42.",

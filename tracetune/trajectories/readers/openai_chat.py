@@ -5,7 +5,8 @@ in a JSON array, or in the one list an object holds (`{"runs": [...]}`). Message
 the shape our schema keeps (the Chat Completions format):
 
 - `content` as a list of parts (`[{"type": "text", "text": ...}]`, also `input_text`,
-  `output_text`, `refusal`) becomes the parts' text joined by newlines; a part that is not text
+  `output_text`, `refusal`) becomes the parts' text joined by newlines; a tool result logged as
+  a JSON object or array becomes its JSON text; a part that is not text
   (an image, audio, a file) quarantines the record (`openai_chat:content_part`): there is no text
   to train on and dropping it would change what the model saw;
 - tool-call `arguments` logged as objects become JSON strings; a call without `type` is a
@@ -84,7 +85,7 @@ def normalise_messages(messages: list[Any]) -> list[Any]:
         if role == "developer":
             message["role"] = "system"
         if "content" in message:
-            message["content"] = content_text(message["content"])
+            message["content"] = content_text(message["content"], role)
         if "function_call" in message:
             calls += 1
             call_id = f"fc_{calls}"
@@ -106,8 +107,11 @@ def normalise_messages(messages: list[Any]) -> list[Any]:
     return out
 
 
-def content_text(content: Any) -> Any:
-    """A content-parts list as text; other shapes pass through for the schema to judge."""
+def content_text(content: Any, role: Any = None) -> Any:
+    """A content-parts list as text; a tool's structured result as its JSON text; other shapes
+    pass through for the schema to judge."""
+    if role in ("tool", "function") and isinstance(content, dict | list) and not _parts(content):
+        return json.dumps(content, ensure_ascii=False)
     if not isinstance(content, list):
         return content
     texts = []
@@ -121,6 +125,13 @@ def content_text(content: Any) -> Any:
             raise ReadError(CONTENT_PART, f"a content part that is not text: type {kind!r}")
         texts.append(part[field])
     return "\n".join(texts)
+
+
+def _parts(content: Any) -> bool:
+    return isinstance(content, list) and all(
+        isinstance(p, str) or (isinstance(p, dict) and isinstance(p.get("type"), str))
+        for p in content
+    )
 
 
 def _function(call: dict[str, Any]) -> dict[str, Any]:
