@@ -92,6 +92,17 @@ def legacy_function_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def with_handoff(record: dict[str, Any]) -> dict[str, Any]:
+    """The episode, then the customer asks for a person and the agent hands over: the
+    conversation ends on the hand-off tool's result, which no model call saw."""
+    record = copy.deepcopy(record)
+    messages = handoff(0)
+    messages[1]["tool_calls"][0]["function"]["arguments"] = '{"summary": "wants more"}'
+    record["messages"] += messages
+    record["steps"] += 1
+    return record
+
+
 def handoff(i: int) -> list[dict[str, Any]]:
     """The agent hands the customer to a human: the conversation ends on the tool's result."""
     call = {
@@ -268,6 +279,16 @@ def otlp_json(records: list[dict[str, Any]], legacy_events: bool = False) -> dic
                 span.set_attribute("gen_ai.input.messages", json.dumps(to_parts(history)))
                 span.set_attribute("gen_ai.output.messages", json.dumps(to_parts([messages[k]])))
             span.end(end_time=t0 + 500)
+            for call in messages[k].get("tool_calls") or ():
+                tool = tracer.start_span(
+                    f"execute_tool {call['function']['name']}", context=ctx, start_time=t0 + 600
+                )
+                tool.set_attribute("gen_ai.operation.name", "execute_tool")
+                tool.set_attribute("gen_ai.tool.name", call["function"]["name"])
+                tool.set_attribute("gen_ai.tool.call.id", call["id"])
+                result = next(m for m in messages if m.get("tool_call_id") == call["id"])
+                tool.set_attribute("gen_ai.tool.call.result", result["content"])
+                tool.end(end_time=t0 + 900)
         score = 1.0 if record["success"] else 0.0
         root.add_event(
             "gen_ai.evaluation.result",

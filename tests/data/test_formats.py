@@ -24,6 +24,7 @@ from formats_support import (
     hex_ids,
     log_outcomes,
     otlp_json,
+    with_handoff,
     write_json,
     write_mlflow_traces,
 )
@@ -46,11 +47,17 @@ def records() -> list[dict[str, Any]]:
     return episodes(36)
 
 
-def project(root: Path, source: str, mapping: dict[str, Any], **ingest: Any) -> Params:
+def project(
+    root: Path,
+    source: str,
+    mapping: dict[str, Any],
+    tracking_root: Path | None = None,
+    **ingest: Any,
+) -> Params:
     return parse_params(
         {
             "paths": paths_under(root),
-            "tracking": tracking_under(root),
+            "tracking": tracking_under(tracking_root or root),
             "ingest": {"source": source, "mapping": mapping} | ingest,
             "gates": {"curated": {"min_rows": 5, "required_families": ["order_status"]}},
             "split": {"heldout_fraction": 0.3, "heldout_families": ["order_status"], "seed": 1},
@@ -168,6 +175,7 @@ def mlflow_store(
 ) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("mlflow")
     ids = write_mlflow_traces(traced[:10], tracking_under(root), "agent-prod")
+    write_mlflow_traces([with_handoff(traced[0])], tracking_under(root), "agent-handoff")
     return root, ids
 
 
@@ -209,6 +217,31 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
     assert {r["trajectory_id"] for r in batch(params)} == {*ids, *new}
 
 
+def test_a_trace_that_ends_on_a_tool_result_keeps_it(
+    tmp_path: Path, traced: list[dict[str, Any]], mlflow_store: tuple[Path, list[str]]
+) -> None:
+    """The hand-off's result is in the tool's span only (no model call saw it): MLflow TOOL
+    span outputs, OTel `execute_tool` spans' `gen_ai.tool.call.result`."""
+    store, _ = mlflow_store
+    expected = with_handoff(traced[0])
+    (tmp_path / "logs").mkdir()
+    from_mlflow = project(
+        tmp_path / "a",
+        str(tmp_path / "logs"),
+        MLFLOW_MAPPING,
+        tracking_root=store,
+        mlflow_experiment="agent-handoff",
+    )
+    otlp = write_json(tmp_path / "otlp.json", otlp_json([expected]))
+    from_otel = project(tmp_path / "b", str(otlp), OTEL_MAPPING)
+    for params in (from_mlflow, from_otel):
+        assert ingest_stage.run(params)["accepted"] == 1
+        (row,) = batch(params)
+        assert [m["role"] for m in row["messages"]] == [m["role"] for m in expected["messages"]]
+        assert row["messages"][-1] == expected["messages"][-1]
+        assert row["messages"][-1]["content"] == "Transfer successful"
+
+
 def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
     tmp_path: Path, mlflow_store: tuple[Path, list[str]]
 ) -> None:
@@ -219,11 +252,9 @@ def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
         tmp_path,
         str(tmp_path / "logs"),
         mapping,
+        tracking_root=store,
         mlflow_experiment="agent-prod",
         max_quarantine_rate=1.0,
-    )
-    params = params.model_copy(
-        update={"tracking": parse_params({"tracking": tracking_under(store)}).tracking}
     )
     summary = ingest_stage.run(params)
     counts_add_up(summary, 10)

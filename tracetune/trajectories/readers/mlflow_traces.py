@@ -11,7 +11,9 @@ exported as JSON (`Trace.to_json()`, one per line or an array) is read from file
 
 Conversion: the chat spans (span type CHAT_MODEL or LLM, as MLflow's autologging and
 `@mlflow.trace(span_type="CHAT_MODEL")` record them) give the conversation: the last one's input
-`messages` plus its output (a ChatCompletion's first choice, a message, or text). The trace id
+`messages` plus its output (a ChatCompletion's first choice, a message, or text), then the
+outputs of TOOL spans after it that answer its calls (by tool name, in order: a conversation
+that ends on a tool's result). The trace id
 is the trajectory id; usage is the trace's token usage (else the chat spans' summed); timestamp
 and latency are the trace's. For the mapping the reader exposes `tags`, `metadata` (trace
 metadata) and `assessments` (name -> the latest valid feedback or expectation value), e.g.
@@ -29,7 +31,7 @@ from tracetune.config import FieldMapping
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.mapping import apply_mapping
 from tracetune.trajectories.readers.base import Reader, ReadError, describe
-from tracetune.trajectories.readers.openai_chat import normalise_messages
+from tracetune.trajectories.readers.openai_chat import append_tool_results, normalise_messages
 from tracetune.trajectories.sources import LogSource, SourceObject
 
 CHAT_SPAN_TYPES = frozenset({"CHAT_MODEL", "LLM"})
@@ -69,7 +71,7 @@ class MlflowTracesReader(Reader):
             "trajectory_id": info["trace_id"],
             "timestamp": _iso(info.get("request_time")),
             "latency_s": float(info.get("execution_duration_ms") or 0) / 1000,
-            "messages": conversation(last),
+            "messages": append_tool_results(conversation(last), tool_results(spans, last)),
             "tags": info.get("tags") or {},
             "metadata": info.get("trace_metadata") or {},
             "assessments": assessments(info.get("assessments") or []),
@@ -122,6 +124,24 @@ def conversation(chat: dict[str, Any]) -> list[Any]:
         raise ReadError(MESSAGES, f"the chat span's inputs hold no messages: {describe(inputs)}")
     output = output_message(_attr(chat, "mlflow.spanOutputs"))
     return [*messages, output] if output is not None else list(messages)
+
+
+def tool_results(
+    spans: list[dict[str, Any]], last: dict[str, Any]
+) -> list[tuple[str | None, str | None, Any]]:
+    """TOOL spans after the last model call (matched to its calls by tool name, in order)."""
+    start = int(last.get("start_time_unix_nano") or 0)
+    after = sorted(
+        (
+            s
+            for s in spans
+            if _attr(s, "mlflow.spanType") == "TOOL"
+            and "mlflow.spanOutputs" in (s.get("attributes") or {})
+            and int(s.get("start_time_unix_nano") or 0) >= start
+        ),
+        key=lambda s: int(s.get("start_time_unix_nano") or 0),
+    )
+    return [(None, s.get("name"), _attr(s, "mlflow.spanOutputs")) for s in after]
 
 
 def output_message(outputs: Any) -> dict[str, Any] | None:

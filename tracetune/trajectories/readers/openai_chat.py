@@ -150,3 +150,30 @@ def _tool_call(call: Any) -> Any:
     if isinstance(call.get("function"), dict):
         call["function"] = _function(call["function"])
     return call
+
+
+def append_tool_results(
+    messages: list[Any], results: list[tuple[str | None, str | None, Any]]
+) -> list[Any]:
+    """Tool results logged after the last model call answer that turn's calls.
+
+    A conversation may end on a tool's result (a hand-off): no model call saw it, so only the
+    tool's own span has it. Each (call id, tool name, result) answers the pending call with that
+    id, else the first pending call of that tool; results that answer nothing are left out.
+    """
+    last = messages[-1] if messages else None
+    if not (isinstance(last, dict) and last.get("role") == "assistant" and last.get("tool_calls")):
+        return messages
+    pending = [c for c in last["tool_calls"] if isinstance(c, dict) and c.get("id")]
+    out = list(messages)
+    for call_id, name, result in results:
+        call = next((c for c in pending if call_id and c["id"] == call_id), None) or next(
+            (c for c in pending if not call_id and (c.get("function") or {}).get("name") == name),
+            None,
+        )
+        if call is None:
+            continue
+        pending.remove(call)
+        content = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+        out.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+    return out

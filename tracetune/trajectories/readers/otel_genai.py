@@ -7,7 +7,9 @@ file must hold complete traces (ingest rotated files, not the one being written)
 
 A trajectory is read from the trace's chat spans (`gen_ai.operation.name` chat,
 text_completion or generate_content): the conversation is the last chat span's input plus its
-output (each model call sees the history so far), in either form of the semantic conventions:
+output (each model call sees the history so far), then the results of `execute_tool` spans
+after it (`gen_ai.tool.call.id`, `gen_ai.tool.call.result`: a conversation that ends on a tool's
+result), in either form of the semantic conventions:
 
 - current: `gen_ai.system_instructions`, `gen_ai.input.messages`, `gen_ai.output.messages`
   (messages of typed parts: text, tool_call, tool_call_response), as span attributes or on a
@@ -35,7 +37,7 @@ from tracetune.config import FieldMapping
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.mapping import apply_mapping
 from tracetune.trajectories.readers.base import Reader, ReadError, describe
-from tracetune.trajectories.readers.openai_chat import normalise_messages
+from tracetune.trajectories.readers.openai_chat import append_tool_results, normalise_messages
 
 CHAT_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 DETAILS_EVENT = "gen_ai.client.inference.operation.details"
@@ -92,7 +94,7 @@ class OtelGenAIReader(Reader):
             "trajectory_id": item["trace_id"],
             "timestamp": datetime.fromtimestamp(root["start"] / 1e9, UTC).isoformat(),
             "latency_s": max(0.0, (root["end"] - root["start"]) / 1e9),
-            "messages": conversation(last),
+            "messages": append_tool_results(conversation(last), tool_results(spans, last)),
             "attributes": root["attributes"],
             "resource": item.get("resource") or {},
             "evaluations": evaluations(spans),
@@ -257,6 +259,19 @@ def from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not messages:
         raise ReadError(MESSAGES, "the chat span records no messages (content capture off?)")
     return messages
+
+
+def tool_results(
+    spans: list[dict[str, Any]], last: dict[str, Any]
+) -> list[tuple[str | None, str | None, Any]]:
+    """`execute_tool` spans after the last model call, with the result they recorded."""
+    return [
+        (a.get("gen_ai.tool.call.id"), a.get("gen_ai.tool.name"), a["gen_ai.tool.call.result"])
+        for s in spans
+        if s["start"] >= last["start"]
+        and (a := s["attributes"]).get("gen_ai.operation.name") == "execute_tool"
+        and "gen_ai.tool.call.result" in a
+    ]
 
 
 def token_usage(chats: list[dict[str, Any]]) -> dict[str, int] | None:
