@@ -306,5 +306,29 @@ def test_mlflow_traces_are_a_parameter_not_a_source() -> None:
     """DVC hashes `ingest.source` as the stage's dependency and knows no mlflow:// scheme."""
     from tracetune.trajectories.readers import open_log_source
 
-    with pytest.raises(ValueError, match="set ingest.mlflow_experiment"):
+    with pytest.raises(ValueError, match=r"set ingest\.mlflow_experiment"):
         open_log_source(IngestParams(source="mlflow://agent-prod"))
+
+
+def test_document_items_give_the_same_batch_with_workers(tmp_path: Path) -> None:
+    runs = [RUN | {"task_id": i, "reward": i % 2} for i in range(30)]
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
+    mapping = FieldMapping(
+        derive_id=["task_id"],
+        success_from_reward="reward",
+        defaults={
+            "family": "order_status",
+            "model": "m",
+            "timestamp": "2026-11-01T00:00:00+00:00",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            "cost_usd": 0,
+            "latency_s": 0,
+        },
+    )
+    out = []
+    for workers in (1, 2):
+        params = IngestParams(source=str(tmp_path / "runs.json"), mapping=mapping, workers=workers)
+        report = ingest(params, paths(tmp_path / str(workers)))
+        assert (report.read, report.accepted) == (30, 30)
+        out.append((tmp_path / str(workers) / "b/batch-000001.jsonl").read_bytes())
+    assert out[0] == out[1]
