@@ -36,6 +36,7 @@ READERS: dict[str, Reader] = {
     for r in (OtelGenAIReader(), MlflowTracesReader(), TracetuneReader(), OpenAIChatReader())
 }
 SNIFF_LINES = 20
+IDENTITY = FieldMapping()  # classify by the formats alone, before a mapping claims a record
 DOCUMENT_OPENINGS = (b"[", b"{", b"[{")  # how a pretty-printed document's first line looks
 UNRECOGNISED = "unrecognised_format"
 
@@ -138,13 +139,16 @@ def detect(
 def _lines(
     obj: SourceObject, chosen: Reader | None, sample: Any, mapping: FieldMapping
 ) -> Detected:
-    reader = chosen or classify(sample, mapping)
+    reader = chosen or classify(sample, IDENTITY)
     if reader is not None:
         return Detected(reader, reader.whole_object)
-    reader = _classify_document(obj, sample, mapping)  # a document written on one line
+    reader = _classify_document(obj, sample, IDENTITY)  # a document written on one line
+    if reader is not None:
+        return Detected(reader, True)
+    reader = classify(sample, mapping)  # records in the layout the user's mapping describes
     if reader is None:
         raise UnrecognisedFormat(obj.uri, f"JSON Lines of {describe(sample)}")
-    return Detected(reader, True)
+    return Detected(reader, reader.whole_object)
 
 
 def _classify_document(obj: SourceObject, document: Any, mapping: FieldMapping) -> Reader | None:
