@@ -233,21 +233,28 @@ MLFLOW_MAPPING: dict[str, Any] = {
 
 
 # --- OpenTelemetry GenAI ------------------------------------------------------------------------
-def otlp_json(records: list[dict[str, Any]], legacy_events: bool = False) -> dict[str, Any]:
+def otlp_json(records: list[dict[str, Any]], style: str = "attributes") -> dict[str, Any]:
     """Episodes as GenAI semantic-convention spans, recorded by the OpenTelemetry SDK and
     encoded by its OTLP encoder: the OTLP/JSON a collector's file exporter writes.
 
-    Current conventions put messages in `gen_ai.input.messages` / `gen_ai.output.messages`;
-    `legacy_events` records them as one event per message (`gen_ai.user.message`, ...)."""
+    `attributes`: the current conventions (`gen_ai.input.messages` / `gen_ai.output.messages`);
+    `events`: the earlier one event per message (`gen_ai.user.message`, ...); `openllmetry`: the
+    flat indexed attributes OpenLLMetry's instrumentations write (`gen_ai.prompt.0.role`, ...)."""
     from google.protobuf import json_format
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "support-agent"}))
+    # Flat indexed attributes need more than the SDK's default 128 per span (a long conversation
+    # would lose its oldest attributes, the model name among them): deployments raise
+    # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT the same way.
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "support-agent"}),
+        span_limits=SpanLimits(max_span_attributes=4096),
+    )
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("support-agent")
     for record in records:
@@ -265,15 +272,23 @@ def otlp_json(records: list[dict[str, Any]], legacy_events: bool = False) -> dic
         for n, k in enumerate(turns):
             t0 = start + (n + 1) * 1000
             span = tracer.start_span(f"chat {record['model']}", context=ctx, start_time=t0)
-            span.set_attribute("gen_ai.operation.name", "chat")
-            span.set_attribute("gen_ai.provider.name", "openai")
             span.set_attribute("gen_ai.request.model", record["model"])
             span.set_attribute("gen_ai.response.model", record["model"])
-            span.set_attribute("gen_ai.usage.input_tokens", record["usage"]["prompt_tokens"] // 2)
-            span.set_attribute("gen_ai.usage.output_tokens", record["usage"]["completion_tokens"])
-            if legacy_events:
-                record_events(span, messages[:k], messages[k])
+            usage = record["usage"]
+            if style == "openllmetry":
+                span.set_attribute("llm.request.type", "chat")
+                span.set_attribute("gen_ai.system", "openai")
+                span.set_attribute("gen_ai.usage.prompt_tokens", usage["prompt_tokens"] // 2)
+                span.set_attribute("gen_ai.usage.completion_tokens", usage["completion_tokens"])
+                record_indexed(span, messages[:k], messages[k])
             else:
+                span.set_attribute("gen_ai.operation.name", "chat")
+                span.set_attribute("gen_ai.provider.name", "openai")
+                span.set_attribute("gen_ai.usage.input_tokens", usage["prompt_tokens"] // 2)
+                span.set_attribute("gen_ai.usage.output_tokens", usage["completion_tokens"])
+            if style == "events":
+                record_events(span, messages[:k], messages[k])
+            elif style == "attributes":
                 system, history = split_system(messages[:k])
                 span.set_attribute("gen_ai.system_instructions", json.dumps(system))
                 span.set_attribute("gen_ai.input.messages", json.dumps(to_parts(history)))
@@ -338,6 +353,21 @@ def record_events(span: Any, history: list[dict[str, Any]], reply: dict[str, Any
             attrs["id"] = m["tool_call_id"]
         span.add_event(f"gen_ai.{m['role']}.message", attrs)
     span.add_event("gen_ai.choice", {"index": 0, "message": json.dumps(reply)})
+
+
+def record_indexed(span: Any, history: list[dict[str, Any]], reply: dict[str, Any]) -> None:
+    """OpenLLMetry's flat attributes: `gen_ai.prompt.<i>.*` in, `gen_ai.completion.0.*` out."""
+    prefixes = [f"gen_ai.prompt.{i}" for i in range(len(history))] + ["gen_ai.completion.0"]
+    for prefix, m in zip(prefixes, [*history, reply], strict=True):
+        span.set_attribute(f"{prefix}.role", m["role"])
+        if m.get("content") is not None:
+            span.set_attribute(f"{prefix}.content", m["content"])
+        if m.get("tool_call_id"):
+            span.set_attribute(f"{prefix}.tool_call_id", m["tool_call_id"])
+        for j, call in enumerate(m.get("tool_calls") or ()):
+            span.set_attribute(f"{prefix}.tool_calls.{j}.id", call["id"])
+            span.set_attribute(f"{prefix}.tool_calls.{j}.name", call["function"]["name"])
+            span.set_attribute(f"{prefix}.tool_calls.{j}.arguments", call["function"]["arguments"])
 
 
 def hex_ids(document: dict[str, Any]) -> dict[str, Any]:

@@ -262,11 +262,11 @@ def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
 
 
 # --- OpenTelemetry GenAI -------------------------------------------------------------------------
-@pytest.mark.parametrize("legacy_events", [False, True], ids=["attributes", "events"])
+@pytest.mark.parametrize("style", ["attributes", "events", "openllmetry"])
 def test_otel_genai_spans_through_ingest_gate_curate_split(
-    tmp_path: Path, records: list[dict[str, Any]], legacy_events: bool
+    tmp_path: Path, records: list[dict[str, Any]], style: str
 ) -> None:
-    document = otlp_json(records, legacy_events)
+    document = otlp_json(records, style)
     write_json(tmp_path / "otlp/export.json", document)  # protobuf JSON: ids in base64
     params = project(tmp_path, str(tmp_path / "otlp"), OTEL_MAPPING)
     summary = ingest_stage.run(params)

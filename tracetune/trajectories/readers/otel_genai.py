@@ -15,7 +15,10 @@ result), in either form of the semantic conventions:
   (messages of typed parts: text, tool_call, tool_call_response), as span attributes or on a
   `gen_ai.client.inference.operation.details` event;
 - earlier: one event per message (`gen_ai.system.message`, `gen_ai.user.message`,
-  `gen_ai.assistant.message`, `gen_ai.tool.message`) and `gen_ai.choice` for the output.
+  `gen_ai.assistant.message`, `gen_ai.tool.message`) and `gen_ai.choice` for the output;
+- OpenLLMetry's flat attributes (`gen_ai.prompt.<i>.role` / `.content` / `.tool_calls.<j>.name`
+  ..., `gen_ai.completion.<i>...`, `llm.request.type: chat`), token counts as
+  `gen_ai.usage.prompt_tokens` / `completion_tokens`.
 
 Usage sums `gen_ai.usage.input_tokens` / `output_tokens` over the chat spans; the model is the
 last chat span's `gen_ai.response.model` (else `gen_ai.request.model`); timestamp and latency
@@ -29,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -44,6 +48,14 @@ DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
 NO_CHAT = "otel_genai:no_chat_span"
 MESSAGES = "otel_genai:messages"
+INDEXED_PROMPT = "gen_ai.prompt.0.role"
+INDEXED = re.compile(r"^gen_ai\.(prompt|completion)\.(\d+)\.(.+)$")
+TOOL_CALL_FIELD = re.compile(r"^tool_calls\.(\d+)\.(id|name|arguments)$")
+# (input, output) token attributes: the current names, then the earlier ones
+USAGE_NAMES = (
+    ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"),
+    ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens"),
+)
 EVENT_ROLES = {
     "gen_ai.system.message": "system",
     "gen_ai.user.message": "user",
@@ -84,9 +96,7 @@ class OtelGenAIReader(Reader):
         spans = sorted((_span(s) for s in item["spans"]), key=lambda s: s["start"])
         ids = {s["id"] for s in spans}
         root = next((s for s in spans if s["parent"] not in ids), spans[0])
-        chats = [
-            s for s in spans if s["attributes"].get("gen_ai.operation.name") in CHAT_OPERATIONS
-        ]
+        chats = [s for s in spans if is_chat(s["attributes"])]
         if not chats:
             raise ReadError(NO_CHAT, "no span with gen_ai.operation.name chat in this trace")
         last = chats[-1]
@@ -178,6 +188,8 @@ def conversation(chat: dict[str, Any]) -> list[dict[str, Any]]:
     sources = [chat["attributes"]] + [
         e["attributes"] for e in chat["events"] if e["name"] == DETAILS_EVENT
     ]
+    if INDEXED_PROMPT in chat["attributes"]:
+        return from_indexed(chat["attributes"])
     for attrs in sources:
         if "gen_ai.input.messages" in attrs or "gen_ai.output.messages" in attrs:
             messages: list[dict[str, Any]] = []
@@ -189,6 +201,58 @@ def conversation(chat: dict[str, Any]) -> list[dict[str, Any]]:
                     messages.extend(from_parts(message))
             return messages
     return from_events(chat["events"])
+
+
+def is_chat(attrs: dict[str, Any]) -> bool:
+    return (
+        attrs.get("gen_ai.operation.name") in CHAT_OPERATIONS
+        or attrs.get("llm.request.type") == "chat"
+        or INDEXED_PROMPT in attrs
+    )
+
+
+def from_indexed(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenLLMetry's flat form: `gen_ai.prompt.<i>.role` / `.content` / `.tool_call_id` /
+    `.tool_calls.<j>.{id,name,arguments}`, the same under `gen_ai.completion.<i>` (output)."""
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for key, value in attrs.items():
+        match = INDEXED.match(key)
+        if not match:
+            continue
+        side, index, field = match.group(1), int(match.group(2)), match.group(3)
+        message = found.setdefault((side == "completion", index), {})
+        call = TOOL_CALL_FIELD.match(field)
+        if call:
+            calls = message.setdefault("_calls", {})
+            calls.setdefault(int(call.group(1)), {})[call.group(2)] = value
+        elif field in ("role", "content", "tool_call_id", "name"):
+            message[field] = value
+    messages = []
+    for _, message in sorted(found.items()):
+        calls = message.pop("_calls", {})
+        if isinstance(message.get("content"), str) and message["content"][:1] == "[":
+            parts = _json_or_text(message["content"])  # content parts, logged as JSON text
+            if isinstance(parts, list) and all(isinstance(p, dict) and "type" in p for p in parts):
+                message["content"] = parts
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.get("id"),
+                    "type": "function",
+                    "function": {"name": c.get("name"), "arguments": c.get("arguments") or "{}"},
+                }
+                for _, c in sorted(calls.items())
+            ]
+        message.setdefault("role", "assistant")
+        messages.append(message)
+    return messages
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def from_parts(message: Any) -> list[dict[str, Any]]:
@@ -275,18 +339,17 @@ def tool_results(
 
 
 def token_usage(chats: list[dict[str, Any]]) -> dict[str, int] | None:
-    logged = [
-        s["attributes"]
-        for s in chats
-        if "gen_ai.usage.input_tokens" in s["attributes"]
-        or "gen_ai.usage.output_tokens" in s["attributes"]
-    ]
-    if not logged:
-        return None
-    return {
-        "prompt_tokens": sum(int(a.get("gen_ai.usage.input_tokens") or 0) for a in logged),
-        "completion_tokens": sum(int(a.get("gen_ai.usage.output_tokens") or 0) for a in logged),
-    }
+    prompt = completion = 0
+    found = False
+    for span in chats:
+        attrs = span["attributes"]
+        for inputs, outputs in USAGE_NAMES:
+            if inputs in attrs or outputs in attrs:
+                found = True
+                prompt += int(attrs.get(inputs) or 0)
+                completion += int(attrs.get(outputs) or 0)
+                break
+    return {"prompt_tokens": prompt, "completion_tokens": completion} if found else None
 
 
 def evaluations(spans: list[dict[str, Any]]) -> dict[str, Any]:
