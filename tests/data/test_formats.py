@@ -9,6 +9,7 @@ real SQLite store, GenAI spans recorded by the OpenTelemetry SDK and encoded as 
 from __future__ import annotations
 
 import json
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,32 @@ def test_a_trace_that_ends_on_a_tool_result_keeps_it(
         assert [m["role"] for m in row["messages"]] == [m["role"] for m in expected["messages"]]
         assert row["messages"][-1] == expected["messages"][-1]
         assert row["messages"][-1]["content"] == "Transfer successful"
+
+
+def test_mlflow_traces_exported_to_a_file_read_as_from_the_store(
+    tmp_path: Path, mlflow_store: tuple[Path, list[str]]
+) -> None:
+    """`Trace.to_json()` lines (an export, another store's traces) give the same trajectories."""
+    from mlflow import MlflowClient
+
+    store, ids = mlflow_store
+    client = MlflowClient(tracking_under(store)["tracking_uri"])
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "export.jsonl").write_text(
+        "".join(client.get_trace(i).to_json() + "\n" for i in ids)
+    )
+    from_store = project(
+        tmp_path / "a",
+        str(tmp_path / "logs"),
+        MLFLOW_MAPPING,
+        store,
+        mlflow_experiment="agent-prod",
+    )
+    from_file = project(tmp_path / "b", str(tmp_path / "export.jsonl"), MLFLOW_MAPPING)
+    counts_add_up(ingest_stage.run(from_store), 10)
+    counts_add_up(ingest_stage.run(from_file), 10)
+    key = itemgetter("trajectory_id")
+    assert sorted(batch(from_file), key=key) == sorted(batch(from_store), key=key)
 
 
 def test_mlflow_trace_without_its_label_is_quarantined_with_the_reason(
