@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -417,6 +417,16 @@ class IngestParams(Section):
     full_refresh: bool = Field(False, description="forget the watermark, re-ingest everything")
     mapping: FieldMapping = FieldMapping()
     pii: PiiParams = PiiParams()
+
+    @field_validator("source")
+    @classmethod
+    def _not_mlflow(cls, value: str) -> str:
+        if value.startswith("mlflow:"):
+            raise ValueError(
+                "MLflow traces are read through ingest.mlflow_experiment: DVC tracks"
+                " ingest.source as the stage's dependency and cannot hash an mlflow:// URL"
+            )
+        return value
 
 
 class RawGateParams(Section):

@@ -304,10 +304,10 @@ def test_a_gzip_json_array_is_one_document(tmp_path: Path) -> None:
 
 def test_mlflow_traces_are_a_parameter_not_a_source() -> None:
     """DVC hashes `ingest.source` as the stage's dependency and knows no mlflow:// scheme."""
-    from tracetune.trajectories.readers import open_log_source
+    from tracetune.config import ParamsError, parse_params
 
-    with pytest.raises(ValueError, match=r"set ingest\.mlflow_experiment"):
-        open_log_source(IngestParams(source="mlflow://agent-prod"))
+    with pytest.raises(ParamsError, match=r"ingest\.source: .*ingest\.mlflow_experiment"):
+        parse_params({"ingest": {"source": "mlflow://agent-prod"}})
 
 
 def test_document_items_give_the_same_batch_with_workers(tmp_path: Path) -> None:

@@ -212,11 +212,6 @@ def open_log_source(params: IngestParams, tracking_uri: str | None = None) -> Lo
     """
     from tracetune.trajectories.readers.mlflow_traces import MlflowTraceSource, WithTraces
 
-    if params.source.startswith("mlflow:"):
-        raise ValueError(
-            f"ingest.source '{params.source}': set ingest.mlflow_experiment to read MLflow "
-            "traces (DVC tracks ingest.source as a path or URL it can hash)"
-        )
     files = open_source(params.source, params.s3_endpoint_url)
     if params.mlflow_experiment is None:
         return files
