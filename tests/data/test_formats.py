@@ -167,7 +167,7 @@ def traced(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             return False
 
-    return [r for r in records if ok(r)][:11]
+    return [r for r in records if ok(r)][:12]
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,18 @@ def test_mlflow_traces_through_ingest_gate_curate_split(
     third = ingest_stage.run(params)
     assert (third["read"], third["accepted"], third["files"]) == (1, 1, {"new": 1, "unchanged": 10})
     assert {r["trajectory_id"] for r in batch(params)} == {*ids, *new}
+
+    # A trace read before its label arrived (quarantined, committed) is read again with it.
+    tolerant = params.model_copy(
+        update={"ingest": params.ingest.model_copy(update={"max_quarantine_rate": 1.0})}
+    )
+    late = write_mlflow_traces(traced[11:12], tracking, "agent-prod", feedback=False)
+    fourth = ingest_stage.run(tolerant)
+    assert (fourth["read"], fourth["quarantine_reasons"]) == (1, {"mapping": 1})
+    log_outcomes(late, traced[11:12], tracking)
+    fifth = ingest_stage.run(tolerant)
+    assert (fifth["read"], fifth["accepted"], fifth["files"]["rewritten"]) == (1, 1, 1)
+    assert late[0] in {r["trajectory_id"] for r in batch(params)}
 
 
 def test_a_trace_that_ends_on_a_tool_result_keeps_it(
