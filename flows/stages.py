@@ -46,6 +46,7 @@ TRANSIENT_MARKERS = (
     "too many requests",
     "bad gateway",
     "gateway timeout",
+    "replaced after it was listed",  # ingest: an S3 object overwritten mid-run; the rerun lists it
 )
 OUTPUT_TAIL_CHARS = 4000
 

@@ -10,6 +10,7 @@ from tracetune.config import Params
 from tracetune.tracking import tracking_uri
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
 from tracetune.trajectories.readers import UnrecognisedFormat, open_log_source
+from tracetune.trajectories.sources import SourceUnavailable
 
 METRICS = "ingest.json"
 
@@ -27,7 +28,8 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 def run(params: Params) -> dict[str, Any]:
     """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
-    `UnrecognisedFormat` (nothing committed) when a log object is in no format it can read.
+    `SourceUnavailable` (nothing committed) when the store keeps failing, `UnrecognisedFormat`
+    (nothing committed) when a log object is in no format it can read.
 
     `ingest.mlflow_experiment` is read from the project's tracking store.
     """
@@ -39,14 +41,17 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    held = s.get("held_back_partial_lines", 0)
+    pending = f"; {held} last line(s) pending until their newline arrives" if held else ""
     if s["batch"] is None:
-        return f"ingest: nothing new in {s['source']} ({s['files']})"
+        return f"ingest: nothing new in {s['source']} ({s['files']}){pending}"
     reasons = ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()) or "none"
     return (
         f"ingest batch {s['batch']} from {s['source']}: read {s['read']} = accepted "
         f"{s['accepted']} + quarantined {s['quarantined']} (duplicates {s['duplicates']}); "
         f"quarantine rate {s['quarantine_rate']:.2%}; reasons: {reasons}; "
         f"PII replaced: {s['pii_replacements'] or 'none'} ({s['pii_key']} key); files {s['files']}"
+        + pending
     )
 
 
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     except QuarantineRateExceeded as exc:
         reasons = exc.report.as_dict()["quarantine_reasons"]
         print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SourceUnavailable as exc:
+        print(
+            f"error: the log store failed: {exc}\n  nothing was committed, the watermark did "
+            "not move; the next run reads these objects again",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     except UnrecognisedFormat as exc:
         print(f"error: nothing was committed: {exc}", file=sys.stderr)

@@ -394,6 +394,21 @@ class FieldMapping(Section):
     derive_steps: bool = Field(False, description="count steps from the messages when absent")
 
 
+class S3RetryParams(Section):
+    """How ingest rides out a slow or flaky S3 store (docs/data.md, docs/reliability.md).
+
+    Every request and every stalled or broken body read is retried with exponential backoff;
+    a read resumes at the byte where it stopped. After `attempts` failed tries in a row the stage
+    fails and commits nothing: a transport fault is never mistaken for a truncated object.
+    """
+
+    attempts: int = Field(5, ge=1, description="tries per request or stalled read, then fail")
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles each")
+    max_backoff_s: float = Field(30.0, ge=0, description="cap on one wait")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0, description="a body silent this long is a stall")
+
+
 LogFormat = Literal["auto", "tracetune", "openai_chat", "otel_genai", "mlflow_traces"]
 
 
@@ -412,6 +427,7 @@ class IngestParams(Section):
         " an object no reader recognises fails the stage",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible store (MinIO, moto)")
+    s3_retry: S3RetryParams = S3RetryParams()
     max_quarantine_rate: float = Field(0.05, ge=0, le=1)
     workers: int = Field(1, ge=1, description="parser processes (1: in-process)")
     full_refresh: bool = Field(False, description="forget the watermark, re-ingest everything")

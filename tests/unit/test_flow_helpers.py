@@ -41,6 +41,10 @@ REPO = Path(__file__).resolve().parents[2]
         "An error occurred (SlowDown) when calling the PutObject operation",
         "ReadTimeoutError: Read timed out. (read timeout=60)",
         "An error occurred (ServiceUnavailable): Service Unavailable",
+        "error: the log store failed: reading s3://logs/a.jsonl at byte 3145728 of 10347360: "
+        'ReadTimeoutError: Read timeout on endpoint URL: "None" (failed 5 times in a row',
+        "error: the log store failed: reading s3://logs/a.jsonl at byte 0 of 9: ClientError: An "
+        "error occurred (PreconditionFailed) (the object was replaced after it was listed; ...)",
     ],
 )
 def test_network_and_s3_throttling_errors_are_transient(text: str) -> None:

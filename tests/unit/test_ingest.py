@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tracetune.config import IngestParams
+from tracetune.trajectories import sources
 from tracetune.trajectories.ingest import (
     IngestPaths,
     QuarantineRateExceeded,
@@ -18,6 +21,7 @@ from tracetune.trajectories.ingest import (
 )
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.pii import find_pii
+from tracetune.trajectories.sources import RACY_NS, SourceUnavailable, stat_fingerprint
 
 
 def good(i: int, **changes: object) -> dict:
@@ -176,6 +180,80 @@ def test_partial_last_line_waits_for_the_writer(tmp_path: Path) -> None:
     assert (second.accepted, second.quarantined) == (1, 0)
 
 
+def test_a_record_waits_for_its_newline(tmp_path: Path) -> None:
+    """A writer that writes a record, then its newline: the record is read once, when complete."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    paths = make_paths(tmp_path)
+    with (src / "a.jsonl").open("ab", buffering=0) as writer:
+        writer.write(line(good(0)))
+        writer.write(line(good(1)).rstrip(b"\n"))  # complete JSON, no newline yet
+        first = ingest(params(src), paths)
+        assert (first.read, first.accepted, first.held_back) == (1, 1, 1)
+        assert read_state(paths.state)["files"][str(src / "a.jsonl")]["lines"] == 1
+        again = ingest(params(src), paths)
+        assert (again.read, again.held_back, again.batch) == (0, 1, None)
+        writer.write(b"\n")
+        second = ingest(params(src), paths)
+    assert (second.read, second.accepted, second.quarantined, second.held_back) == (1, 1, 0, 0)
+    assert [t.trajectory_id for t in read_trajectories(paths.batches)] == ["t-0", "t-1"]
+    assert ingest(params(src), paths).files == {"unchanged": 1}
+
+
+def test_a_pending_line_is_reported_on_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "RACY_NS", 0)  # trust file times at once: the `unchanged` path
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(line(good(0)) + line(good(1)).rstrip(b"\n"))
+    paths = make_paths(tmp_path)
+    assert ingest(params(src), paths).held_back == 1
+    again = ingest(params(src), paths)
+    assert (again.files, again.read, again.held_back) == ({"unchanged": 1}, 0, 1)
+
+
+def test_a_same_size_rewrite_is_read(tmp_path: Path) -> None:
+    """Same size, same first 4 KiB, even the old mtime restored: still a rewrite."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    log = src / "a.jsonl"
+    log.write_bytes(b"".join(line(good(i)) for i in range(1000, 1024)))
+    assert ingest(params(src), paths).accepted == 24
+    before = log.stat()
+    old = log.read_bytes()
+    new = b"".join(line(good(i)) for i in [*range(1000, 1008), *range(2000, 2016)])
+    assert len(new) == len(old) and new[:4096] == old[:4096] and new != old
+    log.write_bytes(new)
+    os.utime(log, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    report = ingest(params(src), paths)
+    assert report.files == {"rewritten": 1}
+    assert (report.accepted, report.duplicates, report.invalid) == (16, 8, 0)
+    ids = {t.trajectory_id for t in read_trajectories(paths.batches)}
+    assert {f"t-{i}" for i in range(2000, 2016)} <= ids and len(ids) == 40
+
+
+def test_a_touched_file_is_not_read_again(tmp_path: Path) -> None:
+    """A new mtime alone costs one hash of the file, not a re-read full of duplicates."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(5)))
+    ingest(params(src), paths)
+    os.utime(src / "a.jsonl", ns=(1, 2))
+    touched = ingest(params(src), paths)
+    assert (touched.read, touched.duplicates, touched.batch) == (0, 0, None)
+    assert touched.files == {"unchanged": 1}
+
+
+def test_a_just_written_file_is_checked_again() -> None:
+    """File times tick coarsely: a file changed within RACY_NS may change again unseen."""
+    old = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=5, st_ino=7)
+    assert stat_fingerprint(old, RACY_NS * 10) == stat_fingerprint(old, RACY_NS * 11) == "10:1:5:7"
+    fresh = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=RACY_NS * 10, st_ino=7)
+    assert stat_fingerprint(fresh, RACY_NS * 10 + 1) != stat_fingerprint(fresh, RACY_NS * 10 + 2)
+
+
 def test_too_many_bad_lines_fail_and_commit_nothing(tmp_path: Path) -> None:
     src = tmp_path / "logs"
     src.mkdir()
@@ -215,6 +293,19 @@ def test_truncated_gzip_keeps_what_it_could_read(tmp_path: Path) -> None:
     assert report.accepted > 0 and report.reasons == {"unreadable_file": 1}
     (record,) = quarantine_records(paths)
     assert record["line"] == report.accepted + 1 and "EOFError" in record["detail"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_failing_disk_fails_the_batch_instead_of_quarantining(tmp_path: Path) -> None:
+    """EIO is the storage's fault, not the file's: nothing is committed, nothing marked read."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"".join(line(good(i)) for i in range(3)))
+    (src / "b.jsonl").symlink_to("/proc/self/mem")  # a real file whose reads fail with EIO
+    paths = make_paths(tmp_path)
+    with pytest.raises(SourceUnavailable, match=r"b\.jsonl: OSError: \[Errno 5\]"):
+        ingest(params(src), paths)
+    assert not paths.state.exists() and not list(paths.batches.glob("*.jsonl"))
 
 
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ stays bounded: lines stream through, the id set is on disk, workers see a bounde
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sqlite3
@@ -48,7 +49,7 @@ from tracetune.trajectories.readers import (
     open_log_source,
 )
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import HEAD_BYTES, LogSource, SourceObject
+from tracetune.trajectories.sources import LogSource, SourceObject, SourceUnavailable
 
 CHUNK_LINES = 500
 
@@ -286,7 +287,8 @@ class ReadPlan:
     obj: SourceObject
     offset: int
     first_line: int  # line number of the first line read (1-based)
-    kind: str  # new / appended / rewritten
+    kind: str  # new / appended / rewritten / unchanged (touched: only the mark is renewed)
+    hasher: Any = None  # appended: the hash of the bytes before `offset`, fed on while reading
 
 
 def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> list[ReadPlan]:
@@ -298,12 +300,15 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
             plans.append(ReadPlan(obj, 0, 1, "new"))
         elif mark.fingerprint == obj.fingerprint:
             report.files["unchanged"] += 1
-        elif (
-            obj.appendable
-            and obj.size >= mark.offset
-            and source.head_hash(obj, min(HEAD_BYTES, mark.offset)) == mark.head
-        ):
-            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "appended"))
+            if obj.appendable and obj.size > mark.offset:
+                report.held_back += 1  # its last line still waits for its newline
+        elif obj.appendable and obj.size >= mark.offset:
+            hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
+            if hasher.hexdigest() == mark.head:  # grew, or only touched: read on from the mark
+                kind = "appended" if obj.size > mark.offset else "unchanged"
+                plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, kind, hasher))
+            else:
+                plans.append(ReadPlan(obj, 0, 1, "rewritten"))
         else:
             plans.append(ReadPlan(obj, 0, 1, "rewritten"))
     return plans
@@ -320,47 +325,66 @@ def iter_planned_lines(
     """(uri, line number, raw bytes, read error, reader) for every planned line; fills `marks`.
 
     The reader of each object comes from its content (`readers.detect`) or `ingest.format`.
-    A local file's last line without a newline may still be being written: it is held back
-    (the mark stays before it) unless it already parses as JSON. An object read as one document
-    (a JSON array, an OTLP export) is read whole, its items numbered from 1; a later change
-    re-reads it whole (ids already accepted come back as duplicates). Raises
-    `readers.UnrecognisedFormat` for an object no reader understands.
+    A local file's last line without a newline may still be being written, even when it
+    already parses as JSON: it stays pending (the mark stays before it) until its newline
+    arrives. An object read as one document (a JSON array, an OTLP export) is read whole, its
+    items numbered from 1; a later change re-reads it whole (ids already accepted come back as
+    duplicates). Only corrupt content becomes a quarantined line; a read that fails for any
+    other reason (a stalled store, a failing disk) raises `SourceUnavailable`: the batch fails.
+    An object no reader understands raises `readers.UnrecognisedFormat`.
     """
     for plan in plans:
         obj = plan.obj
         report.files[plan.kind] += 1
         position = [plan.offset, plan.first_line - 1]  # byte offset, lines (items) read
+        hasher = source.prefix_hasher(obj, 0) if plan.hasher is None else plan.hasher
+        detected: Detected | None = None
         try:
-            detected = detect(source, obj, fmt, mapping or FieldMapping())
-        except (OSError, EOFError, zlib.error) as exc:  # a corrupt gzip, an unreadable object
+            if plan.kind != "unchanged":  # a touched file with the same bytes: nothing to read
+                detected = detect(source, obj, fmt, mapping or FieldMapping())
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a corrupt gzip
             position[1] += 1
             yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", "tracetune"
+        except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
+            raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
         else:
             if detected is not None and detected.document:
                 yield from _document_units(source, obj, detected, position)
-            elif detected is not None:
-                yield from _line_units(source, plan, detected.reader.name, position, report)
+                if obj.appendable:  # the mark of a document: the hash of all of it
+                    hasher = source.prefix_hasher(obj, position[0])
+            else:
+                name = detected.reader.name if detected is not None else "tracetune"
+                yield from _line_units(source, plan, name, position, hasher, report)
         offset, number = position
-        head = source.head_hash(obj, min(HEAD_BYTES, offset)) if obj.appendable else ""
+        head = hasher.hexdigest() if obj.appendable else ""
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
 
 
 def _line_units(
-    source: LogSource, plan: ReadPlan, reader: str, position: list[int], report: IngestReport
+    source: LogSource,
+    plan: ReadPlan,
+    reader: str,
+    position: list[int],
+    hasher: Any,
+    report: IngestReport,
 ) -> Iterator[Unit]:
     obj = plan.obj
     try:
         with source.open(obj, plan.offset) as stream:
             for raw in stream:
-                if obj.appendable and not raw.endswith(b"\n") and not _parses(raw):
+                if obj.appendable and not raw.endswith(b"\n"):
                     report.held_back += 1
                     break
                 position[0] += len(raw)
                 position[1] += 1
+                if obj.appendable:
+                    hasher.update(raw)
                 yield obj.uri, position[1], raw, None, reader
-    except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated/corrupt gzip
+    except (EOFError, gzip.BadGzipFile, ValueError, zlib.error) as exc:  # corrupt gzip
         position[1] += 1
         yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", reader
+    except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
+        raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
 
 
 def _document_units(
@@ -376,14 +400,6 @@ def _document_units(
     finally:
         if stream is not None:
             stream.close()
-
-
-def _parses(raw: bytes) -> bool:
-    try:
-        orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +427,8 @@ def ingest(
 ) -> IngestReport:
     """Read what arrived since the last batch; commit it as one batch or raise, leaving no trace.
 
-    Raises `QuarantineRateExceeded` when the batch quarantines too much.
+    Raises `QuarantineRateExceeded` when the batch quarantines too much, and
+    `SourceUnavailable` when the store fails to deliver an object even after retries.
     """
     started = time.perf_counter()
     if params.full_refresh:

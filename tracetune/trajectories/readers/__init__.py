@@ -212,7 +212,7 @@ def open_log_source(params: IngestParams, tracking_uri: str | None = None) -> Lo
     """
     from tracetune.trajectories.readers.mlflow_traces import MlflowTraceSource, WithTraces
 
-    files = open_source(params.source, params.s3_endpoint_url)
+    files = open_source(params.source, params.s3_endpoint_url, params.s3_retry)
     if params.mlflow_experiment is None:
         return files
     return WithTraces(files, MlflowTraceSource(params.mlflow_experiment, tracking_uri))

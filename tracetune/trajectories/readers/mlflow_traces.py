@@ -288,5 +288,5 @@ class WithTraces(LogSource):
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
         return self._of(obj).open(obj, offset)
 
-    def head_hash(self, obj: SourceObject, n: int = 4096) -> str:
-        return self._of(obj).head_hash(obj, n)
+    def prefix_hasher(self, obj: SourceObject, n: int) -> Any:
+        return self._of(obj).prefix_hasher(obj, n)
