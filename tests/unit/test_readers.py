@@ -332,3 +332,34 @@ def test_document_items_give_the_same_batch_with_workers(tmp_path: Path) -> None
         assert (report.read, report.accepted) == (30, 30)
         out.append((tmp_path / str(workers) / "b/batch-000001.jsonl").read_bytes())
     assert out[0] == out[1]
+
+
+def test_a_changed_document_is_read_again_whole_and_a_touched_one_not_at_all(
+    tmp_path: Path,
+) -> None:
+    import os
+    import time
+
+    path = tmp_path / "runs.json"
+    mapping = FieldMapping(
+        derive_id=["task_id"],
+        success_from_reward="reward",
+        defaults={
+            "family": "order_status",
+            "model": "m",
+            "timestamp": "2026-11-01T00:00:00+00:00",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            "cost_usd": 0,
+            "latency_s": 0,
+        },
+    )
+    params = IngestParams(source=str(path), mapping=mapping)
+    path.write_text(json.dumps([RUN | {"task_id": i} for i in range(3)]))
+    assert ingest(params, paths(tmp_path)).accepted == 3
+    later = time.time() + 5
+    os.utime(path, (later, later))  # touched: same bytes
+    touched = ingest(params, paths(tmp_path))
+    assert (touched.read, touched.batch) == (0, None)
+    path.write_text(json.dumps([RUN | {"task_id": i} for i in range(4)]))  # one run more
+    grown = ingest(params, paths(tmp_path))
+    assert (grown.read, grown.accepted, grown.duplicates) == (4, 1, 3)
