@@ -50,21 +50,33 @@ class UnitConverter(Environment):
         return {"value": round(value * factor, 2), "unit": to_unit}
 
     def tasks(self, n: int, seed: int, families: Sequence[str] | None = None) -> list[Task]:
+        if families and set(families) != {"convert"}:
+            raise ValueError(f"unknown task families: {sorted(set(families) - {'convert'})}")
         rng = random.Random(seed + self.seed_offset)
         out = []
         for i in range(n):
-            (a, b), factor = rng.choice(sorted(FACTORS.items()))
-            value = rng.randint(1, 500)
-            out.append(
-                Task(
-                    id=f"convert:{value}:{a}:{b}:{i}",
-                    family="convert",
-                    goal=f"How many {b} is {value} {a}?",
-                    check={"number": round(value * factor, 2)},
-                    params={"value": value, "from_unit": a, "to_unit": b},
-                )
-            )
+            (a, b), _ = rng.choice(sorted(FACTORS.items()))
+            out.append(self._task(rng.randint(1, 500), a, b, i))
         return out
+
+    def task_by_id(self, task_id: str) -> Task:
+        """Rebuilt from the id itself (`convert:value:from:to:i`), whatever seed drew it."""
+        try:
+            _, value, a, b, i = task_id.split(":")
+            if (a, b) not in FACTORS:
+                raise ValueError(f"no conversion {a} -> {b}")
+            return self._task(int(value), a, b, int(i))
+        except ValueError as exc:
+            raise KeyError(f"task {task_id!r} not found in {self.name}: {exc}") from None
+
+    def _task(self, value: int, a: str, b: str, i: int) -> Task:
+        return Task(
+            id=f"convert:{value}:{a}:{b}:{i}",
+            family="convert",
+            goal=f"How many {b} is {value} {a}?",
+            check={"number": round(value * FACTORS[(a, b)], 2)},
+            params={"value": value, "from_unit": a, "to_unit": b},
+        )
 
     def _reset(self, task: Task) -> None:
         """Stateless world: nothing to restore."""

@@ -160,7 +160,7 @@ def _flat_scalars(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 PREFERRED_COLUMNS = ("model", "tsr", "tsr_95ci", "steps_mean", "cost_per_task_usd", "latency_s")
-BASELINE_ARMS = ("baseline_prompt_only", "baseline_production")
+BASELINE_ARMS = ("baseline_prompt_only", "baseline_production", "baseline_floor")
 
 
 def _arm_row(name: str, arm: dict[str, Any]) -> dict[str, Any]:
@@ -203,8 +203,9 @@ def eval_rows(metrics_dir: Path) -> list[dict[str, Any]]:
             continue
         row = _arm_row(name, candidate)
         delta = payload.get("delta")
-        if isinstance(delta, dict) and "tsr_vs_production" in delta:
-            row["tsr_vs_production"] = delta["tsr_vs_production"]
+        for key in ("tsr_vs_production", "tsr_vs_floor"):
+            if isinstance(delta, dict) and key in delta:
+                row[key] = delta[key]
         rows.append(row)
         for arm in BASELINE_ARMS:
             if isinstance(payload.get(arm), dict):

@@ -1,4 +1,4 @@
-"""Stage `evaluate@<model>`: a model on the held-out tasks against the two baselines.
+"""Stage `evaluate@<model>`: a model on the held-out tasks against the floor and two baselines.
 
 `python -m tasks.evaluate MODEL [PARAMS_FILE]` (MODEL: `base`, `sft`, `rlvr`, ...). Outputs
 (dvc.yaml): `metrics/eval_<model>.json` (the shape the registry gate reads), the report, the
@@ -8,7 +8,8 @@ and the files as artifacts.
 
 Evaluating `base` *is* the prompt-only baseline; its rollouts stay in `reports/eval/base/` and
 any later evaluation reuses them while their cache key still matches (tracetune.evaluation.
-harness), else it re-runs the base model and refreshes that cache.
+harness), else it re-runs the base model and refreshes that cache. The do-nothing floor is a
+scripted arm (no model), run on the same tasks every time: it costs a verifier call per task.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def eval_paths(params: Params, model: str) -> dict[str, Path]:
     }
 
 
-def _settings(params: Params, model: str, path: str, heldout_total: int) -> dict[str, Any]:
+def _settings(
+    params: Params, model: str, path: str, heldout_total: int, max_turns: int
+) -> dict[str, Any]:
     ev = params.evaluate
     return {
         "model": model,
@@ -41,7 +44,8 @@ def _settings(params: Params, model: str, path: str, heldout_total: int) -> dict
         "max_tasks": ev.max_tasks,
         "batch_size": ev.batch_size,
         "max_new_tokens": ev.max_new_tokens,
-        "max_turns": ev.max_turns,
+        "max_turns": max_turns,
+        "max_turns_from": "evaluate.max_turns" if ev.max_turns is not None else "environment",
         "environment_max_steps": params.environment.max_steps,
         "decoding": "greedy" if ev.greedy else f"sampled, T={ev.temperature}, seed={ev.seed}",
         "decoder": ev.decoder,
@@ -68,6 +72,8 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     envs = EnvPool(env_factory_from_params(params.environment))
     probe = envs.acquire()
     heldout = harness.select_heldout(probe, params)
+    max_turns = harness.turn_limit(ev, probe)
+    ends = frozenset(probe.terminating_tools())
     envs.release(probe)
     if not heldout.tasks:
         raise RuntimeError(f"no held-out tasks to evaluate in {params.paths.curated_dir}")
@@ -75,22 +81,32 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     path = harness.model_path(params, model)
     started = time.perf_counter()
     counts: dict[str, int] = {}
-    candidate = harness.run_model(model, path, heldout.tasks, params, envs, progress, counts)
+    candidate = harness.run_model(
+        model, path, heldout.tasks, params, envs, progress, counts, max_turns
+    )
     seconds = time.perf_counter() - started
-    key = harness.cache_key(path, heldout.tasks, params)
+    key = harness.cache_key(path, heldout.tasks, params, max_turns)
     harness.write_rollouts(paths["out"], candidate, key, {"model": model, "model_path": path})
 
     if model == harness.PROMPT_ONLY:
         prompt_only = candidate
     else:
-        prompt_only = _prompt_only(params, heldout.tasks, envs, paths["baseline"], progress)
-    production = harness.production_baseline(params.paths.ingested, params.split)
+        prompt_only = _prompt_only(
+            params, heldout.tasks, envs, paths["baseline"], progress, max_turns
+        )
+    floor = harness.run_floor(heldout.tasks, params, envs, max_turns)
+    production = harness.production_baseline(params.paths.ingested, heldout.log_ids)
 
     base_pricing = harness.pricing_for(ev, harness.PROMPT_ONLY)
     arms = {
-        "candidate": summarize(candidate, harness.pricing_for(ev, model)),
-        "baseline_prompt_only": summarize(prompt_only, base_pricing),
+        "candidate": summarize(
+            candidate, harness.pricing_for(ev, model), max_turns=max_turns, terminating=ends
+        ),
+        "baseline_prompt_only": summarize(
+            prompt_only, base_pricing, max_turns=max_turns, terminating=ends
+        ),
         "baseline_production": summarize(production),
+        "baseline_floor": summarize(floor, harness.FREE, max_turns=max_turns, terminating=ends),
     }
     payload: dict[str, Any] = {
         "model": model,
@@ -99,7 +115,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
         **arms,
         "delta": deltas(*arms.values()),
     }
-    settings = _settings(params, model, path, heldout.total)
+    settings = _settings(params, model, path, heldout.total, max_turns)
     settings["grounded_tokens"] = counts.get("constrained", 0)
     settings["grounding_overrode_model"] = counts.get("overridden", 0)
     plot_files = write_plots(payload, paths["plots"])
@@ -122,17 +138,24 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
 
 
 def _prompt_only(
-    params: Params, tasks: list[Any], envs: Any, baseline_dir: Path, progress: bool
+    params: Params,
+    tasks: list[Any],
+    envs: Any,
+    baseline_dir: Path,
+    progress: bool,
+    max_turns: int,
 ) -> list[Any]:
     """The base model's rollouts: the cached ones when their key matches, else a fresh run."""
     from tracetune.evaluation import harness
 
     path = harness.model_path(params, harness.PROMPT_ONLY)
-    key = harness.cache_key(path, tasks, params)
+    key = harness.cache_key(path, tasks, params, max_turns)
     cached = harness.load_cached_rollouts(baseline_dir, key)
     if cached is not None:
         return cached
-    fresh = harness.run_model(harness.PROMPT_ONLY, path, tasks, params, envs, progress)
+    fresh = harness.run_model(
+        harness.PROMPT_ONLY, path, tasks, params, envs, progress, max_turns=max_turns
+    )
     meta = {"model": harness.PROMPT_ONLY, "model_path": path}
     harness.write_rollouts(baseline_dir, fresh, key, meta)
     return fresh
@@ -151,16 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     payload = run(params, model)
     table = Table(title=f"Evaluation of {model} on {payload['n_tasks']} held-out tasks")
     table.add_column("arm")
-    for column in ("tsr", "95% CI", "n", "steps", "cost/task $"):
+    for column in ("tsr", "95% CI", "over floor", "n", "cut", "steps", "cost/task $"):
         table.add_column(column, justify="right")
-    for arm in ("candidate", "baseline_prompt_only", "baseline_production"):
+    floor_tsr = payload["baseline_floor"]["tsr"]
+    for arm in ("candidate", "baseline_prompt_only", "baseline_production", "baseline_floor"):
         block = payload[arm]
         tsr = block["tsr"]
+        gain = None if tsr is None or floor_tsr is None else tsr - floor_tsr
         table.add_row(
             arm,
             "n/a" if tsr is None else f"{tsr:.3f}",
             f"[{block['tsr_ci_low']:.3f}, {block['tsr_ci_high']:.3f}]",
+            "n/a" if gain is None else f"{gain:+.3f}",
             str(block["n"]),
+            str(block.get("cut_by_turn_limit", "n/a")),
             "n/a" if block["steps_mean"] is None else f"{block['steps_mean']:.2f}",
             "n/a" if block["cost_per_task_usd"] is None else f"{block['cost_per_task_usd']:.6f}",
         )

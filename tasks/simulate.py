@@ -8,7 +8,7 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
-from tracetune.environments.base import load_environment
+from tracetune.environments.base import draw_tasks, load_environment
 from tracetune.trajectories.simulator import write_logs
 
 
@@ -16,6 +16,8 @@ def run(params: Params, clean: bool = True) -> dict[str, Any]:
     env_params = params.environment
     # Production agents are not capped at our evaluation step limit: runaway logs must exist.
     env = load_environment(env_params.class_path, max_steps=60, **env_params.kwargs)
+    # No oracle, nothing to simulate: say so before the previous batch is cleaned away.
+    env.require_oracle(draw_tasks(env, 1, params.simulate.seed)[0]).close()
     out = params.paths.raw_logs
     if clean and out.exists():
         shutil.rmtree(out)

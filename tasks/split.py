@@ -9,10 +9,10 @@ from tasks._common import stage_params, write_json
 from tasks.curate import METRICS as CURATE_METRICS
 from tasks.curate import curated_path
 from tracetune.config import Params
-from tracetune.environments.base import load_environment
+from tracetune.environments.base import declared_splits, load_environment
 from tracetune.trajectories.ingest import read_state
 from tracetune.trajectories.io import iter_lines
-from tracetune.trajectories.split import split_curated
+from tracetune.trajectories.split import declared_test_tasks, logged_tasks, split_curated
 from tracetune.trajectories.summary import data_summary, write_token_histogram
 
 SUMMARY = "data_summary.json"
@@ -24,7 +24,16 @@ def run(params: Params) -> dict[str, Any]:
     unknown = set(params.split.heldout_families) - set(env.families())
     if unknown:
         raise ValueError(f"split.heldout_families: unknown families {sorted(unknown)}")
-    report = split_curated(iter_lines(curated_path(params)), params.paths.curated_dir, params.split)
+    # The evaluation set: held-out tasks of every logged episode (any outcome) and the
+    # environment's declared test split.
+    report = split_curated(
+        iter_lines(curated_path(params)),
+        params.paths.curated_dir,
+        params.split,
+        declared_splits(env),
+        logged_tasks(params.paths.ingested),
+        declared_test_tasks(env),
+    )
     curate_metrics = json.loads((params.paths.metrics / CURATE_METRICS).read_text())
     summary = data_summary(read_state(params.paths.ingest_state), curate_metrics, report)
     write_json(params.paths.metrics / SUMMARY, summary)

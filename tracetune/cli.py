@@ -55,8 +55,10 @@ def simulate_logs(
         Path | None, typer.Option(help="Output directory (overrides paths.raw_logs).")
     ] = None,
 ) -> None:
-    """Write simulated production logs (JSONL) from a noisy prompt-only agent and summarise them."""
+    """Write simulated production logs (JSONL): the environment's oracle played as a noisy
+    production agent (wrong tools, wrong arguments, error retries, early and wrong answers)."""
     from tasks.simulate import run
+    from tracetune.environments.base import NoOracleError
     from tracetune.reporting import print_simulation_summary
 
     loaded = _load(params)
@@ -64,7 +66,12 @@ def simulate_logs(
         update={k: v for k, v in {"n_trajectories": n, "seed": seed}.items() if v is not None}
     )
     paths = loaded.paths.model_copy(update={"raw_logs": out} if out else {})
-    print_simulation_summary(run(loaded.model_copy(update={"simulate": sim, "paths": paths})))
+    try:
+        summary = run(loaded.model_copy(update={"simulate": sim, "paths": paths}))
+    except NoOracleError as exc:
+        typer.secho(f"error: cannot simulate logs: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    print_simulation_summary(summary)
 
 
 @env_app.command("tools")
@@ -85,16 +92,38 @@ def env_oracle(
     n: Annotated[int, typer.Option(help="Tasks to solve.")] = 200,
     seed: Annotated[int, typer.Option(help="Task seed.")] = 0,
 ) -> None:
-    """Run the oracle solver over n tasks and print its task success rate (should be 1.0)."""
-    from tracetune.environments.base import load_environment
-    from tracetune.environments.support_desk import oracle_solver
+    """Run the environment's oracle over n tasks (all of a shorter fixed list) through the real
+    tools and print its task success rate, which should be 1.000; exit 1 below that, or when
+    the environment has no oracle."""
+    from tracetune.environments.base import NoOracleError, draw_tasks, load_environment
     from tracetune.trajectories.episode import run_scripted
 
     loaded = _load(params)
-    env = load_environment(loaded.environment.class_path, **loaded.environment.kwargs)
-    tasks = env.tasks(n, seed=seed)
-    wins = sum(run_scripted(env, t, oracle_solver(t)).outcome.success for t in tasks)
-    typer.echo(f"oracle TSR: {wins / len(tasks):.3f} ({wins}/{len(tasks)})")
+    env = load_environment(
+        loaded.environment.class_path,
+        max_steps=loaded.environment.max_steps,
+        **loaded.environment.kwargs,
+    )
+    tasks = draw_tasks(env, n, seed)
+    if not tasks:
+        typer.secho(f"error: environment {env.name!r} gives no tasks", fg="red", err=True)
+        raise typer.Exit(1)
+    failed: list[str] = []
+    try:
+        for task in tasks:
+            episode = run_scripted(env, task, env.require_oracle(task))
+            if not episode.outcome.success:
+                failed.append(f"{task.id}: {episode.outcome.details}")
+    except NoOracleError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    wins = len(tasks) - len(failed)
+    note = f"; the fixed list has {len(tasks)} tasks" if len(tasks) < n else ""
+    typer.echo(f"oracle TSR: {wins / len(tasks):.3f} ({wins}/{len(tasks)}{note})")
+    for line in failed[:10]:
+        typer.echo(f"  failed {line}")
+    if failed:
+        raise typer.Exit(1)
 
 
 data_app = typer.Typer(

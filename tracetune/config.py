@@ -62,6 +62,16 @@ class FaultRates(Section):
     duplicate_session: float = Field(0.03, ge=0, le=1)
     pii_in_user_text: float = Field(0.15, ge=0, le=1)
     corrupt_line: float = Field(0.01, ge=0, le=1)
+    early_answer: float = Field(
+        0.0, ge=0, le=1, description="answers after only some of the oracle's calls"
+    )
+    skip_user_turn: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="never waits for the user: acts on the reply the user would have given"
+        " (a write without the asked-for 'yes'); only episodes whose oracle asks the user",
+    )
 
 
 class Pricing(Section):
@@ -252,7 +262,9 @@ class RLVRParams(Section):
 
     `mode: rule` runs RLVR only when SFT's held-out TSR (`eval_sft.json` -> candidate.tsr) is
     below `when_sft_tsr_below`; `always` / `never` force it. Training tasks are drawn from the
-    environment by `seed` (held-out task ids are excluded).
+    environment by `seed` (held-out task ids are excluded; from the `train` split when the
+    environment declares one). `families: all` (or []) trains on every family the environment
+    has, so the default names none of any one environment's families.
     """
 
     mode: Literal["rule", "always", "never"] = "rule"
@@ -261,7 +273,9 @@ class RLVRParams(Section):
         False, description="train a LoRA adapter (the SFT adapter when there is one)"
     )
     lora: LoraParams = LoraParams()
-    families: list[str] = Field(default_factory=list, description="[]: every family")
+    families: list[str] = Field(
+        default_factory=list, description="all (or []): every family of the environment"
+    )
     n_tasks: int = Field(256, ge=1, description="training tasks drawn from the environment")
     steps: int = Field(30, ge=1, description="GRPO optimizer steps")
     group_size: int = Field(8, ge=2, description="episodes per task (GRPO's G)")
@@ -291,6 +305,12 @@ class RLVRParams(Section):
     rewards: RLVRRewardParams = RLVRRewardParams()
     health: RLVRHealthParams = RLVRHealthParams()
 
+    @field_validator("families", mode="before")
+    @classmethod
+    def _every_family(cls, value: Any) -> Any:
+        """`all` is every family: the same as an empty list."""
+        return [] if value == "all" else value
+
 
 def _default_eval_pricing() -> dict[str, Pricing]:
     # A self-hosted small model costs a fraction of the production agent's API (simulate.pricing).
@@ -309,7 +329,12 @@ class EvaluateParams(Section):
     max_tasks: int = Field(200, ge=1, description="held-out tasks evaluated (families in turn)")
     batch_size: int = Field(32, ge=1, description="episodes decoded together")
     max_new_tokens: int = Field(96, ge=1, description="per assistant turn")
-    max_turns: int = Field(8, ge=1, description="assistant turns per episode")
+    max_turns: int | None = Field(
+        None,
+        ge=1,
+        description="assistant turns per episode; null: the environment's own "
+        "(Environment.max_turns: environment.max_steps + 1 unless it says otherwise)",
+    )
     greedy: bool = True
     temperature: float = Field(1.0, gt=0, description="when greedy is false")
     seed: int = 0
@@ -338,6 +363,9 @@ class GateParams(Section):
     max_cost_per_task_usd: float = Field(0.005, ge=0)
     min_margin_vs_prompt_only: float = Field(0.05, ge=-1, le=1)
     min_margin_vs_production: float = Field(0.0, ge=-1, le=1)
+    min_margin_vs_floor: float = Field(
+        0.05, ge=-1, le=1, description="TSR gain over the do-nothing floor (eval's baseline_floor)"
+    )
     champion_non_inferiority_margin: float = Field(0.1, ge=0, le=1)
     use_confidence_intervals: bool = True
 

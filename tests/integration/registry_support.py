@@ -137,6 +137,7 @@ def eval_metrics(
     n: int = 200,
     steps: float = 3.0,
     cost: float = 0.001,
+    floor: float = 0.0,
 ) -> dict[str, Any]:
     """A whole `metrics/eval_<model>.json`."""
     cand, prod, base = arm(tsr, n, steps, cost), arm(production, n, 3.4), arm(prompt_only, n, 6.0)
@@ -147,11 +148,13 @@ def eval_metrics(
         "candidate": cand,
         "baseline_prompt_only": base,
         "baseline_production": prod,
+        "baseline_floor": arm(floor, n, 1.0, 0.0),
         "delta": {
             "tsr_vs_prompt_only": tsr - prompt_only,
             "tsr_vs_production": tsr - production,
             "steps_vs_production": steps - 3.4,
             "cost_vs_production": cost - prod["cost_per_task_usd"],
+            "tsr_vs_floor": tsr - floor,
         },
     }
 

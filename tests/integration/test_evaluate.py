@@ -21,7 +21,9 @@ from tracetune.trajectories.split import split_curated
 M_KEYS = {"tsr", "tsr_ci_low", "tsr_ci_high", "n", "steps_mean", "steps_median", "tokens_in",
           "tokens_out", "cost_per_task_usd", "latency_s", "per_family", "failures"}  # fmt: skip
 DELTA_KEYS = {"tsr_vs_prompt_only", "tsr_vs_production", "steps_vs_production",
-              "cost_vs_production"}  # fmt: skip
+              "cost_vs_production", "tsr_vs_floor", "prompt_only_tsr_vs_floor",
+              "production_tsr_vs_floor"}  # fmt: skip
+ROLLOUT_KEYS = M_KEYS | {"cut_by_turn_limit"}  # arms the evaluation ran, not read from logs
 
 
 def _params(root: Path, model: Path) -> Params:
@@ -37,28 +39,38 @@ def _params(root: Path, model: Path) -> Params:
     )
 
 
-def _write_logs_and_split(params: Params) -> None:
-    """Production logs as ingest writes them, and a held-out split of their golden part."""
+def _write_logs_and_split(params: Params) -> list[dict[str, Any]]:
+    """Production logs as ingest writes them, and a held-out split of their golden part (the
+    evaluation set: every held-out task of the logs, as the split stage writes it)."""
     sim = SimulateParams(n_trajectories=120, seed=5, files=1)
     records = [rec for _, rec, _ in iter_log_lines(SupportDesk(max_steps=60), sim) if rec]
     params.paths.ingested.mkdir(parents=True)
     lines = [json.dumps(r) for r in records]
     (params.paths.ingested / "batch-000001.jsonl").write_text("\n".join(lines) + "\n")
     golden = [json.dumps(r) for r in records if r["success"]]
-    split_curated(golden, params.paths.curated_dir, params.split)
+    logged = [(r["task_id"], r["family"]) for r in records]
+    split_curated(golden, params.paths.curated_dir, params.split, logged=logged)
+    return records
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("evaluate")
     params = _params(root, tiny_model_dir(tmp_path_factory))
-    _write_logs_and_split(params)
+    logs = _write_logs_and_split(params)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         base = stage.run(params, "base", progress=False)
         cache = (root / "reports/eval/base/cache.json").read_text()
         sft = stage.run(params, "sft", progress=False)
-    return {"root": root, "params": params, "base": base, "sft": sft, "cache_before": cache}
+    return {
+        "root": root,
+        "params": params,
+        "base": base,
+        "sft": sft,
+        "cache_before": cache,
+        "logs": logs,
+    }
 
 
 def test_metrics_file_has_the_agreed_shape(evaluated: dict[str, Any]) -> None:
@@ -66,21 +78,46 @@ def test_metrics_file_has_the_agreed_shape(evaluated: dict[str, Any]) -> None:
     for model in ("base", "sft"):
         payload = json.loads((root / "metrics" / f"eval_{model}.json").read_text())
         assert set(payload) == {"model", "model_path", "n_tasks", "candidate",
-                                "baseline_prompt_only", "baseline_production", "delta"}  # fmt: skip
+                                "baseline_prompt_only", "baseline_production", "baseline_floor",
+                                "delta"}  # fmt: skip
         assert payload["model"] == model and payload["n_tasks"] == 6
-        assert set(payload["candidate"]) == M_KEYS
-        assert set(payload["baseline_prompt_only"]) == M_KEYS
+        assert set(payload["candidate"]) == ROLLOUT_KEYS
+        assert set(payload["baseline_prompt_only"]) == ROLLOUT_KEYS
+        assert set(payload["baseline_floor"]) == ROLLOUT_KEYS
         assert set(payload["baseline_production"]) <= M_KEYS
         assert set(payload["delta"]) == DELTA_KEYS
         cand = payload["candidate"]
         assert cand["n"] == 6 and 0.0 <= cand["tsr_ci_low"] <= cand["tsr"] <= cand["tsr_ci_high"]
         assert sum(v["n"] for v in cand["per_family"].values()) == 6
         assert sum(cand["failures"].values()) == round(6 * (1 - cand["tsr"]))
-        production = payload["baseline_production"]
-        # Every logged episode of a held-out task, the failed ones too (curation kept only the
-        # golden ones, so a baseline from heldout_tasks.json ids alone would score 100%).
-        assert production["n"] > 0 and production["tsr"] < 1.0
     assert evaluated["base"]["model_path"].endswith("tiny_agent_model")
+
+
+def test_every_arm_is_measured_on_the_evaluated_tasks(evaluated: dict[str, Any]) -> None:
+    """Production counts every logged episode of the evaluated tasks (failed ones too) and no
+    other: before, it counted every held-out episode of the logs (230 against 15 tasks)."""
+    root = evaluated["root"]
+    rollouts = [json.loads(x) for x in (root / "reports/eval/sft/rollouts.jsonl").open()]
+    evaluated_ids = {r["task_id"] for r in rollouts}
+    assert len(evaluated_ids) == 6
+    logged = [r for r in evaluated["logs"] if r["task_id"] in evaluated_ids]
+    production = evaluated["sft"]["baseline_production"]
+    assert production["n"] == len(logged) > 0
+    assert production["tsr"] == round(sum(r["success"] for r in logged) / len(logged), 6)
+    for arm in ("candidate", "baseline_prompt_only", "baseline_floor"):
+        assert evaluated["sft"][arm]["n"] == 6
+
+
+def test_the_do_nothing_floor_is_measured_beside_every_arm(evaluated: dict[str, Any]) -> None:
+    sft = evaluated["sft"]
+    floor = sft["baseline_floor"]
+    # support_desk gives nothing away: a declining answer with no tool call solves no task.
+    assert floor["tsr"] == 0.0 and floor["steps_mean"] == 1.0 and floor["cost_per_task_usd"] == 0
+    assert floor["cut_by_turn_limit"] == 0
+    assert sft["delta"]["tsr_vs_floor"] == sft["candidate"]["tsr"]
+    report = (evaluated["root"] / "reports/eval/sft/report.md").read_text()
+    assert "| do-nothing floor |" in report and "TSR over the floor" in report
+    assert "do-nothing floor" in report.split("## TSR per task family")[1]
 
 
 def test_outputs_are_written(evaluated: dict[str, Any]) -> None:
@@ -118,5 +155,6 @@ def test_mlflow_run_holds_metrics_and_artifacts(evaluated: dict[str, Any]) -> No
     assert run.data.metrics["candidate.n"] == 6.0
     assert "delta.tsr_vs_production" in run.data.metrics
     assert "baseline_production.tsr" in run.data.metrics
+    assert "baseline_floor.tsr" in run.data.metrics and "delta.tsr_vs_floor" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval_sft.json", "report.md", "rollouts.jsonl", "plots"} <= names

@@ -136,6 +136,7 @@ PASSABLE = {
     "registry.gate.max_cost_per_task_usd": 10.0,
     "registry.gate.min_margin_vs_prompt_only": -1.0,
     "registry.gate.min_margin_vs_production": -1.0,
+    "registry.gate.min_margin_vs_floor": -1.0,
     "registry.gate.use_confidence_intervals": False,
     "registry.approval_timeout_s": 3,
     "rlvr.mode": "never",

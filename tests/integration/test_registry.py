@@ -85,7 +85,8 @@ def test_register_stage_records_metrics_lineage_verdict_and_loads_back(
     assert registry.aliases() == {"challenger": version}  # the champion waits for approval
     tags = registry.version(version).tags
     assert tags["tracetune.gate.verdict"] == "passed"
-    assert len(json.loads(tags["tracetune.gate.reasons"])) == 6
+    reasons = json.loads(tags["tracetune.gate.reasons"])
+    assert len(reasons) == 7 and any("TSR gain vs doing nothing" in r for r in reasons)
     assert tags["tracetune.dvc.data/curated/train.jsonl"] == "a" * 32
     assert tags["tracetune.dvc.models/sft"].endswith(".dir")
     assert "tracetune.git_commit" in tags
@@ -94,6 +95,7 @@ def test_register_stage_records_metrics_lineage_verdict_and_loads_back(
     client = registry.client
     run = client.get_run(summary["run_id"])
     assert run.data.metrics["tsr"] == 0.85 and run.data.metrics["production.tsr"] == 0.73
+    assert run.data.metrics["floor.tsr"] == 0.0
     assert run.data.metrics["family.lookup_order.tsr"] == 0.85
     assert run.data.params["sft.learning_rate"] and run.data.params["candidate"] == "sft"
     folders = ("eval", "eval/report", "lineage", "gate")

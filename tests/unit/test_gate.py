@@ -56,9 +56,21 @@ GATE = GateParams()
 def test_a_clear_winner_passes_every_check_with_a_reason_each() -> None:
     verdict = evaluate_gate(metrics(), GATE)
     assert verdict.passed and verdict.label == "passed" and verdict.failed == []
-    assert len(verdict.reasons) == 6
+    assert len(verdict.reasons) == 7
     assert all(r.startswith("PASS ") for r in verdict.reasons)
     assert "no current champion" in verdict.reasons[-1]
+    assert "PASS no do-nothing floor measured" in verdict.reasons  # an eval file from before
+
+
+def test_a_gain_that_doing_nothing_also_gets_is_no_gain() -> None:
+    """Candidate 0.85 against prompt-only 0.10: a winner, until the floor shows that doing
+    nothing scores 0.83 on these tasks (issue 19: the whole gain was tasks solved by no-ops)."""
+    honest = metrics() | {"baseline_floor": arm(0.0)}
+    assert evaluate_gate(honest, GATE).passed
+    flattered = metrics() | {"baseline_floor": arm(0.83)}
+    verdict = evaluate_gate(flattered, GATE)
+    assert verdict.failed == ["margin_vs_floor"]
+    assert any(r.startswith("FAIL TSR gain vs doing nothing") for r in verdict.reasons)
 
 
 @pytest.mark.parametrize(

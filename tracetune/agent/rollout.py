@@ -11,8 +11,12 @@ How it runs (continuous batching):
 - every round, each active episode contributes its next assistant turn to one batched call of
   `policy.generate` (episodes at different turns share the batch); then each turn is parsed and
   its tool calls run with `env.step`;
-- an episode ends at its final answer, when the environment's step cap is hit, or after
-  `max_turns` assistant turns; its slot is refilled from the queue at the next round.
+- a turn without a tool call goes to the environment's user (`Environment.user_reply`): a
+  reply (a detail the agent asked for, a "yes") is appended as a user message and the episode
+  goes on; None ends it, and that turn's text is the final answer (the last assistant text);
+- an episode ends at its final answer, when the environment's step cap is hit, when a
+  terminating tool (a hand-off) has run, or after `max_turns` assistant turns; its slot is
+  refilled from the queue at the next round.
 
 A turn the parser rejects is never an exception: it is a failed step the agent sees (a user
 message saying what was malformed) and may recover from. Every failed episode gets one failure
@@ -37,11 +41,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tracetune.agent.parsing import ParsedTurn, parse_assistant_output, to_openai_message
 from tracetune.config import EnvironmentParams, Pricing
 from tracetune.environments.base import (
+    ENDED_ANSWER,
+    ENDED_STEP_CAP,
+    ENDED_TERMINATED,
+    ENDED_TURN_CAP,
+    AskUser,
     Call,
     Environment,
+    EpisodeRecord,
     Grounded,
     Observation,
     Outcome,
+    Reply,
+    Solver,
     Task,
 )
 from tracetune.trajectories.episode import observation_payload
@@ -69,6 +81,8 @@ FAILURE_LABELS = (BAD_FORMAT, UNKNOWN_TOOL, BAD_ARGUMENTS, WRONG_ANSWER, STEP_CA
 # Step errors that are the agent's own fault (vs. tool errors a task may expect, e.g. not found).
 AGENT_FAULTS = (BAD_FORMAT, UNKNOWN_TOOL, BAD_ARGUMENTS)
 FORMAT_FEEDBACK = "Your last message could not be parsed"
+# The result of a call made in the same turn after a terminating tool ended the episode.
+NOT_RUN = Observation(json.dumps({"error": "not run: the episode had ended"}), "ended", True)
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,7 @@ class RolloutResult:
     outcome: Outcome
     turns: list[TurnOutput]
     step_errors: list[str]
-    ended_by: str  # "answer" | "step_cap" | "turn_cap"
+    ended_by: str  # "answer" | "terminated" | "step_cap" | "turn_cap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,9 +571,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-Solver = Any  # a generator: yields `Call`s, receives result payloads, returns the answer
-
-
 class ScriptedPolicy:
     """A scripted solver (e.g. the environment's oracle) as a policy.
 
@@ -572,27 +583,53 @@ class ScriptedPolicy:
         self.solver_for = solver_for
         self.name = name
         self._solvers: dict[int, Solver] = {}
+        self._asked: dict[int, bool] = {}  # did the solver's last turn speak to the user?
+        self._finished: set[int] = set()  # episodes whose solver has returned its answer
 
     def generate(self, requests: Sequence[TurnRequest]) -> list[TurnOutput]:
         return [self._turn(r) for r in requests]
 
     def _turn(self, request: TurnRequest) -> TurnOutput:
+        episode = request.episode
         try:
-            if request.turn == 0 or request.episode not in self._solvers:
-                self._solvers[request.episode] = self.solver_for(request.task)
-                call = next(self._solvers[request.episode])
+            if request.turn == 0:
+                self._finished.discard(episode)
+            if episode in self._finished:  # the user replied to its final answer
+                raise RuntimeError("the solver has already answered")
+            if request.turn == 0 or episode not in self._solvers:
+                self._solvers[episode] = self.solver_for(request.task)
+                step = next(self._solvers[episode])
+            elif self._asked.get(episode):
+                step = self._solvers[episode].send(Reply(_last_user_text(request.messages)))
             else:
-                call = self._solvers[request.episode].send(_last_payload(request.messages))
-            text = "<tool_call>\n" + json.dumps({"name": call.name, "arguments": call.arguments})
-            text += "\n</tool_call>"
+                step = self._solvers[episode].send(_last_payload(request.messages))
+            self._asked[episode] = isinstance(step, AskUser)
+            if isinstance(step, AskUser):
+                text = step.text  # a turn without a tool call: the user answers it
+            else:
+                payload = {"name": step.name, "arguments": step.arguments}
+                text = "<tool_call>\n" + json.dumps(payload) + "\n</tool_call>"
         except StopIteration as stop:
-            self._solvers.pop(request.episode, None)
+            self._forget(episode)
+            self._finished.add(episode)
             text = str(stop.value or "")
         except Exception as exc:  # a solver bug ends its episode, not the rollout
-            self._solvers.pop(request.episode, None)
+            self._forget(episode)
             text = f"(solver failed: {type(exc).__name__})"
         prompt_chars = sum(len(str(m.get("content") or "")) for m in request.messages)
         return TurnOutput(text, prompt_chars // 4, len(text) // 4 + 1)
+
+    def _forget(self, episode: int) -> None:
+        self._solvers.pop(episode, None)
+        self._asked.pop(episode, None)
+
+
+def _last_user_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The latest user message (the reply an `AskUser` receives)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return ""
 
 
 def _last_payload(messages: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -682,20 +719,27 @@ def apply_turn(ep: _Episode, output: TurnOutput, max_turns: int) -> None:
     elif parsed.tool_calls:
         ep.messages.append(to_openai_message(parsed))
         for call in parsed.tool_calls:
+            if ep.ended_by == ENDED_TERMINATED:  # after a hand-off nothing runs; every call
+                ep.messages.append(NOT_RUN.as_tool_message(call.id))  # still gets its result
+                continue
             obs = ep.env.step(Call(call.name, call.arguments, call.id))
             ep.messages.append(obs.as_tool_message(call.id))
             if obs.error:
                 ep.step_errors.append(obs.error)
                 failed = True
             if obs.done:
-                ep.ended_by = STEP_CAP
+                ep.ended_by = ENDED_STEP_CAP if obs.error else ENDED_TERMINATED
     else:
         ep.messages.append({"role": "assistant", "content": parsed.content})
         ep.final_answer = parsed.content
-        ep.ended_by = "answer"
+        reply = ep.env.user_reply(tuple(ep.messages))
+        if reply is None:
+            ep.ended_by = ENDED_ANSWER
+        else:  # the user answers (a detail the agent asked for, a "yes"): the episode goes on
+            ep.messages.append({"role": "user", "content": reply})
     ep.turn_failed.append(failed)
     if ep.ended_by is None and len(ep.turns) >= max_turns:
-        ep.ended_by = "turn_cap"
+        ep.ended_by = ENDED_TURN_CAP
 
 
 def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> str | None:
@@ -710,7 +754,7 @@ def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> s
     first_fault = next((e for e in step_errors if e in AGENT_FAULTS), None)
     if first_fault is not None:
         return first_fault
-    if ended_by != "answer":
+    if ended_by not in (ENDED_ANSWER, ENDED_TERMINATED):
         return STEP_CAP
     if any(e not in AGENT_FAULTS and e != STEP_CAP for e in step_errors):
         return TOOL_ERROR_UNHANDLED
@@ -719,9 +763,9 @@ def failure_label(success: bool, ended_by: str, step_errors: Sequence[str]) -> s
 
 def finish(ep: _Episode, model_name: str, pricing: Pricing | None, id_prefix: str) -> RolloutResult:
     """Verify the episode and dress it as a `Trajectory` (the production-log schema)."""
-    ended_by = ep.ended_by or "turn_cap"
-    answer = ep.final_answer if ended_by == "answer" else None
-    outcome = ep.env.verify(answer)
+    ended_by = ep.ended_by or ENDED_TURN_CAP
+    answer = ep.final_answer if ended_by == ENDED_ANSWER else None
+    outcome = ep.env.verify_episode(EpisodeRecord(ep.task, tuple(ep.messages), answer, ended_by))
     prompt = sum(t.prompt_tokens for t in ep.turns)
     completion = sum(t.completion_tokens for t in ep.turns)
     steps = sum(1 for m in ep.messages if m["role"] == "assistant")

@@ -3,8 +3,11 @@
 from tracetune.environments.base import (
     Call,
     Environment,
+    EpisodeRecord,
+    FixedTaskEnvironment,
     Observation,
     Outcome,
+    Solver,
     Task,
     Tool,
     ToolError,
@@ -14,8 +17,11 @@ from tracetune.environments.base import (
 __all__ = [
     "Call",
     "Environment",
+    "EpisodeRecord",
+    "FixedTaskEnvironment",
     "Observation",
     "Outcome",
+    "Solver",
     "Task",
     "Tool",
     "ToolError",

@@ -8,20 +8,24 @@ tasks and the verdicts are reproducible on any machine.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sqlite3
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from tracetune.environments.base import (
     STANDALONE_NUMBER,
+    AskUser,
     Call,
     Environment,
+    EpisodeRecord,
     Grounded,
     Outcome,
+    Solver,
     Task,
     Tool,
     ToolError,
@@ -65,8 +69,6 @@ _NOUN = ("Kettle", "Lamp", "Backpack", "Mug", "Speaker", "Chair", "Blender", "Ch
 _FIRST = ("ana", "ben", "chen", "dara", "eli", "fay", "gus", "hana", "ivo", "jun", "kai", "lea")
 _LAST = ("smith", "ng", "okafor", "silva", "kim", "novak", "haas", "rossi", "diaz", "berg")
 _COUNTRIES = ("US", "DE", "GB", "FR", "CA", "JP")
-
-Solver = Generator[Call, dict[str, Any], str]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +129,8 @@ def _money(value: float) -> float:
 
 
 class SupportDesk(Environment):
-    """Customer-operations desk: 8 tools, 10 task families from no-tool answers to 4-call chains."""
+    """Customer-operations desk: 8 tools, 12 task families from no-tool answers to 4-call chains,
+    two of them multi-turn (a scripted user gives a missing order id, or a "yes" before a write)."""
 
     name = "support_desk"
     system_prompt = SYSTEM_PROMPT
@@ -165,6 +168,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.get_customer,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "find_customer",
@@ -172,6 +176,7 @@ class SupportDesk(Environment):
                 obj({"email": s}),
                 self.find_customer,
                 {"email": Grounded(EMAIL_PATTERN)},
+                read_only=True,
             ),
             Tool(
                 "get_order",
@@ -179,6 +184,7 @@ class SupportDesk(Environment):
                 obj({"order_id": s}),
                 self.get_order,
                 order,
+                read_only=True,
             ),
             Tool(
                 "list_orders",
@@ -186,6 +192,7 @@ class SupportDesk(Environment):
                 obj({"customer_id": s}),
                 self.list_orders,
                 customer,
+                read_only=True,
             ),
             Tool(
                 "search_products",
@@ -193,9 +200,14 @@ class SupportDesk(Environment):
                 obj({"query": s}),
                 self.search_products,
                 {"query": Grounded()},
+                read_only=True,
             ),
             Tool(
-                "calculate", "Evaluate + - * / arithmetic.", obj({"expression": s}), self.calculate
+                "calculate",
+                "Evaluate + - * / arithmetic.",
+                obj({"expression": s}),
+                self.calculate,
+                read_only=True,
             ),
             Tool(
                 "convert_currency",
@@ -328,6 +340,7 @@ class SupportDesk(Environment):
             reasons += _check_answer(answer, check)
             if not reasons:
                 reasons += _check_grounded(check, self.observations)
+        reasons += _check_looked_up(check, self.observations)
         reasons += self._check_state(check)
         success = not reasons
         return Outcome(
@@ -335,6 +348,37 @@ class SupportDesk(Environment):
             reward=1.0 if success else -1.0,
             details={"reasons": reasons, "calls": self.calls_made, "tool_errors": self.errors},
         )
+
+    def verify_episode(self, episode: EpisodeRecord) -> Outcome:
+        """`verify` on the final answer and state, plus what only the whole conversation shows:
+        a write the task allows only after the user's "yes" must come after it, and an order
+        only the user can name must have been named before it was looked up."""
+        outcome = self.verify(episode.final_answer)
+        check = self._check()
+        late = _check_confirmed_first(check, episode.messages)
+        late += _check_told_first(check, episode.messages)
+        if not late:
+            return outcome
+        reasons = [*outcome.details.get("reasons", []), *late]
+        return Outcome(False, -1.0, {**outcome.details, "reasons": reasons})
+
+    @property
+    def max_turns(self) -> int:
+        """One more than the base: a multi-turn family's user replies once, so its agent
+        spends one turn asking besides its calls and its answer."""
+        return self.max_steps + 2
+
+    def user_reply(self, messages: Sequence[dict[str, Any]]) -> str | None:
+        """The task family's scripted user (`Family.user`); single-turn families have none."""
+        if self.task is None:
+            raise RuntimeError("user_reply() before reset()")
+        family = FAMILIES.get(self.task.family)
+        return family.user(self.task, messages) if family and family.user else None
+
+    def _check(self) -> dict[str, Any]:
+        if self.task is None:
+            raise RuntimeError("verify before reset()")
+        return self.task.check
 
     def _check_state(self, check: dict[str, Any]) -> list[str]:
         """Writes: the wanted change happened, and nothing else in `orders` changed.
@@ -396,6 +440,11 @@ class SupportDesk(Environment):
     def families(self) -> list[str]:
         return list(FAMILIES)
 
+    def oracle(self, task: Task) -> Solver | None:
+        """The family's reference solver (None for a task of a family this desk does not know)."""
+        family = FAMILIES.get(task.family)
+        return family.solve(task) if family is not None else None
+
 
 # ---------------------------------------------------------------------------------------------
 # Answer checks: facts that must appear in the final answer.
@@ -443,6 +492,59 @@ def _check_grounded(check: dict[str, Any], observations: Sequence[str]) -> list[
     return []
 
 
+def _check_looked_up(check: dict[str, Any], observations: Sequence[str]) -> list[str]:
+    """The order the user named must have been fetched: the answer is about *that* order (its
+    id reaches the conversation only through the user's reply, so the agent had to ask)."""
+    order_id = check.get("looked_up")
+    if order_id is None:
+        return []
+    for text in observations:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("order_id") == order_id:
+            return []
+    return [f"order {order_id} was never looked up"]
+
+
+def _check_told_first(check: dict[str, Any], messages: Sequence[dict[str, Any]]) -> list[str]:
+    """The order only the user can name (`looked_up`) is used in a call only after a user
+    message named it: an id that reached a call any other way was guessed or made up."""
+    order_id = check.get("looked_up")
+    if order_id is None:
+        return []
+    named = re.compile(rf"\b{re.escape(order_id)}\b")
+    told = False
+    for message in messages[2:]:  # after the goal, which does not name it
+        if message.get("role") == "user" and named.search(str(message.get("content") or "")):
+            told = True
+        for call in message.get("tool_calls") or ():
+            if named.search(str((call.get("function") or {}).get("arguments"))) and not told:
+                return [f"order {order_id} was used before the user gave it"]
+    return []
+
+
+def _check_confirmed_first(check: dict[str, Any], messages: Sequence[dict[str, Any]]) -> list[str]:
+    """A call of the `confirm_before` tool (the write) must follow the user's explicit "yes".
+
+    Judged from the conversation's order, not the final state: a write made before the user
+    agreed fails even when the user agrees afterwards and the state ends up as wanted. Every
+    call counts, a failed one too: trying to write without consent is the fault.
+    """
+    tool = check.get("confirm_before")
+    if tool is None:
+        return []
+    confirmed = False
+    for message in messages[1:]:
+        if message.get("role") == "user" and message.get("content") == CONFIRM:
+            confirmed = True
+        for call in message.get("tool_calls") or ():
+            if (call.get("function") or {}).get("name") == tool and not confirmed:
+                return [f"{tool} was called before the user confirmed"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # Task families. A task id is `family:arg:arg...`; `build` turns those args back into the task
 # (so evaluation can rebuild held-out tasks from ids in the logs), `pick` draws args at random,
@@ -451,15 +553,22 @@ def _check_grounded(check: dict[str, Any], observations: Sequence[str]) -> list[
 Args = tuple[str, ...]
 
 
+UserScript = Callable[[Task, Sequence[dict[str, Any]]], str | None]
+
+
 class Family:
+    """`user`: the family's scripted user (`Environment.user_reply`); None: single-turn."""
+
     def __init__(
         self,
         name: str,
         pick: Callable[[sqlite3.Connection, random.Random], Args | None],
         build: Callable[[sqlite3.Connection, Args], tuple[str, dict[str, Any]]],
         solve: Callable[[Task], Solver],
+        user: UserScript | None = None,
     ) -> None:
         self.name, self.pick, self._build, self.solve = name, pick, build, solve
+        self.user = user
 
     def build(self, db: sqlite3.Connection, args: Args) -> Task:
         goal, check = self._build(db, args)
@@ -705,6 +814,104 @@ def _solve_customer_spend(task: Task) -> Solver:
     return f"Customer {_arg(task, 0)} spent {total['result']:.2f} USD."
 
 
+# ask_order_id (multi-turn: the agent must ask for the missing order id) ----------------------
+_ASK_QUESTIONS = (
+    "What is the status of my order?",
+    "Where is my order? It has not arrived yet.",
+    "Can you check on my order for me?",
+)
+_GIVE_ID = ("It's order {o}.", "The order id is {o}.", "Sure, it is {o}.")
+ORDER_ID = re.compile(r"\bO-\d+\b")
+
+
+def _pick_ask_order_id(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    row = _pick(db, rng, "SELECT order_id FROM orders")
+    return (row[0], str(rng.randrange(len(_ASK_QUESTIONS)))) if row else None
+
+
+def _build_ask_order_id(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    status = _one(db, "SELECT status FROM orders WHERE order_id=?", a[0])
+    check = {"word": status, "rivals": list(STATUSES), "looked_up": a[0]}
+    return _ASK_QUESTIONS[int(a[1])], check
+
+
+def _asks_for_order_id(text: str) -> bool:
+    low = text.lower()
+    return "?" in text or re.search(r"\border\s*(?:id|number)\b", low) is not None
+
+
+def _user_ask_order_id(task: Task, messages: Sequence[dict[str, Any]]) -> str | None:
+    """Gives the order id once, when the agent asks for it; says nothing more after that."""
+    reply = _GIVE_ID[int(_arg(task, 1))].format(o=_arg(task, 0))
+    if reply in _user_texts(messages) or not _asks_for_order_id(_last_text(messages)):
+        return None
+    return reply
+
+
+def _solve_ask_order_id(task: Task) -> Solver:
+    reply = yield AskUser("Could you tell me your order id?")
+    found = ORDER_ID.search(reply.text)
+    if found is None:
+        return "I need your order id to look up your order."
+    order = yield Call("get_order", {"order_id": found.group(0)})
+    return f"Order {order['order_id']} is {order['status']}."
+
+
+# confirm_write (multi-turn: a write only after the user's explicit "yes") --------------------
+_ACTIONS = {"cancel": ("pending", "cancelled"), "refund": ("delivered", "refunded")}
+_CONFIRM_GOALS = {
+    "cancel": "Please cancel order {o}, but ask me to confirm before you do it.",
+    "refund": "I'd like a refund for order {o}. Check with me before you make the change.",
+}
+CONFIRM = "Yes, please go ahead."
+
+
+def _pick_confirm_write(db: sqlite3.Connection, rng: random.Random) -> Args | None:
+    action = rng.choice(sorted(_ACTIONS))
+    status = _ACTIONS[action][0]
+    row = _pick(db, rng, f"SELECT order_id FROM orders WHERE status='{status}'")
+    return (row[0], action) if row else None
+
+
+def _build_confirm_write(db: sqlite3.Connection, a: Args) -> tuple[str, dict[str, Any]]:
+    needed, result = _ACTIONS[a[1]]
+    if _one(db, "SELECT status FROM orders WHERE order_id=?", a[0]) != needed:
+        raise ValueError(f"order {a[0]} is not {needed}: it cannot be {result}")
+    check = {"state": {a[0]: result}, "word": result, "confirm_before": "update_order_status"}
+    return _CONFIRM_GOALS[a[1]].format(o=a[0]), check
+
+
+def _user_confirm_write(task: Task, messages: Sequence[dict[str, Any]]) -> str | None:
+    """Says "yes" once, to a question about this order or this action; nothing else."""
+    text = _last_text(messages)
+    about = _arg(task, 0) in text or _arg(task, 1) in text.lower()
+    if CONFIRM in _user_texts(messages) or "?" not in text or not about:
+        return None
+    return CONFIRM
+
+
+def _solve_confirm_write(task: Task) -> Solver:
+    order_id, action = _arg(task, 0), _arg(task, 1)
+    reply = yield AskUser(f"Just to confirm: shall I {action} order {order_id}?")
+    if not reply.text.lower().startswith("yes"):
+        return f"Understood, order {order_id} stays as it is."
+    status = _ACTIONS[action][1]
+    done = yield Call("update_order_status", {"order_id": order_id, "status": status})
+    return f"Order {done['order_id']} has been {status}."
+
+
+def _user_texts(messages: Sequence[dict[str, Any]]) -> list[str]:
+    return [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
+
+
+def _last_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The latest assistant message's text (what the user answers)."""
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            return str(message.get("content") or "")
+    return ""
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -731,10 +938,26 @@ FAMILIES: dict[str, Family] = {
         Family(
             "refund_latest_order", _pick_refund_latest, _build_refund_latest, _solve_refund_latest
         ),
+        Family(
+            "ask_order_id",
+            _pick_ask_order_id,
+            _build_ask_order_id,
+            _solve_ask_order_id,
+            _user_ask_order_id,
+        ),
+        Family(
+            "confirm_write",
+            _pick_confirm_write,
+            _build_confirm_write,
+            _solve_confirm_write,
+            _user_confirm_write,
+        ),
     )
 }
 
 
 def oracle_solver(task: Task) -> Solver:
     """The oracle for a task: a generator of tool calls that receives each parsed result."""
+    if task.family not in FAMILIES:
+        raise KeyError(f"support_desk has no task family {task.family!r}")
     return FAMILIES[task.family].solve(task)

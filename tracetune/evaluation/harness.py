@@ -1,16 +1,24 @@
-"""What the evaluate stage runs: held-out tasks, model rollouts, and the two baselines.
+"""What the evaluate stage runs: held-out tasks, model rollouts, the floor and two baselines.
 
-- **Tasks**: the held-out task ids the split wrote (`heldout_tasks.json`), rebuilt in the
+- **Tasks**: the held-out task ids the split wrote (`heldout_tasks.json`: every held-out task
+  of the logs, any outcome, and the environment's declared `test` split), rebuilt in the
   environment (`load_heldout_tasks`, which also resolves PII-pseudonymised ids), capped at
-  `evaluate.max_tasks` by taking families in turn so that the cap keeps the family mix.
+  `evaluate.max_tasks` by taking families in turn so that the cap keeps the family mix. Every
+  arm is measured on these tasks.
+- **Floor**: doing nothing. A scripted agent whose first message is a final answer that
+  declines, no tool called (`do_nothing`). Whatever it scores, the environment gives away:
+  tasks whose verifier passes an untouched world. Gains are reported over it too.
 - **Candidate / prompt-only baseline**: a model run live through the rollout engine. The
   prompt-only baseline is the base model with the same system prompt and tools, i.e. the
   evaluation of `base`; its rollouts are cached in `reports/eval/base/` under a key of
   everything that shapes them (model content, tasks, decoding settings, environment), so
   evaluating `sft` or `rlvr` reuses them instead of re-running the base model.
-- **Production baseline**: what the production agent did on the held-out tasks, read from the
-  ingested logs (logged success, steps, tokens, cost and latency), failed episodes included
-  (see `production_baseline` for why it selects by the split rule).
+- **Production baseline**: what the production agent did on the evaluated tasks, read from
+  the ingested logs (logged success, steps, tokens, cost and latency), failed episodes
+  included; only episodes of the evaluated tasks count, so the arms compare like with like.
+- **Turn limit**: `evaluate.max_turns`, or by default the environment's own
+  (`Environment.max_turns`: one turn per allowed call plus the answer); episodes it cut are
+  counted in each arm (`cut_by_turn_limit`).
 """
 
 from __future__ import annotations
@@ -24,15 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.agent.model import model_fingerprint
-from tracetune.agent.rollout import EnvPool, ModelPolicy, RolloutConfig, run_rollouts
-from tracetune.config import EvaluateParams, Params, Pricing, SplitParams
-from tracetune.environments.base import Environment, Task
+from tracetune.agent.rollout import (
+    EnvPool,
+    ModelPolicy,
+    RolloutConfig,
+    ScriptedPolicy,
+    run_rollouts,
+)
+from tracetune.config import EvaluateParams, Params, Pricing
+from tracetune.environments.base import Environment, Solver, Task
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.schema import Trajectory
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 CACHE_FILE = "cache.json"
 PROMPT_ONLY = "base"  # the model name whose evaluation is the prompt-only baseline
+FLOOR = "do-nothing"  # the floor arm's policy name
+FLOOR_ANSWER = "I'm sorry, I cannot help with that."
+FREE = Pricing(prompt_per_1k=0.0, completion_per_1k=0.0)  # no model runs for the floor
 
 
 @dataclass(frozen=True)
@@ -99,10 +116,19 @@ def pricing_for(evaluate: EvaluateParams, name: str) -> Pricing:
     return evaluate.pricing[name]
 
 
-def rollout_config(evaluate: EvaluateParams) -> RolloutConfig:
+def turn_limit(evaluate: EvaluateParams, env: Environment) -> int:
+    """Assistant turns per episode: `evaluate.max_turns`, else the environment's own."""
+    return evaluate.max_turns if evaluate.max_turns is not None else env.max_turns
+
+
+def rollout_config(evaluate: EvaluateParams, max_turns: int | None = None) -> RolloutConfig:
+    """`max_turns`: the resolved `turn_limit` (required when `evaluate.max_turns` is null)."""
+    turns = max_turns if max_turns is not None else evaluate.max_turns
+    if turns is None:
+        raise ValueError("evaluate.max_turns is null: pass the environment's turn limit")
     return RolloutConfig(
         max_new_tokens=evaluate.max_new_tokens,
-        max_turns=evaluate.max_turns,
+        max_turns=turns,
         batch_size=evaluate.batch_size,
         greedy=evaluate.greedy,
         temperature=evaluate.temperature,
@@ -110,15 +136,18 @@ def rollout_config(evaluate: EvaluateParams) -> RolloutConfig:
     )
 
 
-def cache_key(name_or_path: str, tasks: Sequence[Task], params: Params) -> str:
-    """Everything that shapes a model's rollouts (batch size does not: rows are independent)."""
+def cache_key(
+    name_or_path: str, tasks: Sequence[Task], params: Params, max_turns: int | None = None
+) -> str:
+    """Everything that shapes a model's rollouts (batch size does not: rows are independent).
+    `max_turns`: the resolved turn limit (default: `evaluate.max_turns` as written)."""
     ev = params.evaluate
     shaping = {
         "model": model_fingerprint(name_or_path),
         "tasks": [t.id for t in tasks],
         "decoding": {
             "max_new_tokens": ev.max_new_tokens,
-            "max_turns": ev.max_turns,
+            "max_turns": max_turns if max_turns is not None else ev.max_turns,
             "greedy": ev.greedy,
             "temperature": ev.temperature if not ev.greedy else None,
             "seed": ev.seed,
@@ -151,9 +180,11 @@ def run_model(
     envs: EnvPool,
     progress: bool = True,
     grounding_counts: dict[str, int] | None = None,
+    max_turns: int | None = None,
 ) -> list[Trajectory]:
     """Load a model and run it on every task; trajectories in task order. `grounding_counts`,
-    when given, receives the policy's (tokens decoded under the mask, of them overridden)."""
+    when given, receives the policy's (tokens decoded under the mask, of them overridden);
+    `max_turns`: the resolved `turn_limit`."""
     ev = params.evaluate
     policy = ModelPolicy.from_pretrained(
         name_or_path,
@@ -169,7 +200,7 @@ def run_model(
         tasks,
         policy,
         envs,
-        rollout_config(ev),
+        rollout_config(ev, max_turns),
         pricing=pricing_for(ev, name),
         id_prefix=f"eval-{name}-s{ev.seed}",
         progress=progress,
@@ -206,24 +237,46 @@ def load_cached_rollouts(out_dir: Path, key: str) -> list[Trajectory] | None:
     return trajectories if len(trajectories) == record.get("n") else None
 
 
-def production_baseline(ingested: Path, split: SplitParams) -> list[Trajectory]:
-    """The production agent's logged episodes on held-out tasks, all outcomes.
+def do_nothing(task: Task) -> Solver:
+    """The floor: the first message is a final answer that declines; no tool is called."""
+    return FLOOR_ANSWER
+    yield  # pragma: no cover - a generator that calls no tool
 
-    Selected by the split's own rule (`is_heldout`: a seeded hash of the task id, or a family
-    held out whole), not by the ids in `heldout_tasks.json`: those are the tasks that kept a
-    golden (successful) episode through curation, so production's record on exactly them is
-    100% by construction. The rule selects the same held-out population before curation,
-    failed episodes included. Read from the ingested logs (PII-scrubbed ids, as the split saw
-    them); a session logged twice (same task, same messages) counts once.
+
+def run_floor(
+    tasks: Sequence[Task], params: Params, envs: EnvPool, max_turns: int
+) -> list[Trajectory]:
+    """The do-nothing arm on the evaluated tasks, through the same engine and verifier."""
+    ev = params.evaluate
+    results = run_rollouts(
+        tasks,
+        ScriptedPolicy(do_nothing, name=FLOOR),
+        envs,
+        rollout_config(ev, max_turns),
+        pricing=FREE,
+        id_prefix=f"eval-{FLOOR}",
+        progress=False,
+    )
+    return [r.trajectory for r in results]
+
+
+def production_baseline(ingested: Path, log_ids: Sequence[str]) -> list[Trajectory]:
+    """The production agent's logged episodes of the evaluated tasks, all outcomes.
+
+    `log_ids` are the evaluated tasks as the logs name them (`HeldoutSet.log_ids`: ingest's
+    PII-scrubbed ids). Every logged episode of those tasks counts, failed ones included, and
+    no other: the arms are compared on the same tasks. The evaluated tasks are every held-out
+    task of the logs (not only those that kept a golden episode through curation, which
+    would make production's record on them 100% by construction). A session logged twice
+    (same task, same messages) counts once.
     """
-    from tracetune.trajectories.split import is_heldout
-
     if not Path(ingested).exists():
         return []
+    wanted = set(log_ids)
     seen: set[str] = set()
     out: list[Trajectory] = []
     for t in read_trajectories(ingested):
-        if not is_heldout(t.task_id, t.family, split):
+        if t.task_id not in wanted:
             continue
         messages = json.dumps([m.model_dump(mode="json") for m in t.messages], sort_keys=True)
         digest = hashlib.sha256(f"{t.task_id}\n{messages}".encode()).hexdigest()

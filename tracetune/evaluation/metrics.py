@@ -11,6 +11,7 @@ The block one arm gets (`summarize`) is the `M` of `metrics/eval_<model>.json`:
     latency_s                                 mean wall time per task
     per_family {family: {tsr, n}}
     failures {label: count}                   failure taxonomy of the failed tasks
+    cut_by_turn_limit                         episodes the turn limit ended (rollout arms)
 
 Why Wilson and not the normal interval: held-out sets are small (a few hundred tasks, tens per
 family) and TSRs sit near 0 or 1 for weak or strong models, where the normal interval leaves
@@ -142,11 +143,37 @@ def _cost(trajectory: Trajectory, pricing: Pricing | None) -> float:
     return cost_usd(usage.prompt_tokens, usage.completion_tokens, pricing)
 
 
+def cut_by_turn_limit(
+    trajectory: Trajectory, max_turns: int, terminating: frozenset[str] = frozenset()
+) -> bool:
+    """The loop's turn limit ended the episode: it has `max_turns` assistant turns, the last
+    of them not a final answer, and the environment did not end it (no step-cap error, no
+    successful call to one of the `terminating` tools)."""
+    if trajectory.steps < max_turns or not trajectory.messages:
+        return False
+    last = trajectory.messages[-1]
+    if last.role == "assistant" and not last.tool_calls:
+        return False  # answered on the last turn
+    if last.role != "tool":
+        return True  # a malformed last turn
+    if tool_error_kind(last.content) == STEP_CAP:
+        return False
+    called = [m for m in trajectory.messages if m.role == "assistant" and m.tool_calls]
+    names = {c.function.name for c in called[-1].tool_calls or ()} if called else set()
+    return not (names & terminating and tool_error_kind(last.content) is None)
+
+
 def summarize(
-    trajectories: Sequence[Trajectory], pricing: Pricing | None = None, tokens: bool = True
+    trajectories: Sequence[Trajectory],
+    pricing: Pricing | None = None,
+    tokens: bool = True,
+    max_turns: int | None = None,
+    terminating: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """One arm's metrics block (`M`). `pricing` re-prices from token usage (else logged cost);
-    `tokens=False` leaves out token fields (logs that never recorded usage)."""
+    `tokens=False` leaves out token fields (logs that never recorded usage); `max_turns`, the
+    turn limit the arm ran under, adds `cut_by_turn_limit` (how many episodes it cut;
+    `terminating`: the environment's terminating tools, whose call is not a cut)."""
     n = len(trajectories)
     wins = sum(t.success for t in trajectories)
     low, high = wilson_interval(wins, n)
@@ -167,6 +194,10 @@ def summarize(
     block["latency_s"] = _mean([t.latency_s for t in trajectories])
     block["per_family"] = per_family(trajectories)
     block["failures"] = failure_counts(trajectories)
+    if max_turns is not None:
+        block["cut_by_turn_limit"] = sum(
+            cut_by_turn_limit(t, max_turns, terminating) for t in trajectories
+        )
     return block
 
 
@@ -200,9 +231,20 @@ def _sub(a: Any, b: Any) -> float | None:
 
 
 def deltas(
-    candidate: Mapping[str, Any], prompt_only: Mapping[str, Any], production: Mapping[str, Any]
+    candidate: Mapping[str, Any],
+    prompt_only: Mapping[str, Any],
+    production: Mapping[str, Any],
+    floor: Mapping[str, Any] | None = None,
 ) -> dict[str, float | None]:
-    """Candidate minus baseline; positive TSR deltas and negative step/cost deltas are good."""
+    """Candidate minus baseline; positive TSR deltas and negative step/cost deltas are good.
+    With a `floor` block: each arm's TSR over the floor too (what it adds to doing nothing)."""
+    over_floor = {}
+    if floor is not None:
+        over_floor = {
+            "tsr_vs_floor": _sub(candidate.get("tsr"), floor.get("tsr")),
+            "prompt_only_tsr_vs_floor": _sub(prompt_only.get("tsr"), floor.get("tsr")),
+            "production_tsr_vs_floor": _sub(production.get("tsr"), floor.get("tsr")),
+        }
     return {
         "tsr_vs_prompt_only": _sub(candidate.get("tsr"), prompt_only.get("tsr")),
         "tsr_vs_production": _sub(candidate.get("tsr"), production.get("tsr")),
@@ -210,6 +252,7 @@ def deltas(
         "cost_vs_production": _sub(
             candidate.get("cost_per_task_usd"), production.get("cost_per_task_usd")
         ),
+        **over_floor,
     }
 
 

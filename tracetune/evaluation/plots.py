@@ -10,16 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tracetune.evaluation.report import ARMS
+from tracetune.evaluation.report import present_arms
 
-COLORS = ("#2b6cb0", "#a0aec0", "#dd6b20")
+PALETTE = {"candidate": "#2b6cb0", "baseline_prompt_only": "#a0aec0",
+           "baseline_production": "#dd6b20", "baseline_floor": "#4a5568"}  # fmt: skip
 
 
 def _arms(metrics: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     model = metrics.get("model", "candidate")
     labels = {"candidate": str(model), "baseline_prompt_only": "prompt-only",
-              "baseline_production": "production"}  # fmt: skip
-    return [(labels[key], metrics[key]) for key, _ in ARMS]
+              "baseline_production": "production", "baseline_floor": "do nothing"}  # fmt: skip
+    return [(labels[key], metrics[key]) for key, _ in present_arms(metrics)]
+
+
+def _colors(metrics: Mapping[str, Any]) -> list[str]:
+    return [PALETTE[key] for key, _ in present_arms(metrics)]
 
 
 def _value(block: Mapping[str, Any], key: str) -> float:
@@ -49,7 +54,7 @@ def write_plots(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
         max(0.0, _value(b, "tsr_ci_high") - t) if b.get("n") else 0.0
         for t, (_, b) in zip(tsr, arms, strict=True)
     ]
-    ax.bar(names, tsr, yerr=[low, high], capsize=6, color=COLORS)
+    ax.bar(names, tsr, yerr=[low, high], capsize=6, color=_colors(metrics))
     ax.set_ylim(0, 1)
     ax.set_ylabel("task success rate")
     ax.set_title(f"TSR with 95% CI ({metrics.get('n_tasks', 0)} held-out tasks)")
@@ -60,7 +65,7 @@ def write_plots(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ("cost_per_task_usd", "cost per task (USD)", "cost.png"),
     ):
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        ax.bar(names, [_value(b, key) for _, b in arms], color=COLORS)
+        ax.bar(names, [_value(b, key) for _, b in arms], color=_colors(metrics))
         ax.set_ylabel(label)
         ax.set_title(label)
         written.append(_save(fig, out_dir / file))

@@ -1,8 +1,9 @@
 """The evaluation report people read: one markdown file per evaluated model.
 
-It puts the candidate beside both baselines on the same held-out tasks, with 95% intervals on
-every TSR and on every TSR difference (Newcombe), so a reader can tell a real gain from noise
-without opening the JSON.
+It puts the candidate beside both baselines and the do-nothing floor on the same held-out
+tasks, with 95% intervals on every TSR and on every TSR difference (Newcombe), so a reader can
+tell a real gain from noise, and a gain from what doing nothing already scores, without opening
+the JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ ARMS = (
     ("candidate", "candidate"),
     ("baseline_prompt_only", "prompt-only (base)"),
     ("baseline_production", "production logs"),
+    ("baseline_floor", "do-nothing floor"),
 )
+FLOOR = "baseline_floor"
+
+
+def present_arms(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The arms this eval file has (files written before the floor existed lack it)."""
+    return [(key, label) for key, label in ARMS if isinstance(metrics.get(key), Mapping)]
 
 
 def _pct(value: Any) -> str:
@@ -53,10 +61,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     """Metric rows: one column per arm."""
-    blocks = [metrics[key] for key, _ in ARMS]
-    rows = [
-        ["TSR [95% CI]", *[_tsr_cell(b) for b in blocks]],
+    blocks = [metrics[key] for key, _ in present_arms(metrics)]
+    floor = metrics.get(FLOOR)
+    rows = [["TSR [95% CI]", *[_tsr_cell(b) for b in blocks]]]
+    if isinstance(floor, Mapping):
+        rows.append(["TSR over the floor", *[_over_cell(b, floor) for b in blocks]])
+    rows += [
         ["tasks (n)", *[str(b.get("n", 0)) for b in blocks]],
+        ["cut by the turn limit", *[_count(b.get("cut_by_turn_limit")) for b in blocks]],
         ["steps per task (mean)", *[_num(b.get("steps_mean")) for b in blocks]],
         ["steps per task (median)", *[_num(b.get("steps_median"), ".1f") for b in blocks]],
         ["tokens in per task", *[_num(b.get("tokens_in"), ".0f") for b in blocks]],
@@ -67,8 +79,19 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _over_cell(block: Mapping[str, Any], floor: Mapping[str, Any]) -> str:
+    tsr, base = block.get("tsr"), floor.get("tsr")
+    if not isinstance(tsr, int | float) or not isinstance(base, int | float):
+        return "n/a"
+    return f"{100 * (tsr - base):+.1f} pts"
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) else "n/a"
+
+
 def family_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
-    blocks = [metrics[key] for key, _ in ARMS]
+    blocks = [metrics[key] for key, _ in present_arms(metrics)]
     families = sorted({f for b in blocks for f in b.get("per_family", {})})
     rows = []
     for family in families:
@@ -81,7 +104,7 @@ def family_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
 
 
 def failure_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
-    blocks = [metrics[key] for key, _ in ARMS]
+    blocks = [metrics[key] for key, _ in present_arms(metrics)]
     labels: list[str] = []
     for block in blocks:
         labels += [k for k in block.get("failures", {}) if k not in labels]
@@ -99,15 +122,49 @@ def render_report(
     cand = metrics["candidate"]
     prompt_only = metrics["baseline_prompt_only"]
     production = metrics["baseline_production"]
+    floor = metrics.get(FLOOR)
     delta = metrics["delta"]
-    names = [label for _, label in ARMS]
+    names = [label for _, label in present_arms(metrics)]
+    against = [
+        [
+            "prompt-only (base)",
+            _diff_cell(cand, prompt_only),
+            _num(_minus(cand.get("steps_mean"), prompt_only.get("steps_mean")), "+.2f"),
+            _num(
+                _minus(cand.get("cost_per_task_usd"), prompt_only.get("cost_per_task_usd")),
+                "+.6f",
+            ),
+        ],
+        [
+            "production logs",
+            _diff_cell(cand, production),
+            _num(delta.get("steps_vs_production"), "+.2f"),
+            _num(delta.get("cost_vs_production"), "+.6f"),
+        ],
+    ]
+    if isinstance(floor, Mapping):
+        against.append(
+            [
+                "do-nothing floor",
+                _diff_cell(cand, floor),
+                _num(_minus(cand.get("steps_mean"), floor.get("steps_mean")), "+.2f"),
+                _num(_minus(cand.get("cost_per_task_usd"), floor.get("cost_per_task_usd")), "+.6f"),
+            ]
+        )
     lines = [
         f"# Evaluation: `{metrics['model']}`",
         "",
         f"Model `{metrics['model_path']}` on {metrics['n_tasks']} held-out tasks, against the "
         "base model prompted with the same system prompt and tools on the same tasks "
-        "(prompt-only), and the production agent's logged episodes on held-out tasks (chosen by "
-        "the split's rule, failed episodes included: curation kept only successful ones).",
+        "(prompt-only) and the production agent's logged episodes of the same tasks (failed "
+        "episodes included)"
+        + (
+            ", and the do-nothing floor: an agent whose first message is a final answer that "
+            "declines, no tool called. What the floor scores, the tasks give away; a gain is "
+            "only a gain over it."
+            if isinstance(floor, Mapping)
+            else "."
+        ),
         "",
         "## Summary",
         "",
@@ -115,26 +172,7 @@ def render_report(
         "",
         "## Candidate against each baseline",
         "",
-        *_table(
-            ["baseline", "TSR difference [95% CI]", "steps", "cost per task (USD)"],
-            [
-                [
-                    "prompt-only (base)",
-                    _diff_cell(cand, prompt_only),
-                    _num(_minus(cand.get("steps_mean"), prompt_only.get("steps_mean")), "+.2f"),
-                    _num(
-                        _minus(cand.get("cost_per_task_usd"), prompt_only.get("cost_per_task_usd")),
-                        "+.6f",
-                    ),
-                ],
-                [
-                    "production logs",
-                    _diff_cell(cand, production),
-                    _num(delta.get("steps_vs_production"), "+.2f"),
-                    _num(delta.get("cost_vs_production"), "+.6f"),
-                ],
-            ],
-        ),
+        *_table(["baseline", "TSR difference [95% CI]", "steps", "cost per task (USD)"], against),
         "",
         "Intervals: Wilson for each TSR, Newcombe's hybrid score for differences (arms treated "
         "as independent, which is conservative for arms that share tasks).",
@@ -151,7 +189,8 @@ def render_report(
         "environment refused; `step_cap`: no answer within the step or turn cap; "
         "`tool_error_unhandled`: a wrong answer after a tool error; `wrong_answer`: the verifier "
         "rejected the final answer (or state). A failed episode is labelled by the agent's first "
-        "own fault, else by how it ended.",
+        "own fault, else by how it ended. `cut by the turn limit`: episodes the evaluation's "
+        "turn limit ended before an answer (`max_turns` in the settings).",
         "",
     ]
     if plots:

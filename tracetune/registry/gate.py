@@ -29,6 +29,7 @@ CANDIDATE, PROMPT_ONLY, PRODUCTION, CHAMPION = (
     "baseline_production",
     "champion",
 )
+FLOOR = "baseline_floor"  # doing nothing: answer at once, no tool (absent in older eval files)
 
 
 class EvalMetricsError(ValueError):
@@ -183,6 +184,18 @@ def champion_check(
     return check
 
 
+def floor_check(metrics: Mapping[str, Any], candidate: Rate, params: GateParams) -> Check:
+    """The candidate must beat doing nothing: a gain the task set gives away is no gain."""
+    block = metrics.get(FLOOR)
+    if not isinstance(block, Mapping):
+        return Check("margin_vs_floor", True, None, None, "no do-nothing floor measured")
+    floor = rate_of(block, FLOOR)
+    ci = params.use_confidence_intervals
+    return margin_check(
+        "margin_vs_floor", candidate, floor, params.min_margin_vs_floor, "doing nothing", ci
+    )
+
+
 def evaluate_gate(
     metrics: Mapping[str, Any],
     params: GateParams,
@@ -233,6 +246,7 @@ def evaluate_gate(
             "production",
             ci,
         ),
+        floor_check(metrics, cand, params),
         champion_check(cand, champ, champion_version, params),
     )
     return Verdict(all(c.passed for c in checks), checks, champion_version)

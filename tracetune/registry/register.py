@@ -48,6 +48,7 @@ ARMS = {
     "candidate": "",
     "baseline_prompt_only": "prompt_only.",
     "baseline_production": "production.",
+    "baseline_floor": "floor.",
 }
 
 

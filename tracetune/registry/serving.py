@@ -106,14 +106,20 @@ def run_episode(
         run_rollouts,
     )
 
-    config = RolloutConfig(max_new_tokens=max_new_tokens, batch_size=1, greedy=True)
+    factory = env_factory_from_params(params.environment)
+    # The evaluation's turn limit (by default the environment's own), so a served episode
+    # gets the turns an evaluated one gets.
+    turns = params.evaluate.max_turns or factory().max_turns
+    config = RolloutConfig(
+        max_new_tokens=max_new_tokens, max_turns=turns, batch_size=1, greedy=True
+    )
     grounding = params.environment.grounded_arguments
     policy = ModelPolicy.from_config(model, tokenizer, name, config, grounding=grounding)
     started = time.perf_counter()
     (result,) = run_rollouts(
         [task],
         policy,
-        env_factory_from_params(params.environment),
+        factory,
         config,
         pricing=params.simulate.pricing,
         id_prefix=f"predict-{name}",

@@ -4,11 +4,12 @@ Why `rollout_func` and our engine rather than TRL's `tools=` / `environment_fact
 (docs/training.md has the measurements):
 
 - **what is rewarded is what is measured**: episodes run through the same parser, format
-  feedback, `Environment.step` (schema-validated calls, step cap) and `Environment.verify` as
-  evaluation does. TRL's loop has its own parser, turns a malformed call into the final answer,
-  passes tool results through `str()`, and derives tool schemas from Python signatures (which
-  must then equal the schemas the SFT data rendered, or tool calling stops: STACK.md). Any
-  environment behind `environment.class_path`, with any JSON schema, works unchanged;
+  feedback, `Environment.step` (schema-validated calls, step cap, terminating tools) and
+  `Environment.verify_episode` (the whole episode) as evaluation does. TRL's loop has its own
+  parser, turns a malformed call into the final answer, passes tool results through `str()`,
+  and derives tool schemas from Python signatures (which must then equal the schemas the SFT
+  data rendered, or tool calling stops: STACK.md). Any environment behind
+  `environment.class_path`, with any JSON schema, works unchanged;
 - **speed**: the engine decodes every active episode of the batch in one KV-cached loop that
   stores the shared system prompt + tool schemas once (`tracetune.agent.decoding`); TRL's
   default path calls `model.generate` per tool round (bench/bench_grpo.py);
@@ -52,7 +53,7 @@ from tracetune.agent.rollout import (
 )
 from tracetune.agent.template import IM_END, render_messages
 from tracetune.config import RLVRParams, SplitParams
-from tracetune.environments.base import Environment, Task
+from tracetune.environments.base import HELDOUT_SPLIT, Environment, Task
 from tracetune.training.health import batch_health, health_callback
 from tracetune.training.rewards import (
     BATCH_FIELD,
@@ -155,25 +156,39 @@ def training_tasks(
 ) -> list[Task]:
     """`n` tasks drawn from the environment by `seed`, none of them held out.
 
-    A task is dropped when its id is in `heldout_ids` (the evaluation set) or when the split's
-    hash rule would hold it out (`split`), so RLVR never trains on what evaluation measures,
-    even for held-out ids that were never logged.
+    A task is dropped when its id is in `heldout_ids` (the evaluation set) or when the split
+    would hold it out (`split`'s rule, and the environment's declared `test` split), so RLVR
+    never trains on what evaluation measures, even for held-out ids that were never logged.
+    A fixed task list gives what it has (fewer than `n` when it is short). Families the
+    environment does not have are an error naming the ones it has.
     """
+    from tracetune.environments.base import declared_splits, draw_tasks
     from tracetune.trajectories.split import is_heldout
+
+    unknown = sorted(set(families or ()) - set(env.families()))
+    if unknown:
+        raise ValueError(
+            f"rlvr.families: {unknown} are not families of {env.name} "
+            f"(it has {env.families()}; `all` trains on every family)"
+        )
+    declared = declared_splits(env)
 
     def keep(task: Task) -> bool:
         if task.id in heldout_ids:
             return False
-        return split is None or not is_heldout(task.id, task.family, split)
+        if split is None:
+            return declared is None or declared.get(task.id) != HELDOUT_SPLIT
+        return not is_heldout(task.id, task.family, split, declared)
 
     want = n
     for _ in range(6):
+        size = int(want * 1.3) + 8
         try:
-            drawn = env.tasks(int(want * 1.3) + 8, seed=seed, families=families or None)
+            drawn = draw_tasks(env, size, seed, families or None)
         except ValueError:  # fewer distinct tasks exist than asked for
-            drawn = _largest_draw(env, seed, families, int(want * 1.3) + 8)
+            drawn = _largest_draw(env, seed, families, size)
         kept = [t for t in drawn if keep(t)]
-        if len(kept) >= n or len(drawn) < int(want * 1.3) + 8:
+        if len(kept) >= n or len(drawn) < size:
             return kept[:n]
         want *= 2
     return kept[:n]

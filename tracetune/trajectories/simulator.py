@@ -1,9 +1,11 @@
 """Production-log simulator: a noisy prompt-only agent whose episodes become JSONL logs.
 
-It plays the oracle through the real environment and injects the faults production agents show
-(wrong tools, malformed JSON, error retries, redundant calls, runaway loops, wrong answers,
-duplicated sessions, PII, corrupt lines) at the rates in params. Success is what the environment
-verifies, never what the fault schedule intended, so the logged TSR is the production baseline.
+It plays the environment's oracle (`Environment.oracle`) through the real environment and
+injects the faults production agents show (wrong tools, malformed JSON, error retries, redundant
+calls, runaway loops, early and wrong answers, duplicated sessions, PII, corrupt lines) at the
+rates in params. Success is what the environment verifies, never what the fault schedule
+intended, so the logged TSR is the production baseline. Any environment with an oracle works;
+one without raises `NoOracleError`. A fixed task list is visited in repeated seeded passes.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from tracetune.config import Pricing, SimulateParams
-from tracetune.environments.base import Call, Environment, Task
-from tracetune.trajectories.episode import EpisodeRecord, run_scripted
-
-READ_ONLY = frozenset(
-    {"get_customer", "find_customer", "get_order", "list_orders", "search_products", "calculate"}
+from tracetune.environments.base import (
+    AskUser,
+    Call,
+    Environment,
+    Reply,
+    Solver,
+    Task,
+    draw_tasks,
 )
+from tracetune.trajectories.episode import ScriptedEpisode, run_scripted
+
 FAULTS = (
     "wrong_tool",
     "malformed_arguments",
@@ -36,6 +43,12 @@ FAULTS = (
     "pii_in_user_text",
     "corrupt_line",
 )
+# Drawn only when its rate is above 0, after the others, so that adding it left every
+# existing simulated batch as it was: the agent answers after only some of the oracle's calls.
+EARLY_ANSWER = "early_answer"
+# Likewise: where the oracle asks the user (`AskUser`), the agent does not wait for the answer.
+SKIP_USER_TURN = "skip_user_turn"
+ALL_FAULTS = (*FAULTS, EARLY_ANSWER, SKIP_USER_TURN)
 GIVE_UP = "Sorry, I could not complete that request."
 TOKENS_PER_CHAR = 0.25
 
@@ -65,7 +78,7 @@ class SimSummary:
             "tsr": round(self.successes / n, 4),
             "steps_per_task": round(self.steps / n, 3),
             "cost_per_task_usd": round(self.cost_usd / n, 6),
-            "fault_rates": {f: round(self.faults[f] / n, 4) for f in FAULTS},
+            "fault_rates": {f: round(self.faults[f] / n, 4) for f in ALL_FAULTS},
             "tsr_per_family": {
                 fam: round(self.family_success[fam] / total, 4)
                 for fam, total in sorted(self.family_total.items())
@@ -77,6 +90,7 @@ class SimSummary:
 def _faulty_hook(rng: random.Random, faults: set[str], env: Environment) -> Any:
     """Calls to insert before the k-th real call, given the faults drawn for this episode."""
     state: dict[str, Call | None] = {"previous": None}
+    read_only = env.read_only_tools()
 
     def hook(call: Call, k: int) -> list[Call]:
         extra: list[Call] = []
@@ -89,13 +103,13 @@ def _faulty_hook(rng: random.Random, faults: set[str], env: Environment) -> Any:
             extra.append(Call(call.name, text[: max(1, len(text) - rng.randint(2, 6))]))
         if first and "error_retry" in faults:
             extra.append(Call(call.name, _corrupt_ids(call.arguments)))
-        if call.name in READ_ONLY:
+        if call.name in read_only:
             previous = state["previous"]
             if "redundant_call" in faults and previous is not None:
                 extra.append(dataclasses.replace(previous))
             if "overlong" in faults and first:
                 extra += [dataclasses.replace(call) for _ in range(rng.randint(14, 17))]
-        if call.name in READ_ONLY:
+        if call.name in read_only:
             state["previous"] = call
         return extra
 
@@ -169,32 +183,93 @@ def cost_usd(prompt_tokens: int, completion_tokens: int, pricing: Pricing) -> fl
     )
 
 
+def _stops_early(solver: Solver, calls: int, answer: str) -> Solver:
+    """The oracle's first `calls` calls, then `answer` (the oracle's own, written too soon)."""
+    try:
+        call = next(solver)
+        for _ in range(calls):
+            payload = yield call
+            call = solver.send(payload)
+    except StopIteration:
+        pass
+    finally:
+        solver.close()
+    return answer
+
+
+def _skips_the_user(solver: Solver, env: Environment, task: Task, asked: list[str]) -> Solver:
+    """`solver`, except that it never waits for the user: where it would ask (`AskUser`) it
+    acts at once on the reply the user would have given, which nobody says (a write without
+    the "yes", a lookup of an id nobody told it); where the user would say nothing, its
+    question is its answer. Each skipped question is appended to `asked`."""
+    try:
+        step = next(solver)
+        while True:
+            if isinstance(step, AskUser):
+                asked.append(step.text)
+                unsaid = (
+                    {"role": "system", "content": env.system_prompt},
+                    {"role": "user", "content": task.goal},
+                    {"role": "assistant", "content": step.text},
+                )
+                reply = env.user_reply(unsaid)
+                if reply is None:
+                    return step.text
+                step = solver.send(Reply(reply))
+            else:
+                payload = yield step
+                step = solver.send(payload)
+    except StopIteration as stop:
+        return str(stop.value)
+    finally:
+        solver.close()
+
+
 def simulate_episode(
     env: Environment, task: Task, rng: random.Random, params: SimulateParams
-) -> tuple[EpisodeRecord, set[str]]:
-    from tracetune.environments.support_desk import oracle_solver
-
+) -> tuple[ScriptedEpisode, set[str]]:
+    """One logged episode: the oracle with this episode's faults (NoOracleError without one)."""
     rates = params.faults.model_dump()
     faults = {f for f in FAULTS if rng.random() < rates[f]}
+    if rates[EARLY_ANSWER] > 0 and rng.random() < rates[EARLY_ANSWER]:
+        faults.add(EARLY_ANSWER)
+    if rates[SKIP_USER_TURN] > 0 and rng.random() < rates[SKIP_USER_TURN]:
+        faults.add(SKIP_USER_TURN)
     if "pii_in_user_text" in faults:
         task = dataclasses.replace(task, goal=task.goal + _pii_sentence(rng))
     gives_up = "malformed_arguments" in faults and rng.random() < 0.3
-    record = run_scripted(env, task, oracle_solver(task), _faulty_hook(rng, faults, env))
-    if gives_up or "wrong_answer" in faults:
+    solver = env.require_oracle(task)
+    if EARLY_ANSWER in faults:
+        reference = run_scripted(env, task, solver)
+        calls = sum(1 for m in reference.messages if m.get("tool_calls"))
+        if calls:
+            early = rng.randrange(calls)
+            solver = _stops_early(env.require_oracle(task), early, reference.final_answer or "")
+        else:  # an oracle that calls nothing cannot answer earlier
+            faults.discard(EARLY_ANSWER)
+            solver = env.require_oracle(task)
+    skipped: list[str] = []
+    if SKIP_USER_TURN in faults:
+        solver = _skips_the_user(solver, env, task, skipped)
+    record = run_scripted(env, task, solver, _faulty_hook(rng, faults, env))
+    if not skipped:  # the agent never had a question to skip
+        faults.discard(SKIP_USER_TURN)
+    if record.ended_by == "answer" and (gives_up or "wrong_answer" in faults):
         answer = GIVE_UP if gives_up else _wrong(record.final_answer or "", rng)
         record.messages[-1] = {"role": "assistant", "content": answer}
         record.final_answer = answer
-        record.outcome = env.verify(answer)
+        record.outcome = env.verify_episode(record.record())
     return record, faults
 
 
 def to_log_line(
-    record: EpisodeRecord,
+    record: ScriptedEpisode,
     trajectory_id: str,
     when: datetime,
     rng: random.Random,
     params: SimulateParams,
     tools_chars: int,
+    environment: str = "support_desk",
 ) -> dict[str, Any]:
     prompt, completion = _usage(record.messages, tools_chars)
     steps = record.steps
@@ -213,7 +288,7 @@ def to_log_line(
         "latency_s": round(
             sum(rng.lognormvariate(0, 0.4) for _ in range(steps)) * params.mean_latency_s, 3
         ),
-        "environment": "support_desk",
+        "environment": environment,
         "final_answer": record.final_answer,
     }
 
@@ -231,13 +306,15 @@ def iter_log_lines(
 ) -> Iterator[tuple[str, dict[str, Any] | None, set[str]]]:
     """(line, record or None if corrupt, faults) in arrival order, deterministic for the seed."""
     rng = random.Random(params.seed)
-    tasks = env.tasks(params.n_trajectories, seed=params.seed)
+    tasks = draw_tasks(env, params.n_trajectories, params.seed, repeat=True)
     tools_chars = len(json.dumps(env.tool_schemas())) + len(env.system_prompt)
     start = datetime.fromisoformat(params.start_time)
     for i, task in enumerate(tasks):
         record, faults = simulate_episode(env, task, rng, params)
         when = start + timedelta(seconds=i * 17 + rng.randint(0, 9))
-        line_obj = to_log_line(record, f"tr-{params.seed}-{i:06d}", when, rng, params, tools_chars)
+        line_obj = to_log_line(
+            record, f"tr-{params.seed}-{i:06d}", when, rng, params, tools_chars, env.name
+        )
         line = json.dumps(line_obj, ensure_ascii=False)
         if "corrupt_line" in faults:
             yield _corrupt(line, rng), None, faults

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from typing import Any
 import orjson
 
 from tracetune.config import PiiParams, SplitParams
-from tracetune.environments.base import Environment, Task
-from tracetune.trajectories.io import read_trajectories
+from tracetune.environments.base import HELDOUT_SPLIT, TRAIN_SPLIT, Environment, Task
+from tracetune.trajectories.io import iter_lines, read_trajectories
 from tracetune.trajectories.pii import Scrubber, has_pseudonym
 from tracetune.trajectories.schema import Trajectory
 
@@ -44,10 +44,22 @@ def heldout_score(task_id: str, seed: int) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def is_heldout(task_id: str, family: str, params: SplitParams) -> bool:
-    return family in params.heldout_families or heldout_score(task_id, params.seed) < (
-        params.heldout_fraction
-    )
+def is_heldout(
+    task_id: str,
+    family: str,
+    params: SplitParams,
+    declared: Mapping[str, str] | None = None,
+) -> bool:
+    """Held out or not. `declared` (task id -> split, `declared_splits(env)`) is the
+    environment's own split: a `test` task is always held out, a `train` task only when its
+    family is held out whole (`split.heldout_families`, an explicit choice); ids it does not
+    name (or every id, without a declared split) go by the seeded hash."""
+    side = declared.get(task_id) if declared else None
+    if side == HELDOUT_SPLIT or family in params.heldout_families:
+        return True
+    if side == TRAIN_SPLIT:
+        return False
+    return heldout_score(task_id, params.seed) < params.heldout_fraction
 
 
 def approx_tokens(record: dict[str, Any]) -> int:
@@ -81,8 +93,23 @@ class SplitReport:
         }
 
 
-def split_curated(lines: Iterable[str], out_dir: Path, params: SplitParams) -> SplitReport:
-    """Write train.jsonl, heldout.jsonl and heldout_tasks.json from curated trajectory lines."""
+def split_curated(
+    lines: Iterable[str],
+    out_dir: Path,
+    params: SplitParams,
+    declared: Mapping[str, str] | None = None,
+    logged: Iterable[tuple[str, str]] = (),
+    test_tasks: Iterable[tuple[str, str]] = (),
+) -> SplitReport:
+    """Write train.jsonl, heldout.jsonl and heldout_tasks.json from curated trajectory lines.
+
+    `declared`: the environment's own split (`declared_splits(env)`), honoured by `is_heldout`;
+    `test_tasks` (its `test` split: `declared_test_tasks`) are evaluation tasks, logged or
+    not. `logged`: (task id, family) of every ingested episode, whatever its outcome. The
+    evaluation set is every held-out task the logs or the declared split name, not only those
+    that kept a golden episode through curation: a set chosen by production's successes
+    would flatter production on it.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     report = SplitReport()
     with (
@@ -92,7 +119,7 @@ def split_curated(lines: Iterable[str], out_dir: Path, params: SplitParams) -> S
         for line in lines:
             record = orjson.loads(line)
             task_id, family = str(record["task_id"]), str(record["family"])
-            side = "heldout" if is_heldout(task_id, family, params) else "train"
+            side = "heldout" if is_heldout(task_id, family, params, declared) else "train"
             (heldout if side == "heldout" else train).write(line + "\n")
             setattr(report, side, getattr(report, side) + 1)
             report.families[family][side] += 1
@@ -100,12 +127,36 @@ def split_curated(lines: Iterable[str], out_dir: Path, params: SplitParams) -> S
             report.token_max = max(report.token_max, tokens)
             report.token_hist[side][min(tokens // TOKEN_BIN, TOKEN_BINS)] += 1
             if side == "heldout":
-                entry = report.heldout_tasks.setdefault(
-                    task_id, {"task_id": task_id, "family": family, "trajectories": 0}
-                )
-                entry["trajectories"] += 1
+                _heldout_entry(report, task_id, family)["trajectories"] += 1
+    for task_id, family in logged:
+        if is_heldout(task_id, family, params, declared):
+            _heldout_entry(report, task_id, family)["logged"] += 1
+    for task_id, family in test_tasks:
+        _heldout_entry(report, task_id, family)
     write_heldout_tasks(out_dir / HELDOUT_TASKS_FILE, report, params)
     return report
+
+
+def _heldout_entry(report: SplitReport, task_id: str, family: str) -> dict[str, Any]:
+    """The task's entry in heldout_tasks.json: golden `trajectories` kept, episodes `logged`."""
+    return report.heldout_tasks.setdefault(
+        task_id, {"task_id": task_id, "family": family, "trajectories": 0, "logged": 0}
+    )
+
+
+def declared_test_tasks(env: Environment) -> list[tuple[str, str]]:
+    """(task id, family) of the environment's declared `test` split, in its order."""
+    declared = env.splits() or {}
+    return [(i, env.task_by_id(i).family) for i in declared.get(HELDOUT_SPLIT, ())]
+
+
+def logged_tasks(ingested: Path) -> Iterator[tuple[str, str]]:
+    """(task id, family) of every ingested episode (PII-scrubbed ids, as curation saw them)."""
+    if not Path(ingested).exists():
+        return
+    for line in iter_lines(Path(ingested)):
+        record = orjson.loads(line)
+        yield str(record["task_id"]), str(record["family"])
 
 
 def write_heldout_tasks(path: Path, report: SplitReport, params: SplitParams) -> None:
