@@ -7,8 +7,10 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
+from tracetune.tracking import tracking_uri
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
 from tracetune.trajectories.pii import PiiKeyMissing, key_for
+from tracetune.trajectories.readers import UnrecognisedFormat, open_log_source
 from tracetune.trajectories.sources import SourceUnavailable
 from tracetune.trajectories.usage import estimator_from_params
 
@@ -28,10 +30,15 @@ def ingest_paths(params: Params) -> IngestPaths:
 
 def run(params: Params) -> dict[str, Any]:
     """Ingest one batch; raises `QuarantineRateExceeded` (nothing committed) when it is too bad,
-    `SourceUnavailable` (nothing committed) when the store keeps failing, `PiiKeyMissing`
-    (nothing read) for a production source without a secret pseudonym key."""
+    `SourceUnavailable` (nothing committed) when the store keeps failing, `UnrecognisedFormat`
+    (nothing committed) when a log object is in no format it can read, `PiiKeyMissing`
+    (nothing read) for a production source without a secret pseudonym key.
+
+    `ingest.mlflow_experiment` is read from the project's tracking store.
+    """
     usage = estimator_from_params(params.ingest.usage, params.base_model.name_or_path)
-    report = ingest(params.ingest, ingest_paths(params), usage=usage, key=key_for(params))
+    source = open_log_source(params.ingest, tracking_uri(params.tracking))
+    report = ingest(params.ingest, ingest_paths(params), source, usage=usage, key=key_for(params))
     summary = report.as_dict()
     write_json(params.paths.metrics / METRICS, summary)
     return summary
@@ -70,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
             "not move; the next run reads these objects again",
             file=sys.stderr,
         )
+        raise SystemExit(1) from None
+    except UnrecognisedFormat as exc:
+        print(f"error: nothing was committed: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     print(format_summary(summary))
 

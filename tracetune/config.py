@@ -489,9 +489,16 @@ class FieldMapping(Section):
         default_factory=dict, description="our field (dotted) <- their field (dotted)"
     )
     success_from_reward: str | None = Field(
-        None, description="their numeric reward field; success = reward >= success_threshold"
+        None,
+        description="their reward/score field (a number, a boolean, a numeric string or a"
+        " yes/no, pass/fail label); success = score >= success_threshold",
     )
     success_threshold: float = 0.5
+    derive_id: list[str] | Literal["content"] | None = Field(
+        None,
+        description="when a record logs no trajectory_id: 'content' (a hash of the record as"
+        " read) or their fields (dotted) joined by ':' (e.g. [task_id, trial])",
+    )
     roles: dict[str, str] = Field(default_factory=dict, description="their role -> ours")
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="values for fields their logs lack"
@@ -535,10 +542,23 @@ class UsageEstimateParams(Section):
     )
 
 
+LogFormat = Literal["auto", "tracetune", "openai_chat", "otel_genai", "mlflow_traces"]
+
+
 class IngestParams(Section):
     """Stage `ingest`: where logs come from, and what a batch may quarantine."""
 
     source: str = Field("data/raw_logs", description="a local folder/file or s3://bucket/prefix")
+    mlflow_experiment: str | None = Field(
+        None,
+        description="also read the traces of this MLflow experiment (name or id) in the"
+        " project's tracking store (tracking.tracking_uri); null: none",
+    )
+    format: LogFormat = Field(
+        "auto",
+        description="how to read each log object (docs/data.md); auto: recognised by content,"
+        " an object no reader recognises fails the stage",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible store (MinIO, moto)")
     s3_retry: S3RetryParams = S3RetryParams()
     max_quarantine_rate: float = Field(0.05, ge=0, le=1)
@@ -547,6 +567,16 @@ class IngestParams(Section):
     mapping: FieldMapping = FieldMapping()
     pii: PiiParams = PiiParams()
     usage: UsageEstimateParams = UsageEstimateParams()
+
+    @field_validator("source")
+    @classmethod
+    def _not_mlflow(cls, value: str) -> str:
+        if value.startswith("mlflow:"):
+            raise ValueError(
+                "MLflow traces are read through ingest.mlflow_experiment: DVC tracks"
+                " ingest.source as the stage's dependency and cannot hash an mlflow:// URL"
+            )
+        return value
 
 
 class RawGateParams(Section):

@@ -82,7 +82,7 @@ def test_reward_below_threshold_is_failure() -> None:
     [
         (lambda r: r.pop("conversation"), "conversation"),
         (lambda r: r["meta"].pop("task"), "meta.task"),
-        (lambda r: r.update(reward="yes"), "not a number"),
+        (lambda r: r.update(reward="maybe"), "not a number"),
     ],
 )
 def test_missing_mapped_fields_name_the_field(change, message: str) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,10 @@ rewritten file never duplicates a trajectory (the copy is quarantined as
 change in one transaction, so a crash or a failed batch leaves the watermark where it was.
 `paths.ingest_state` is a readable JSON export of it.
 
+Formats are the readers' business (`tracetune.trajectories.readers`): each object is recognised
+by its content (or `ingest.format`) and read as JSON Lines or as one document; ingest only moves
+the items through mapping, PII scrub and validation, and keeps the marks.
+
 Each batch is written as `batch-NNNNNN.jsonl` beside its `quarantine/batch-NNNNNN.jsonl`, under
 temporary names that become final only when the batch passes the quarantine-rate check. Memory
 stays bounded: lines stream through, the id set is on disk, workers see a bounded window.
@@ -35,15 +39,18 @@ from tracetune.config import FieldMapping, IngestParams, PiiParams
 from tracetune.environments.bounds import calls_problem
 from tracetune.trajectories import quarantine as q
 from tracetune.trajectories.io import chunked, ordered_map
-from tracetune.trajectories.mapping import MappingError, apply_mapping
+from tracetune.trajectories.mapping import MappingError
 from tracetune.trajectories.pii import PiiKey, Scrubber, resolve_key
-from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import (
-    LogSource,
-    SourceObject,
-    SourceUnavailable,
-    open_source,
+from tracetune.trajectories.readers import (
+    READERS,
+    Detected,
+    ReadError,
+    detect,
+    document_items,
+    open_log_source,
 )
+from tracetune.trajectories.schema import Trajectory
+from tracetune.trajectories.sources import LogSource, SourceObject, SourceUnavailable
 from tracetune.trajectories.usage import UsageEstimator, estimator_from_params
 
 CHUNK_LINES = 500
@@ -135,9 +142,16 @@ def init_worker(
     _WORKER["usage"] = usage
 
 
-def parse_chunk(chunk: list[tuple[str, int, bytes | None, str | None]]) -> list[Parsed]:
+# (uri, line or item number, raw bytes or None, read error, reader name)
+Unit = tuple[str, int, bytes | None, str | None, str]
+
+
+def parse_chunk(chunk: list[Unit]) -> list[Parsed]:
     mapping, scrubber, usage = _WORKER["mapping"], _WORKER["scrubber"], _WORKER.get("usage")
-    return [parse_line(uri, n, raw, err, mapping, scrubber, usage) for uri, n, raw, err in chunk]
+    return [
+        parse_line(uri, n, raw, err, mapping, scrubber, usage=usage, fmt=fmt)
+        for uri, n, raw, err, fmt in chunk
+    ]
 
 
 def parse_line(
@@ -148,8 +162,9 @@ def parse_line(
     mapping: FieldMapping,
     scrubber: Scrubber,
     usage: UsageEstimator | None = None,
+    fmt: str = "tracetune",
 ) -> Parsed:
-    """One log line -> an accepted trajectory (normalised JSON) or a quarantine record.
+    """One log line (or document item) -> an accepted trajectory or a quarantine record.
 
     Everything a quarantine record keeps (source name, id, detail, raw text) is scrubbed too.
     """
@@ -175,13 +190,13 @@ def parse_line(
         record = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return reject(q.INVALID_JSON, str(exc), text)
-    if not isinstance(record, dict):
-        return reject(q.NOT_AN_OBJECT, f"a JSON {type(record).__name__}, not an object", text)
     tid = q.trajectory_id_of(record)
     try:
-        apply_mapping(record, mapping)
+        record = READERS[fmt].to_record(record, mapping)
     except MappingError as exc:
         return reject(q.MAPPING, str(exc), text, tid)
+    except ReadError as exc:
+        return reject(exc.reason, str(exc), text, tid)
     scrubber.hits.clear()
     scrubber.scrub_obj(record)
     estimated = usage.complete(record) if usage is not None else False
@@ -337,37 +352,87 @@ def iter_planned_lines(
     plans: list[ReadPlan],
     marks: dict[str, FileMark],
     report: IngestReport,
-) -> Iterator[tuple[str, int, bytes | None, str | None]]:
-    """(uri, line number, raw bytes, read error) for every planned line; fills `marks`.
+    fmt: str = "auto",
+    mapping: FieldMapping | None = None,
+) -> Iterator[Unit]:
+    """(uri, line number, raw bytes, read error, reader) for every planned line; fills `marks`.
 
+    The reader of each object comes from its content (`readers.detect`) or `ingest.format`.
     A local file's last line without a newline may still be being written, even when it
     already parses as JSON: it stays pending (the mark stays before it) until its newline
-    arrives. Only corrupt content becomes a quarantined line; a read that fails for any other
-    reason (a stalled store, a failing disk) raises `SourceUnavailable`: the batch fails.
+    arrives. An object read as one document (a JSON array, an OTLP export) is read whole, its
+    items numbered from 1; a later change re-reads it whole (ids already accepted come back as
+    duplicates). Only corrupt content becomes a quarantined line; a read that fails for any
+    other reason (a stalled store, a failing disk) raises `SourceUnavailable`: the batch fails.
+    An object no reader understands raises `readers.UnrecognisedFormat`.
     """
     for plan in plans:
         obj = plan.obj
         report.files[plan.kind] += 1
-        offset, number = plan.offset, plan.first_line - 1
+        position = [plan.offset, plan.first_line - 1]  # byte offset, lines (items) read
         hasher = source.prefix_hasher(obj, 0) if plan.hasher is None else plan.hasher
+        detected: Detected | None = None
         try:
-            with source.open(obj, plan.offset) as stream:
-                for raw in stream:
-                    if obj.appendable and not raw.endswith(b"\n"):
-                        report.held_back += 1
-                        break
-                    number += 1
-                    offset += len(raw)
-                    if obj.appendable:
-                        hasher.update(raw)
-                    yield obj.uri, number, raw, None
-        except (EOFError, gzip.BadGzipFile, ValueError, zlib.error) as exc:  # corrupt gzip
-            number += 1
-            yield obj.uri, number, None, f"{type(exc).__name__}: {exc}"
+            if plan.kind != "unchanged":  # a touched file with the same bytes: nothing to read
+                detected = detect(source, obj, fmt, mapping or FieldMapping())
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a corrupt gzip
+            position[1] += 1
+            yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", "tracetune"
         except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
             raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
+        else:
+            if detected is not None and detected.document:
+                yield from _document_units(source, obj, detected, position)
+                if obj.appendable:  # the mark of a document: the hash of all of it
+                    hasher = source.prefix_hasher(obj, position[0])
+            else:
+                name = detected.reader.name if detected is not None else "tracetune"
+                yield from _line_units(source, plan, name, position, hasher, report)
+        offset, number = position
         head = hasher.hexdigest() if obj.appendable else ""
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
+
+
+def _line_units(
+    source: LogSource,
+    plan: ReadPlan,
+    reader: str,
+    position: list[int],
+    hasher: Any,
+    report: IngestReport,
+) -> Iterator[Unit]:
+    obj = plan.obj
+    try:
+        with source.open(obj, plan.offset) as stream:
+            for raw in stream:
+                if obj.appendable and not raw.endswith(b"\n"):
+                    report.held_back += 1
+                    break
+                position[0] += len(raw)
+                position[1] += 1
+                if obj.appendable:
+                    hasher.update(raw)
+                yield obj.uri, position[1], raw, None, reader
+    except (EOFError, gzip.BadGzipFile, ValueError, zlib.error) as exc:  # corrupt gzip
+        position[1] += 1
+        yield obj.uri, position[1], None, f"{type(exc).__name__}: {exc}", reader
+    except OSError as exc:  # the disk or mount failed, not the content: fail, commit nothing
+        raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def _document_units(
+    source: LogSource, obj: SourceObject, detected: Detected, position: list[int]
+) -> Iterator[Unit]:
+    """Items of an object read whole; it is read again whole when it changes."""
+    position[:] = [obj.size, 0]
+    stream = source.open(obj, 0) if detected.data is None else None
+    try:
+        for number, raw, _ in document_items(obj, detected, stream):
+            position[1] = max(position[1], number)
+            yield obj.uri, number, raw, None, detected.reader.name
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +475,7 @@ def ingest(
     key = key or resolve_key(params.pii, demo=False)  # before anything is read or reset
     if params.full_refresh:
         reset(paths)
-    source = source or open_source(params.source, params.s3_endpoint_url, params.s3_retry)
+    source = source or open_log_source(params)
     names = Scrubber(params.pii, key.value)
     report = IngestReport(source=names.scrub_text(source.uri), pii_key=key.origin)
     report.usage_counted_with = usage.source if usage.enabled else "off"
@@ -425,7 +490,7 @@ def ingest(
         q_tmp = paths.quarantine / (name + ".tmp")
         marks: dict[str, FileMark] = {}
         plans = plan_reads(source, index, report)
-        lines = iter_planned_lines(source, plans, marks, report)
+        lines = iter_planned_lines(source, plans, marks, report, params.format, params.mapping)
         with out_tmp.open("w", encoding="utf-8") as out, q_tmp.open("w", encoding="utf-8") as qout:
             results = ordered_map(
                 parse_chunk,

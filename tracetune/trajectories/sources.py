@@ -34,6 +34,9 @@ from typing import IO, Any
 from tracetune.config import S3RetryParams
 from tracetune.trajectories.io import JSONL_SUFFIXES
 
+# Names read from a folder (a file named as the source is read whatever its name); what is in
+# them is recognised by content (tracetune.trajectories.readers), never by these suffixes.
+LOG_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 READ_BUFFER = 1 << 20
 RACY_NS = 2_000_000_000  # a file changed this recently may change again unseen
 log = logging.getLogger(__name__)
@@ -86,7 +89,7 @@ class LogSource(ABC):
 
 
 def _is_log(name: str) -> bool:
-    return name.endswith(JSONL_SUFFIXES)
+    return name.endswith(LOG_SUFFIXES)
 
 
 class LocalSource(LogSource):
@@ -99,7 +102,7 @@ class LocalSource(LogSource):
             raise FileNotFoundError(f"ingest source {self.path} does not exist")
         files = [self.path] if self.path.is_file() else sorted(self.path.rglob("*"))
         for file in files:
-            if file.is_file() and _is_log(file.name):
+            if file.is_file() and (file == self.path or _is_log(file.name)):
                 st = file.stat()
                 compressed = file.name.endswith(".gz")
                 fingerprint = stat_fingerprint(st, time.time_ns())
