@@ -312,3 +312,29 @@ def test_registry_commands_leave_no_lock_files_beside_the_store(
     runner.invoke(app, ["approve", "agent-nolocks", "1", "--by", "ana", "--params", params_file])
     runner.invoke(app, ["approve", "no-such-model", "1", "--by", "ana", "--params", params_file])
     assert sorted(p.name for p in store_dir.iterdir()) == ["mlflow.db"]
+
+
+def test_predict_and_registry_errors_are_one_line_with_the_right_hint(
+    tmp_path: Path, store: str, tiny_model: Path
+) -> None:
+    """A typo'd task id, an unset alias or an unknown model: one error line that says what to
+    do next (no traceback), exit code 1."""
+    name = "agent-errors"
+    params_file = str(write_params(tmp_path, store, name))
+    cli = ["--params", params_file]
+    _candidate(tmp_path, tiny_model)
+    _register(make_params(tmp_path, store, name), tmp_path)
+    assert runner.invoke(app, ["approve", name, "1", "--by", "ana", *cli]).exit_code == 0
+
+    cases = {
+        ("--task-id", "nosuch:task"): "no task 'nosuch:task' in environment support_desk",
+        ("--alias", "challenger"): "passes the promotion gate at registration",
+        ("--model", "no-such-model"): "no registered model 'no-such-model'",
+    }
+    for args, expected in cases.items():
+        result = runner.invoke(app, ["predict", *args, *cli])
+        assert result.exit_code == 1, result.output
+        assert expected in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) <= 3, result.output
+    status = runner.invoke(app, ["registry", "status", "no-such-model", *cli])
+    assert status.exit_code == 1 and "no registered model" in status.output, status.output

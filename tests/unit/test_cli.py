@@ -61,3 +61,10 @@ def test_env_commands(in_tmp: Path) -> None:
     assert {t["function"]["name"] for t in json.loads(tools.output)} >= {"get_order", "calculate"}
     oracle = runner.invoke(app, ["env", "oracle", "--n", "40"])
     assert oracle.exit_code == 0 and "oracle TSR: 1.000" in oracle.output
+
+
+def test_version_flag_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"tracetune {version('tracetune')}"

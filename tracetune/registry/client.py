@@ -65,7 +65,22 @@ class Registry:
             yield
 
     def model(self) -> RegisteredModel:
-        return self.client.get_registered_model(self.name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.name)
+        except MlflowException as exc:
+            if str(getattr(exc, "error_code", "")) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            from tracetune.registry.locking import is_lock_model
+
+            known = sorted(
+                m.name for m in self.client.search_registered_models() if not is_lock_model(m.name)
+            )
+            raise RegistryError(
+                f"no registered model {self.name!r} in {self.tracking_uri} (registered: "
+                f"{', '.join(known) or 'none yet; `dvc repro register` makes one'})"
+            ) from None
 
     def version(self, version: str | int) -> ModelVersion:
         from mlflow.exceptions import MlflowException
