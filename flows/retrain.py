@@ -259,7 +259,11 @@ class Pipeline:
         if registered.get("verdict") != "passed":
             return self._skip("promote", "skipped", f"v{version} failed the promotion gate")
         if mode == "none":
-            note = f"v{version} is challenger: `tracetune approve {version}` to promote it"
+            model = registered.get("model") or self.params.tracking.registered_model
+            note = (
+                f"v{version} is challenger: `tracetune approve {model} {version} --by NAME` "
+                "to promote it"
+            )
             return self._skip("promote", "skipped", note)
         started = time.perf_counter()
         if mode == "deployment":

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     summary = run(params, args.candidate, params_file=Path(args.params))
     console = Console()
+    if summary.get("reused"):
+        console.print(
+            f"[bold]{summary['model']}[/] v{summary['version']} already holds this model and "
+            "evaluation (same content): no new version"
+        )
     colour = "green" if summary["verdict"] == "passed" else "red"
     console.print(
         f"[bold]{summary['model']}[/] v{summary['version']} ({summary['candidate']}): "

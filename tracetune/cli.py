@@ -24,6 +24,24 @@ attach_registry_commands(app)
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Path to params.yaml.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tracetune {version('tracetune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print version."),
+    ] = False,
+) -> None:
+    """tracetune: agent logs -> gated data -> SFT/RLVR -> evaluated, registered model."""
+
+
 def _load(path: Path):  # type: ignore[no-untyped-def]
     from tracetune.config import ParamsError, load_params
 

@@ -9,6 +9,7 @@ rest with a note) and a bad batch; the slow test runs every stage dvc.yaml defin
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -175,6 +176,24 @@ def test_every_defined_stage_end_to_end_then_nothing_to_do(harness: None, tmp_pa
 
     one = train_stage(stage="base_model", repo=str(root))  # what the gpu-train deployment runs
     assert one["name"] == "base_model" and one["status"] == "up-to-date"
+
+    # A plain `dvc repro` by hand after a test run wrote byte code into a stage's source
+    # dependency: nothing reruns, and above all no second registry version.
+    versions = registry_versions(root)
+    pyc = root / "tracetune/registry/__pycache__/register.cpython-311.pyc"
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(b"written by a test run")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=root,
+        env=os.environ | {"PATH": path},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "Running stage" not in by_hand, by_hand
+    assert registry_versions(root) == versions
 
 
 @pytest.mark.parametrize(

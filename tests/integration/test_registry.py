@@ -252,12 +252,16 @@ def test_concurrent_approvals_in_processes_keep_one_champion_and_all_history(
 def test_concurrent_registrations_never_alias_an_unfinished_version(
     tmp_path: Path, store: str, tiny_model: Path
 ) -> None:
-    """Two `register` stages at once (auto-approve on): both versions complete, each alias
-    points at a READY, gate-passed version, and the champion history has both approvals."""
+    """Two `register` stages at once on different evaluations (auto-approve on): both versions
+    complete, each alias points at a READY, gate-passed version, and the champion history has
+    both approvals. Two at once on the same content make one version between them."""
     name = "agent-register-race"
-    _candidate(tmp_path, tiny_model)
-    params = params_dict(tmp_path, store, name, auto_approve=True)
-    results = run_concurrently(register_worker, [(params, str(tmp_path))] * 2, tmp_path)
+    jobs = []
+    for i, tsr in enumerate((0.85, 0.86)):
+        root = tmp_path / f"ws{i}"
+        _candidate(root, tiny_model, tsr=tsr)
+        jobs.append((params_dict(root, store, name, auto_approve=True), str(root)))
+    results = run_concurrently(register_worker, jobs, tmp_path)
     assert all(r["ok"] for r in results), results
     registry = _bare_registry(store, name, tmp_path)
     aliases = registry.aliases()
@@ -265,3 +269,74 @@ def test_concurrent_registrations_never_alias_an_unfinished_version(
         mv = registry.version(version)
         assert mv.status == "READY" and mv.tags["tracetune.gate.verdict"] == "passed"
     _assert_serialised(registry, sorted(r["version"] for r in results))
+
+    same = run_concurrently(register_worker, [jobs[0]] * 2, tmp_path)
+    assert all(r["ok"] for r in same), same
+    assert {r["version"] for r in same} == {results[0]["version"]}  # both found the earlier one
+    assert len(registry.client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_registering_the_same_model_and_evaluation_again_makes_no_new_version(
+    tmp_path: Path, store: str, tiny_model: Path
+) -> None:
+    """A retried stage or a second `dvc repro` must not duplicate registry versions; a new
+    evaluation of the same model is new content and gets its own version."""
+    name = "agent-idempotent"
+    params = make_params(tmp_path, store, name)
+    _candidate(tmp_path, tiny_model)
+    first = _register(params, tmp_path)
+    again = _register(params, tmp_path)
+    assert (first["version"], first["reused"]) == ("1", False)
+    assert (again["version"], again["reused"], again["verdict"]) == ("1", True, "passed")
+    assert again["challenger"] is True and again["reasons"] == first["reasons"]
+    registry = open_registry(params.tracking)
+    assert [
+        str(mv.version) for mv in registry.client.search_model_versions(f"name = '{name}'")
+    ] == ["1"]
+    _candidate(tmp_path, tiny_model, tsr=0.9)  # re-evaluated: a different evaluation file
+    assert _register(params, tmp_path)["version"] == "2"
+    description = registry.version("2").description
+    assert "\n- PASS" in description or "\n- FAIL" in description  # one markdown item per check
+
+
+def test_registry_commands_leave_no_lock_files_beside_the_store(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Locks live in the temporary folder: the workspace keeps only the store itself, even
+    after a command naming a model that does not exist."""
+    store_dir = tmp_path / "ws"
+    store_dir.mkdir()
+    uri = f"sqlite:///{store_dir / 'mlflow.db'}"
+    params = make_params(tmp_path, uri, "agent-nolocks")
+    _candidate(tmp_path, tiny_model)
+    _register(params, tmp_path)
+    params_file = str(write_params(tmp_path, uri, "agent-nolocks"))
+    runner.invoke(app, ["approve", "agent-nolocks", "1", "--by", "ana", "--params", params_file])
+    runner.invoke(app, ["approve", "no-such-model", "1", "--by", "ana", "--params", params_file])
+    assert sorted(p.name for p in store_dir.iterdir()) == ["mlflow.db"]
+
+
+def test_predict_and_registry_errors_are_one_line_with_the_right_hint(
+    tmp_path: Path, store: str, tiny_model: Path
+) -> None:
+    """A typo'd task id, an unset alias or an unknown model: one error line that says what to
+    do next (no traceback), exit code 1."""
+    name = "agent-errors"
+    params_file = str(write_params(tmp_path, store, name))
+    cli = ["--params", params_file]
+    _candidate(tmp_path, tiny_model)
+    _register(make_params(tmp_path, store, name), tmp_path)
+    assert runner.invoke(app, ["approve", name, "1", "--by", "ana", *cli]).exit_code == 0
+
+    cases = {
+        ("--task-id", "nosuch:task"): "no task 'nosuch:task' in environment support_desk",
+        ("--alias", "challenger"): "passes the promotion gate at registration",
+        ("--model", "no-such-model"): "no registered model 'no-such-model'",
+    }
+    for args, expected in cases.items():
+        result = runner.invoke(app, ["predict", *args, *cli])
+        assert result.exit_code == 1, result.output
+        assert expected in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) <= 3, result.output
+    status = runner.invoke(app, ["registry", "status", "no-such-model", *cli])
+    assert status.exit_code == 1 and "no registered model" in status.output, status.output

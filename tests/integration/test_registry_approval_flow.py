@@ -61,6 +61,17 @@ def _paused_run_id(flow_name: str, timeout_s: float = 60) -> Any:
     raise TimeoutError("the approval flow never paused")
 
 
+def _artifact(key: str) -> str:
+    """The latest markdown of a keyed Prefect artifact."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts()
+    found = [a for a in latest if a.key == key]
+    assert found, [a.key for a in latest]
+    return str(found[0].data)
+
+
 def test_flow_pauses_for_input_and_a_reviewer_approves(prefect_api: None, tmp_path: Path) -> None:
     from prefect.flow_runs import resume_flow_run
 
@@ -77,11 +88,22 @@ def test_flow_pauses_for_input_and_a_reviewer_approves(prefect_api: None, tmp_pa
     thread.start()
     run_id = _paused_run_id("approval")
     assert registry.alias("champion") is None  # nothing moves while paused
-    resume_flow_run(run_id, run_input={"approve": True, "by": "ana", "note": "looks good"})
+    # The form as first shown (nothing chosen, no name): refused, the flow keeps waiting.
+    with pytest.raises(RuntimeError, match="'decision' is a required property"):
+        resume_flow_run(run_id, run_input={"note": ""})
+    assert _paused_run_id("approval", timeout_s=5) == run_id
+    # Passes the schema but blank: the flow logs it and pauses again; the request is not lost.
+    resume_flow_run(run_id, run_input={"decision": "reject", "by": "  ", "note": " "})
+    time.sleep(2)
+    assert _paused_run_id("approval", timeout_s=30) == run_id and thread.is_alive()
+    assert "tracetune.approval.status" not in registry.version(version).tags
+    resume_flow_run(run_id, run_input={"decision": "approve", "by": "ana", "note": "looks good"})
     thread.join(120)
     assert result["action"] == "approve" and result["champion"] == version
     tags = registry.version(version).tags
     assert (tags["tracetune.approval.by"], tags["tracetune.approval.note"]) == ("ana", "looks good")
+    request = _artifact("approval-request")
+    assert f"v{version}: approve by ana" in request and "looks good" in request
 
 
 def test_flow_timeout_records_expiry_and_leaves_the_champion(

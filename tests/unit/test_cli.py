@@ -86,3 +86,10 @@ def test_params_check_rejects_negative_steps_naming_file_and_key(tmp_path: Path)
     bad.write_text("sft:\n  max_steps: -5\n")
     result = runner.invoke(app, ["params", "check", "--params", str(bad)])
     assert result.exit_code == 2 and str(bad) in result.output and "sft.max_steps" in result.output
+
+
+def test_version_flag_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"tracetune {version('tracetune')}"

@@ -33,6 +33,9 @@ GATE_REASONS = "tracetune.gate.reasons"  # JSON list, one line per check, failur
 GATE_FAILED = "tracetune.gate.failed"  # comma-separated failed checks
 GATE_CHAMPION = "tracetune.gate.champion"  # the champion it was compared with, or "none"
 GATE_PARAMS = "tracetune.gate.params"  # the thresholds it was judged by (JSON)
+# Hash of the model's files and its evaluation file: a rerun of `register` on the same content
+# (a retry, a second `dvc repro`) finds the version it made instead of making another one.
+CONTENT_TAG = "tracetune.content_key"
 APPROVAL_STATUS = "tracetune.approval.status"  # approved | rejected | expired (latest)
 APPROVAL_BY = "tracetune.approval.by"
 APPROVAL_AT = "tracetune.approval.at"
@@ -62,7 +65,22 @@ class Registry:
             yield
 
     def model(self) -> RegisteredModel:
-        return self.client.get_registered_model(self.name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.name)
+        except MlflowException as exc:
+            if str(getattr(exc, "error_code", "")) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            from tracetune.registry.locking import is_lock_model
+
+            known = sorted(
+                m.name for m in self.client.search_registered_models() if not is_lock_model(m.name)
+            )
+            raise RegistryError(
+                f"no registered model {self.name!r} in {self.tracking_uri} (registered: "
+                f"{', '.join(known) or 'none yet; `dvc repro register` makes one'})"
+            ) from None
 
     def version(self, version: str | int) -> ModelVersion:
         from mlflow.exceptions import MlflowException
@@ -107,13 +125,13 @@ def open_registry(
 def store_init_lock(uri: str, timeout_s: float) -> Iterator[None]:
     """Open a local store under a file lock: MLflow creates and migrates a fresh SQLite
     database on first use, and two processes doing that at once fail ("table exists")."""
-    from tracetune.registry.locking import file_lock, local_store_path
+    from tracetune.registry.locking import file_lock, local_store_path, lock_dir
 
     store = local_store_path(uri)
     if store is None:
         yield
         return
-    with file_lock(store.with_name(f"{store.name}.init.lock"), timeout_s):
+    with file_lock(lock_dir(store) / "init.lock", timeout_s):
         yield
 
 

@@ -169,10 +169,11 @@ def status_cmd(
     from mlflow.exceptions import MlflowException
 
     from tracetune.registry.approval import registry_status
+    from tracetune.registry.client import RegistryError
 
     try:
         status = registry_status(_registry(params, model), limit)
-    except MlflowException as exc:
+    except (MlflowException, RegistryError) as exc:
         raise _fail(exc) from None
     if as_json:
         typer.echo(json.dumps(status, indent=2))

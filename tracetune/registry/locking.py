@@ -5,8 +5,10 @@ do is lose an update of our bookkeeping (the champion history both read, extende
 back) or alias a version another process is still registering. Every change of the champion or
 challenger alias therefore runs inside `registry_lock`:
 
-- a **local store** (`sqlite:///path`, a file store) gets an `fcntl.flock` on a file beside it:
-  the kernel releases it when the holder dies, so there are no stale locks;
+- a **local store** (`sqlite:///path`, a file store) gets an `fcntl.flock` on a file in the
+  machine's temporary folder, keyed by the store's absolute path (`lock_dir`): the kernel
+  releases it when the holder dies, so there are no stale locks, and nothing is left beside the
+  store in the user's repository (a local store is only shared by processes on this machine);
 - a **server** (`http(s)://`, or a database URI) gets a lock made of the registry itself: a
   registered model named `<model>.lock`. Creating a registered model is an atomic
   create-if-absent in every MLflow store (a unique key in the database), so exactly one process
@@ -57,10 +59,20 @@ def local_store_path(tracking_uri: str) -> Path | None:
     return None
 
 
+def lock_dir(store: Path) -> Path:
+    """Where the file locks of one local store live: outside the workspace, one folder per
+    store (its resolved path hashed), so two workspaces never share a lock by accident."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "tracetune-locks" / f"{store.name}-{digest}"
+
+
 def lock_file_for(store: Path, model_name: str) -> Path:
-    """`<store>.<model>.lock` beside the store: one lock per registered model."""
+    """One lock file per registered model of a local store (`lock_dir`)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
-    return store.with_name(f"{store.name}.{safe}{LOCK_SUFFIX}")
+    return lock_dir(store) / f"{safe}{LOCK_SUFFIX}"
 
 
 def owner_id() -> str:

@@ -21,6 +21,7 @@ from tracetune.config import Params
 from tracetune.registry.client import (
     CANDIDATE_TAG,
     CHAMPION,
+    CONTENT_TAG,
     EVAL_TAG,
     GATE_CHAMPION,
     GATE_FAILED,
@@ -40,6 +41,7 @@ from tracetune.registry.lineage import Lineage, build_lineage, flatten
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
+    from mlflow.entities.model_registry import ModelVersion
 
 AUTO_APPROVER = "auto-approve"
 ARM_METRICS = ("tsr", "tsr_ci_low", "tsr_ci_high", "n", "steps_mean", "steps_median",
@@ -78,6 +80,7 @@ class RegisterResult:
     lineage: dict[str, Any] = field(default_factory=dict)
     auto_approved: bool = False
     seconds: float = 0.0
+    reused: bool = False  # the same model and evaluation were registered before: no new version
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +117,16 @@ def candidate_paths(
     if metrics and metrics.get("model_path"):
         model_dir = Path(str(metrics["model_path"]))
     return CandidatePaths(eval_file, model_dir, params.paths.reports / "eval" / candidate)
+
+
+def content_key(model_dir: Path, eval_file: Path) -> str:
+    """What makes two registrations the same: the model's files and its evaluation's bytes."""
+    import hashlib
+
+    from tracetune.agent.model import content_hash
+
+    model = content_hash(resolve_model_dir(model_dir))
+    return hashlib.sha256(f"{model}:{content_hash(eval_file)}".encode()).hexdigest()[:32]
 
 
 def metric_key(text: str) -> str:
@@ -178,10 +191,12 @@ def describe(candidate: str, metrics: Mapping[str, Any], verdict: Verdict) -> st
         f"{candidate}: TSR {c['tsr']:.3f} [{c.get('tsr_ci_low', 0):.3f}, "
         f"{c.get('tsr_ci_high', 1):.3f}] on {c.get('n')} held-out tasks, "
         f"{c.get('steps_mean', 0):.2f} steps, ${c.get('cost_per_task_usd', 0):.5f}/task.",
-        f"Gate {verdict.label}.",
-        *verdict.reasons,
+        "",
+        f"Gate {verdict.label}:",
+        "",
+        *(f"- {reason}" for reason in verdict.reasons),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines)  # markdown: a paragraph, then one list item per gate check
 
 
 def model_card(candidate: str, report_dir: Path, summary: str) -> ModelCard:
@@ -210,6 +225,35 @@ def pip_requirements() -> list[str]:
 
 
 # --- registry side ------------------------------------------------------------------------------
+
+
+def find_version(registry: Registry, key: str) -> ModelVersion | None:
+    """The version registered earlier from the same content (the oldest if several)."""
+    found = registry.client.search_model_versions(
+        f"name = '{registry.name}' and tags.`{CONTENT_TAG}` = '{key}'"
+    )
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def reused_result(registry: Registry, mv: ModelVersion, started: float) -> RegisterResult:
+    """The result of an earlier registration, read back from its version's tags."""
+    from tracetune.registry.client import CHALLENGER
+
+    tags = mv.tags or {}
+    return RegisterResult(
+        model=registry.name,
+        candidate=tags.get(CANDIDATE_TAG, ""),
+        version=str(mv.version),
+        verdict=tags.get(GATE_VERDICT, "unknown"),
+        failed=[f for f in tags.get(GATE_FAILED, "").split(",") if f],
+        reasons=json_tag(tags, GATE_REASONS, []),
+        challenger=registry.alias(CHALLENGER) == str(mv.version),
+        champion=registry.alias(CHAMPION),
+        run_id=str(mv.run_id),
+        model_uri=f"models:/{registry.name}/{mv.version}",
+        seconds=round(time.perf_counter() - started, 2),
+        reused=True,
+    )
 
 
 def champion_reference(registry: Registry) -> tuple[dict[str, Any] | None, str | None]:
@@ -272,11 +316,12 @@ def register_candidate(
     dvc_lock: Path = Path("dvc.lock"),
     params_file: Path | None = Path("params.yaml"),
 ) -> RegisterResult:
-    """Gate, log and register one candidate; `challenger` moves if the gate passed."""
-    import mlflow
+    """Gate, log and register one candidate; `challenger` moves if the gate passed.
 
-    from tracetune.registry.approval import approve, set_challenger
-    from tracetune.tracking import configure, git_commit
+    Idempotent: the same model files and evaluation registered again return the earlier
+    version (`reused`), so a retried or repeated `dvc repro` never duplicates versions."""
+    from tracetune.registry.locking import registry_lock
+    from tracetune.tracking import configure
 
     started = time.perf_counter()
     eval_path = eval_file or candidate_paths(params, candidate).eval_file
@@ -292,6 +337,38 @@ def register_candidate(
     with store_init_lock(registry.tracking_uri, settings.lock_timeout_s):
         configure(params.tracking)  # two first runs on a fresh store would race to create it
     ensure_registered_model(registry, "tracetune agent models (docs/registry.md)")
+    key = content_key(paths.model_dir, eval_path)
+    # One registration at a time per model, so two identical ones cannot both miss the other.
+    with registry_lock(
+        registry.client, registry.tracking_uri, f"{registry.name}.register", settings.lock_timeout_s
+    ):
+        earlier = find_version(registry, key)
+        if earlier is not None:
+            return reused_result(registry, earlier, started)
+        return _register_new(
+            params, registry, candidate, paths, metrics, key, started, dvc_lock, params_file
+        )
+
+
+def _register_new(
+    params: Params,
+    registry: Registry,
+    candidate: str,
+    paths: CandidatePaths,
+    metrics: dict[str, Any],
+    key: str,
+    started: float,
+    dvc_lock: Path,
+    params_file: Path | None,
+) -> RegisterResult:
+    """Gate, log and register a candidate not registered before (the caller holds the lock)."""
+    import mlflow
+
+    from tracetune.registry.approval import approve, set_challenger
+    from tracetune.tracking import git_commit
+
+    settings = params.registry
+    eval_path = paths.eval_file
     champion_block, champion_version = champion_reference(registry)
     verdict = evaluate_gate(metrics, settings.gate, champion_block, champion_version)
     lineage = build_lineage(
@@ -314,7 +391,7 @@ def register_candidate(
         verdict,
         settings.gate.model_dump(mode="json"),
         lineage,
-    )
+    ) | {CONTENT_TAG: key}
     mv = mlflow.register_model(model_uri, registry.name, await_registration_for=0, tags=tags)
     version = str(mv.version)
     wait_until_ready(registry, version)

@@ -84,9 +84,32 @@ def load_registered_agent(
 
 def pick_task(env: Environment, task_id: str | None, seed: int) -> Task:
     """The named task, or the first of a seeded draw."""
-    if task_id:
+    from tracetune.registry.client import RegistryError
+
+    if not task_id:
+        return env.tasks(1, seed=seed)[0]
+    try:
         return env.task_by_id(task_id)
-    return env.tasks(1, seed=seed)[0]
+    except (KeyError, ValueError) as exc:
+        example = env.tasks(1, seed=seed)[0].id
+        raise RegistryError(
+            f"no task {task_id!r} in environment {env.name} ({exc.args[0] if exc.args else exc}); "
+            f"task ids look like {example!r}, or leave out --task-id for a drawn task"
+        ) from None
+
+
+def missing_alias_hint(model: str, alias: str) -> str:
+    """What to do when an alias is unset: each alias is set by a different step."""
+    from tracetune.registry.client import CHALLENGER, CHAMPION
+
+    if alias == CHAMPION:
+        return f"approve a challenger first (`tracetune approve {model} VERSION --by NAME`)"
+    if alias == CHALLENGER:
+        return (
+            "a version becomes challenger when it passes the promotion gate at registration "
+            "(`dvc repro register`); `tracetune registry status` shows each version's verdict"
+        )
+    return f"`tracetune registry status {model}` lists the aliases that exist"
 
 
 def run_episode(
@@ -145,13 +168,12 @@ def predict(
     version = registry.alias(alias)
     if version is None:
         raise RegistryError(
-            f"{registry.name} has no @{alias}; approve a version first "
-            f"(`tracetune approve {registry.name} VERSION --by NAME`)"
+            f"{registry.name} has no @{alias}; {missing_alias_hint(registry.name, alias)}"
         )
+    env = load_environment(params.environment.class_path, **params.environment.kwargs)
+    task = pick_task(env, task_id, seed)  # before the model loads: a typo fails at once
     uri = alias_uri(registry.name, alias)
     model, tokenizer = load_registered_agent(uri)
-    env = load_environment(params.environment.class_path, **params.environment.kwargs)
-    task = pick_task(env, task_id, seed)
     result, seconds = run_episode(
         model, tokenizer, params, task, name=f"{registry.name}-v{version}",
         max_new_tokens=max_new_tokens,
