@@ -70,6 +70,29 @@ _TYPES = {
     "tuple": "array",
 }
 ERROR_PREFIX = "Error during execution: "
+# Lookups that change no public state and give the same result when repeated (so the log
+# simulator's redundant calls and runaway loops may repeat them): every maths tool, and these.
+# Random readings (the car's speed, the outside temperature) are left out: a repeat draws anew.
+# `tests/unit/test_bfcl.py` checks the claim by repeating every one in every reference episode.
+READ_ONLY = frozenset(
+    {
+        "cat", "diff", "du", "grep", "ls", "pwd", "tail", "wc",
+        "get_message_stats", "get_user_id", "list_users", "message_get_login_status",
+        "search_messages", "view_messages_sent",
+        "get_tweet", "get_tweet_comments", "get_user_stats", "get_user_tweets",
+        "list_all_following", "posting_get_login_status", "search_tweets",
+        "get_ticket", "get_user_tickets", "ticket_get_login_status",
+        "filter_stocks_by_price", "get_account_info", "get_available_stocks", "get_current_time",
+        "get_order_details", "get_order_history", "get_stock_info", "get_symbol_by_name",
+        "get_transaction_history", "get_watchlist", "trading_get_login_status",
+        "compute_exchange_rate", "get_all_credit_cards", "get_booking_history",
+        "get_budget_fiscal_year", "get_credit_card_balance", "get_flight_cost",
+        "get_nearest_airport_by_city", "list_all_airports", "travel_get_login_status",
+        "check_tire_pressure", "displayCarStatus", "display_log", "estimate_distance",
+        "estimate_drive_feasibility_by_mileage", "find_nearest_tire_shop", "gallon_to_liter",
+        "get_zipcode_based_on_city", "liter_to_gallon",
+    }
+)  # fmt: skip
 
 
 def bfcl_root() -> Path:
@@ -192,7 +215,10 @@ def split_of(task_id: str) -> str:
     """`test` for every `TEST_EVERY`-th BFCL index, else `train` (ids without an index: by a
     hash of the id, so the rule still holds for another category's ids)."""
     suffix = task_id.rsplit("_", 1)[-1]
-    index = int(suffix) if suffix.isdigit() else int(hashlib.sha256(task_id.encode()).hexdigest(), 16)
+    if suffix.isdigit():
+        index = int(suffix)
+    else:
+        index = int(hashlib.sha256(task_id.encode()).hexdigest(), 16)
     return "test" if index % TEST_EVERY == TEST_EVERY - 1 else "train"
 
 
@@ -271,6 +297,7 @@ class BfclMultiTurn(FixedTaskEnvironment):
                         description=doc["description"],
                         parameters=to_json_schema(doc["parameters"]),
                         fn=self._tool_fn(class_name, method),
+                        read_only=class_name == "MathAPI" or method in READ_ONLY,
                     )
                 )
         return tools
@@ -454,7 +481,8 @@ def _turn_spans(messages: Sequence[Mapping[str, Any]], turns: Sequence[str]) -> 
     for position, message in enumerate(messages):
         if message.get("role") != "user":
             continue
-        if not starts or (len(starts) < len(turns) and message.get("content") == turns[len(starts)]):
+        expected = turns[len(starts)] if len(starts) < len(turns) else None
+        if not starts or (expected is not None and message.get("content") == expected):
             starts.append(position)
     return starts
 
@@ -479,7 +507,9 @@ def _calls_per_turn(
     return out
 
 
-def _state_outcome(agent: Mapping[str, Any], reference: Mapping[str, Any], turn: int | None) -> Outcome:
+def _state_outcome(
+    agent: Mapping[str, Any], reference: Mapping[str, Any], turn: int | None
+) -> Outcome:
     """BFCL's `state_checker`: every public attribute of every class equal to the reference."""
     from bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker import state_checker
 
