@@ -200,6 +200,16 @@ def test_a_wrong_value_fails_the_state_check(env: BfclMultiTurn) -> None:
     assert outcome.details["turn"] == 0
 
 
+def test_verify_alone_judges_the_final_state(env: BfclMultiTurn) -> None:
+    """`verify` (what a loop without the episode could call) compares the final states."""
+    task = env.task_by_id("multi_turn_base_0")
+    run_scripted(env, task, env.require_oracle(task))
+    assert env.verify(None).success
+    turns = env.reference_calls(task)
+    solve(env, task, [turns[0], turns[1], turns[2], turns[3][:1]])  # previous_report not moved
+    assert not env.verify(None).success
+
+
 def test_calls_in_the_wrong_turn_fail(env: BfclMultiTurn) -> None:
     """All the work in the first turn: the state after turn 0 is ahead of the reference."""
     task = env.task_by_id("multi_turn_base_0")
