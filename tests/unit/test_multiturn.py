@@ -313,8 +313,9 @@ def test_a_simulated_agent_that_skips_the_user_fails_on_the_conversation() -> No
         "redundant_call": 0, "overlong": 0, "wrong_answer": 0, "duplicate_session": 0,
         "corrupt_line": 0,
     }}})  # fmt: skip
-    records = [r for _, r, _ in iter_log_lines(SupportDesk(), params.simulate) if r]
-    faults = {r["trajectory_id"]: f for _, r, f in iter_log_lines(SupportDesk(), params.simulate)}
+    lines = [(r, f) for _, r, f in iter_log_lines(SupportDesk(), params.simulate) if r]
+    records = [r for r, _ in lines]
+    faults = {r["trajectory_id"]: f for r, f in lines}
     multi = [r for r in records if r["family"] in MULTI_TURN]
     assert len(multi) == 8
     for record in multi:
