@@ -203,3 +203,38 @@ def test_the_report_puts_the_floor_beside_every_arm() -> None:
     old = {k: v for k, v in payload.items() if k != "baseline_floor"}  # a file from before
     before = render_report(old, {})
     assert "do-nothing floor" not in before and "| candidate | prompt-only (base) |" in before
+
+
+def test_a_third_party_environment_through_simulate_ingest_curate_split(
+    desk: Environment, tmp_path: Path
+) -> None:
+    """The data stages as dvc runs them, on the fixed-list example: its oracle's simulated
+    logs are ingested and curated, and the split stage holds out exactly its test split."""
+    from tasks import curate, ingest, simulate, split
+    from tests.params_support import paths_under
+
+    faults = {"corrupt_line": 0.0, "duplicate_session": 0.0, "pii_in_user_text": 0.0}
+    params = parse_params(
+        {
+            "environment": {"class_path": "ticket_desk_env.TicketDesk"},
+            "paths": paths_under(tmp_path),
+            "simulate": {"n_trajectories": 80, "files": 1, "faults": faults},
+            "ingest": {"source": str(tmp_path / "data/raw_logs")},
+        }
+    )
+    simulate.run(params)
+    ingest.run(params)
+    curate.run(params)
+    summary = split.run(params)
+    declared = declared_splits(desk)
+    assert declared is not None
+    curated = params.paths.curated_dir
+    heldout = {json.loads(x)["task_id"] for x in (curated / "heldout.jsonl").open()}
+    train = {json.loads(x)["task_id"] for x in (curated / "train.jsonl").open()}
+    assert heldout and train
+    assert all(declared[i] == "test" for i in heldout)
+    assert all(declared[i] == "train" for i in train)
+    listed = read_heldout_tasks(curated)["tasks"]
+    assert {e["task_id"] for e in listed} == {i for i, s in declared.items() if s == "test"}
+    assert sum(e["logged"] for e in listed) > sum(e["trajectories"] for e in listed)
+    assert summary["split"]["heldout_tasks"] == 5

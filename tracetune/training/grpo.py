@@ -4,11 +4,12 @@ Why `rollout_func` and our engine rather than TRL's `tools=` / `environment_fact
 (docs/training.md has the measurements):
 
 - **what is rewarded is what is measured**: episodes run through the same parser, format
-  feedback, `Environment.step` (schema-validated calls, step cap) and `Environment.verify` as
-  evaluation does. TRL's loop has its own parser, turns a malformed call into the final answer,
-  passes tool results through `str()`, and derives tool schemas from Python signatures (which
-  must then equal the schemas the SFT data rendered, or tool calling stops: STACK.md). Any
-  environment behind `environment.class_path`, with any JSON schema, works unchanged;
+  feedback, `Environment.step` (schema-validated calls, step cap, terminating tools) and
+  `Environment.verify_episode` (the whole episode) as evaluation does. TRL's loop has its own
+  parser, turns a malformed call into the final answer, passes tool results through `str()`,
+  and derives tool schemas from Python signatures (which must then equal the schemas the SFT
+  data rendered, or tool calling stops: STACK.md). Any environment behind
+  `environment.class_path`, with any JSON schema, works unchanged;
 - **speed**: the engine decodes every active episode of the batch in one KV-cached loop that
   stores the shared system prompt + tool schemas once (`tracetune.agent.decoding`); TRL's
   default path calls `model.generate` per tool round (bench/bench_grpo.py);

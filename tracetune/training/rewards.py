@@ -1,11 +1,11 @@
 """RLVR rewards: the environment's verdict, optional shaping, and per-tool-call credit.
 
 Why the reward is computed from the finished episode and not from TRL's `completions`: the
-verifier (`Environment.verify`) judges the final answer *and* the world state the tools changed,
-so only the episode that really ran can be scored. The rollout engine records everything needed
-(messages, step errors, the verdict); `summarize_episode` turns that into an `EpisodeSummary`,
-and the pure functions below score it. Evaluation uses the same environment and verifier, so
-what is rewarded is what is measured.
+verifier (`Environment.verify_episode`) judges the whole episode, the final answer *and* the
+world state the tools changed, so only the episode that really ran can be scored. The rollout
+engine records everything needed (messages, step errors, the verdict); `summarize_episode`
+turns that into an `EpisodeSummary`, and the pure functions below score it. Evaluation uses the
+same environment and verifier, so what is rewarded is what is measured.
 
 Terms (weights in `rlvr.rewards`, docs/training.md):
 
