@@ -78,6 +78,20 @@ def test_classes_restrict_tasks_and_tools() -> None:
         BfclMultiTurn(classes=["NoSuchAPI"])
 
 
+def test_compact_drops_only_the_class_preamble() -> None:
+    full = BfclMultiTurn(classes=["VehicleControlAPI"])
+    short = BfclMultiTurn(classes=["VehicleControlAPI"], compact=True)
+    pairs = zip(full.tool_schemas(), short.tool_schemas(), strict=True)
+    for long_schema, short_schema in pairs:
+        long_fn, short_fn = long_schema["function"], short_schema["function"]
+        assert long_fn["parameters"] == short_fn["parameters"]
+        assert long_fn["description"].startswith("This tool belongs to the vehicle control")
+        assert long_fn["description"].endswith(short_fn["description"])
+        assert "belongs to" not in short_fn["description"] and short_fn["description"]
+    assert len(json.dumps(short.tool_schemas())) < 0.7 * len(json.dumps(full.tool_schemas()))
+    assert short._fresh().compact  # the verdict's replays are built alike
+
+
 def test_func_docs_become_valid_function_schemas(env: BfclMultiTurn) -> None:
     schemas = {s["function"]["name"]: s["function"]["parameters"] for s in env.tool_schemas()}
     assert len(schemas) == 128
@@ -259,7 +273,8 @@ def test_params_bfcl_differs_from_params_only_where_it_says() -> None:
     changed = {
         ("environment", "class_path"), ("environment", "max_steps"), ("environment", "kwargs"),
         ("simulate", "n_trajectories"), ("simulate", "faults"), ("gates", "curated"),
-        ("curate", "step_limit"), ("registry", "gate"),
+        ("curate", "step_limit"), ("registry", "gate"), ("base_model", "build"),
+        ("sft", "max_length"),
     }  # fmt: skip
     for section, value in base.items():
         for key, sub in value.items() if isinstance(value, dict) else [(None, value)]:
@@ -267,6 +282,8 @@ def test_params_bfcl_differs_from_params_only_where_it_says() -> None:
                 mine = ours[section] if key is None else ours[section][key]
                 assert mine == sub, (section, key)
     assert ours["simulate"]["faults"] | {"skip_user_turn": 0.2} == base["simulate"]["faults"]
+    build = ours["base_model"]["build"] | {"max_positions": 2048}
+    assert build == base["base_model"]["build"]
 
 
 def test_env_oracle_and_simulate_logs_run_on_bfcl(tmp_path: Path) -> None:

@@ -168,6 +168,12 @@ def to_json_schema(spec: Mapping[str, Any], *, top: bool = True) -> dict[str, An
     return out
 
 
+def compact_description(description: str) -> str:
+    """A BFCL tool description without its class preamble (the same for every tool of a class)."""
+    head, sep, tail = description.partition("Tool description: ")
+    return tail.strip() if sep and head.startswith("This tool belongs to") else description
+
+
 def parse_reference_call(text: str, signature: inspect.Signature) -> Call:
     """One of BFCL's reference calls (`mv(source='a', destination='b')`, `sort('f.pdf')`) as
     a `Call` with named arguments: positional arguments take the method's parameter names.
@@ -238,12 +244,15 @@ class BfclMultiTurn(FixedTaskEnvironment):
         "in plain text. Use exactly the names and values the user gives."
     )
 
-    def __init__(self, max_steps: int = 30, classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, max_steps: int = 30, classes: Sequence[str] | None = None, compact: bool = False
+    ) -> None:
         chosen = tuple(classes) if classes else CLASSES
         unknown = sorted(set(chosen) - set(CLASSES))
         if unknown:
             raise ValueError(f"unknown BFCL classes {unknown}; known: {', '.join(CLASSES)}")
         self.classes = chosen
+        self.compact = compact
         self._instances: dict[str, Any] = {}
         self._entry: dict[str, Any] = {}
         entries = [e for e in load_entries() if set(e["involved_classes"]) <= set(chosen)]
@@ -294,7 +303,9 @@ class BfclMultiTurn(FixedTaskEnvironment):
                 tools.append(
                     Tool(
                         name=method,
-                        description=doc["description"],
+                        description=compact_description(doc["description"])
+                        if self.compact
+                        else doc["description"],
                         parameters=to_json_schema(doc["parameters"]),
                         fn=self._tool_fn(class_name, method),
                         read_only=class_name == "MathAPI" or method in READ_ONLY,
@@ -412,7 +423,7 @@ class BfclMultiTurn(FixedTaskEnvironment):
     def _fresh(self) -> BfclMultiTurn:
         """A new environment like this one, for replays (the verdict never touches the
         episode's own instances)."""
-        return type(self)(max_steps=self.max_steps, classes=self.classes)
+        return type(self)(max_steps=self.max_steps, classes=self.classes, compact=self.compact)
 
 
 def _task(entry: Mapping[str, Any]) -> Task:
