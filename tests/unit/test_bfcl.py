@@ -266,6 +266,17 @@ def bfcl_params(root: Path, **extra: Any) -> Path:
     return path
 
 
+def read_logs(folder: Path) -> list[dict[str, Any]]:
+    """The readable sessions of simulated logs (the injected corrupt lines are not)."""
+    out = []
+    for line in (x for p in sorted(folder.glob("*.jsonl")) for x in p.read_text().splitlines()):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def test_params_bfcl_differs_from_params_only_where_it_says() -> None:
     """params-bfcl.yaml is params.yaml with BFCL's blocks: the rest stays in step."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -281,7 +292,8 @@ def test_params_bfcl_differs_from_params_only_where_it_says() -> None:
             if (section, key) not in changed:
                 mine = ours[section] if key is None else ours[section][key]
                 assert mine == sub, (section, key)
-    assert ours["simulate"]["faults"] | {"skip_user_turn": 0.2} == base["simulate"]["faults"]
+    faults = {k: v for k, v in ours["simulate"]["faults"].items() if k != "early_answer"}
+    assert faults | {"skip_user_turn": 0.2} == base["simulate"]["faults"]
     build = ours["base_model"]["build"] | {"max_positions": 2048}
     assert build == base["base_model"]["build"]
 
@@ -294,10 +306,7 @@ def test_env_oracle_and_simulate_logs_run_on_bfcl(tmp_path: Path) -> None:
 
     result = runner.invoke(app, ["simulate-logs", "--params", str(params)])
     assert result.exit_code == 0, result.output
-    lines = (tmp_path / "data/raw_logs").glob("*.jsonl")
-    records = [
-        json.loads(x) for p in lines for x in p.read_text().splitlines() if x.startswith("{")
-    ]
+    records = read_logs(tmp_path / "data/raw_logs")
     assert {r["environment"] for r in records} == {"bfcl_multi_turn"}
     car = BfclMultiTurn(classes=["VehicleControlAPI"])
     assert {r["task_id"] for r in records} <= {t.id for t in car.all_tasks()}
@@ -332,3 +341,21 @@ def test_simulated_bfcl_logs_pass_the_data_gates(tmp_path: Path) -> None:
     heldout = json.loads((tmp_path / "data/curated/heldout_tasks.json").read_text())
     test_ids = set(BfclMultiTurn(classes=["VehicleControlAPI"]).splits()["test"])
     assert {t["task_id"] for t in heldout["tasks"]} == test_ids
+
+
+def test_early_answers_with_a_multi_turn_user_answer_every_later_turn(tmp_path: Path) -> None:
+    """The simulator's early-answer fault with BFCL's several user turns: the agent stops
+    calling and gives the same answer to every later request (it raised "the user replied to
+    the solver's final answer" before), and BFCL's verdict fails those sessions."""
+    faults = {"early_answer": 0.5, "corrupt_line": 0.0, "duplicate_session": 0.0}
+    params = bfcl_params(tmp_path, simulate={"files": 1, "n_trajectories": 40, "faults": faults})
+    result = runner.invoke(app, ["simulate-logs", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics" / "simulate.json").read_text())
+    assert metrics["fault_rates"]["early_answer"] > 0.2
+    assert 0 < metrics["tsr"] < 1
+    records = read_logs(tmp_path / "data/raw_logs")
+    car = BfclMultiTurn(classes=["VehicleControlAPI"])
+    for record in records:  # every session still hears every user turn
+        users = [m for m in record["messages"] if m["role"] == "user"]
+        assert len(users) == len(car.user_turns(car.task_by_id(record["task_id"])))
