@@ -140,7 +140,7 @@ def test_hostile_arguments_become_error_observations(env: Environment) -> None:
     for schema in env.tool_schemas():
         name = schema["function"]["name"]
         properties = schema["function"]["parameters"].get("properties", {})
-        attempts = [*hostile, {"no_such_argument": 1}]
+        attempts: list[str | dict[str, object]] = [*hostile, {"no_such_argument": 1}]
         if properties:  # `{}` is a valid call of a tool without parameters (BFCL's `pwd`)
             attempts.append({k: {"$ne": [1]} for k in properties})
         for arguments in attempts:
