@@ -29,7 +29,9 @@ setup() {
   "$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   # torch first, pinned: an open range would pull a multi-GB CUDA build (docs/gpu.md).
   "$PY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  "$PY" -m pip install -q -c requirements/constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+  "$PY" -m pip install -q -c requirements/constraints.txt -e ".[dev,bfcl]" 2>&1 | grep -v "is ignored" || true
+  # BFCL multi-turn (docs/environments.md): without its dependencies, whose pins clash with ours.
+  "$PY" -m pip install -q --no-deps -c requirements/constraints.txt bfcl-eval 2>&1 | grep -v "is ignored" || true
   "$PY" -c "import torch, transformers, trl, peft, prefect, mlflow, great_expectations, dvc, boto3" \
     || { echo "setup failed: packages missing" >&2; exit 1; }
   echo "$want" >"$stamp"

@@ -3,7 +3,8 @@
 Each case is a real environment: the built-in `support_desk`, the fixed-list third-party example
 `examples/ticket_desk_env.py` (declared splits, an oracle, a hand-off tool, an episode verifier)
 and the minimal `examples/unit_converter_env.py` (no oracle: the oracle checks are skipped, the
-rest still applies). A new environment joins by adding one line to `CASES`.
+rest still applies). A new environment joins by adding one line to `CASES`
+(and, when it needs an optional package, one to `NEEDS`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,19 @@ CASES = {
     "support_desk": "tracetune.environments.support_desk.SupportDesk",
     "ticket_desk": "ticket_desk_env.TicketDesk",
     "unit_converter": "unit_converter_env.UnitConverter",
+    # BFCL multi-turn (tracetune/environments/bfcl.py): skipped where bfcl-eval is absent.
+    "bfcl_multi_turn": "tracetune.environments.bfcl.BfclMultiTurn",
 }
+# Cases that need an optional package: the case skips, saying how to install it, without it.
+NEEDS = {"bfcl_multi_turn": ("bfcl_eval", "pip install --no-deps bfcl-eval==2026.3.23")}
 SAMPLE = 40
 
 
 @pytest.fixture(params=sorted(CASES))
 def env(request: pytest.FixtureRequest) -> Iterator[Environment]:
+    if request.param in NEEDS:
+        module, install = NEEDS[request.param]
+        pytest.importorskip(module, reason=f"{request.param} needs {module}: {install}")
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield load_environment(CASES[request.param])
@@ -132,7 +140,9 @@ def test_hostile_arguments_become_error_observations(env: Environment) -> None:
     for schema in env.tool_schemas():
         name = schema["function"]["name"]
         properties = schema["function"]["parameters"].get("properties", {})
-        attempts = [*hostile, {"no_such_argument": 1}, {k: {"$ne": [1]} for k in properties}]
+        attempts: list[str | dict[str, object]] = [*hostile, {"no_such_argument": 1}]
+        if properties:  # `{}` is a valid call of a tool without parameters (BFCL's `pwd`)
+            attempts.append({k: {"$ne": [1]} for k in properties})
         for arguments in attempts:
             env.reset(task)  # each attempt on a fresh episode: the step cap is not the point
             obs = env.step(Call(name, arguments))

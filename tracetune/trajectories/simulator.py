@@ -48,6 +48,8 @@ FAULTS = (
 EARLY_ANSWER = "early_answer"
 # Likewise: where the oracle asks the user (`AskUser`), the agent does not wait for the answer.
 SKIP_USER_TURN = "skip_user_turn"
+# The most later user turns an early-answering agent answers (a bound on a user who never stops).
+EARLY_ANSWER_TURNS = 50
 ALL_FAULTS = (*FAULTS, EARLY_ANSWER, SKIP_USER_TURN)
 GIVE_UP = "Sorry, I could not complete that request."
 TOKENS_PER_CHAR = 0.25
@@ -184,7 +186,11 @@ def cost_usd(prompt_tokens: int, completion_tokens: int, pricing: Pricing) -> fl
 
 
 def _stops_early(solver: Solver, calls: int, answer: str) -> Solver:
-    """The oracle's first `calls` calls, then `answer` (the oracle's own, written too soon)."""
+    """The oracle's first `calls` calls, then `answer` (the oracle's own, written too soon).
+
+    The answer is said as a turn the user may answer (`AskUser`): a single-turn user ends the
+    episode there, as a returned answer would; a user with more to say (a benchmark's next
+    request) gets the same answer again, without a call, until it stops."""
     try:
         call = next(solver)
         for _ in range(calls):
@@ -194,6 +200,8 @@ def _stops_early(solver: Solver, calls: int, answer: str) -> Solver:
         pass
     finally:
         solver.close()
+    for _ in range(EARLY_ANSWER_TURNS):
+        yield AskUser(answer)
     return answer
 
 
