@@ -83,11 +83,12 @@ def select_heldout(env: Environment, params: Params) -> HeldoutSet:
 
 def model_path(params: Params, name: str) -> str:
     """Where model `name` lives: `evaluate.models[name]`, `base_model.name_or_path` for the
-    base, else `paths.models/<name>` (the SFT and RLVR stages' outputs)."""
+    base (its converted checkpoint for a GGUF source), else `paths.models/<name>` (the SFT and
+    RLVR stages' outputs)."""
     if name in params.evaluate.models:
         return params.evaluate.models[name]
     if name == PROMPT_ONLY:
-        return params.base_model.name_or_path
+        return params.base_model_path()
     return str(params.paths.models / name)
 
 
