@@ -120,9 +120,7 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     return plain.eval()
 
 
-def fix_special_tokens(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-) -> PreTrainedTokenizerBase:
+def fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Pad with `<|endoftext|>`, stop at `<|im_end|>`.
 
     SmolLM2's GGUF pads with `<|im_end|>`, its end-of-turn token: a collator or decoder that drops
@@ -142,7 +140,6 @@ def fix_special_tokens(
         gen.eos_token_id = sorted(set(stops))
         gen.pad_token_id = pad_id
         gen.do_sample = False
-    return tokenizer
 
 
 def convert_gguf(source: str, out: Path) -> dict[str, Any]:
@@ -168,7 +165,7 @@ def convert_gguf(source: str, out: Path) -> dict[str, Any]:
         raise GGUFSourceError(f"reading {gguf} needs the gguf package: {INSTALL_HINT}") from exc
     model = plain_copy(loaded)
     del loaded
-    tokenizer = fix_special_tokens(model, tokenizer)
+    fix_special_tokens(model, tokenizer)
     tmp = out.with_name(out.name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
