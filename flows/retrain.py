@@ -92,13 +92,20 @@ def train_stage(stage: str, repo: str = ".") -> dict[str, Any]:
     return run_training_stage(stage, str(root), str(params.paths.reports)).as_dict()
 
 
-def run_local(repo: Path, ingest_source: str | None = None) -> bool:
+def run_local(
+    repo: Path, ingest_source: str | None = None, overrides: dict[str, Any] | None = None
+) -> bool:
     """Run `retrain` in this process (`tracetune run`); True when it completed.
 
     With no PREFECT_API_URL set, Prefect starts its temporary local API for the run and stops it
     afterwards, so the README's main command needs no server started by hand.
     """
-    state = retrain(repo=str(repo), ingest_source=ingest_source, return_state=True)
+    state = retrain(
+        repo=str(repo),
+        ingest_source=ingest_source,
+        params_overrides=overrides or None,
+        return_state=True,
+    )
     if state.is_completed():
         return True
     error = state.result(raise_on_failure=False)

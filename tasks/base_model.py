@@ -1,9 +1,11 @@
 """Stage `base_model`: build the embedded default base model, once, unless the user names another.
 
-`base_model.name_or_path` is a hub id or a local path. Only when it points at
-`paths.models / "base"` (the default) does this stage build anything: corpus, tokenizer, tiny
-Qwen2, pre-training (`tracetune.agent.base_model`). The build is cached by a hash of its config,
-template and corpus code, so a second run is a no-op even outside DVC.
+`base_model.name_or_path` is a hub id, a local path or a GGUF file. When it points at
+`paths.models / "base"` (the default) this stage builds the embedded model: corpus, tokenizer,
+tiny Qwen2, pre-training (`tracetune.agent.base_model`), cached by a hash of its config, template
+and corpus code. When it names a GGUF file (`*.gguf`, `pkg://PACKAGE/FILE.gguf`) this stage
+converts it into a plain checkpoint at the same path (`tracetune.agent.gguf_source`), cached by
+the file's content hash. Either way a second run is a no-op even outside DVC.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks._common import stage_params, write_json
-from tracetune.config import Params
+from tracetune.config import Params, is_gguf_source
 
 
 def embedded_path(params: Params) -> Path:
@@ -29,8 +31,27 @@ def is_embedded(params: Params) -> bool:
 def _foreign(path: Path) -> bool:
     """A model someone put at our path by hand (no build record): never overwrite it."""
     from tracetune.agent.base_model import read_build_info
+    from tracetune.agent.gguf_source import read_gguf_info
 
-    return (path / "config.json").exists() and read_build_info(path) is None
+    return (
+        (path / "config.json").exists()
+        and read_build_info(path) is None
+        and read_gguf_info(path) is None
+    )
+
+
+def convert(params: Params) -> dict[str, Any]:
+    """The GGUF source converted into `paths.models/base` (or found there already)."""
+    from tracetune.agent.gguf_source import convert_gguf
+
+    out = embedded_path(params)
+    if _foreign(out):
+        raise SystemExit(
+            f"error: {out} holds a model this stage did not make; move it away or point "
+            "base_model.name_or_path at it instead of a GGUF file"
+        )
+    info = convert_gguf(params.base_model.name_or_path, out)
+    return {"path": str(out), **info}
 
 
 def run(params: Params, progress: bool = True) -> dict[str, Any]:
@@ -40,6 +61,10 @@ def run(params: Params, progress: bool = True) -> dict[str, Any]:
     build = params.base_model.build
     out = embedded_path(params)
     metrics_path = params.paths.metrics / "base_model.json"
+    if is_gguf_source(params.base_model.name_or_path):
+        summary = convert(params)
+        write_json(metrics_path, summary)
+        return summary
     if not is_embedded(params) or _foreign(out):
         summary = {"status": "external", "name_or_path": params.base_model.name_or_path}
         write_json(metrics_path, summary)
@@ -78,9 +103,18 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     params = stage_params(argv)
+    out_path = embedded_path(params)
     if is_embedded(params):
-        console.print(f"[bold]base model[/]: building into {embedded_path(params)} if needed")
-    summary = run(params)
+        console.print(f"[bold]base model[/]: building into {out_path} if needed")
+    if is_gguf_source(params.base_model.name_or_path):
+        console.print(f"[bold]base model[/]: GGUF {params.base_model.name_or_path} -> {out_path}")
+    from tracetune.agent.gguf_source import GGUFSourceError
+
+    try:
+        summary = run(params)
+    except GGUFSourceError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise SystemExit(2) from None
     table = Table(title=f"Base model ({summary['status']})")
     table.add_column("metric")
     table.add_column("value", justify="right")

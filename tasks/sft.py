@@ -76,7 +76,7 @@ def run(params: Params) -> SFTResult:
             train = filter_families(paths["train"], params.sft.exclude_families, Path(tmp))
             return train_sft(
                 params.sft,
-                params.base_model.name_or_path,
+                params.base_model_path(),
                 train,
                 env.tool_schemas(),
                 paths["out"],
@@ -93,7 +93,7 @@ def run(params: Params) -> SFTResult:
             train = filter_families(paths["train"], params.sft.exclude_families, Path(tmp))
             result = train_sft(
                 params.sft,
-                params.base_model.name_or_path,
+                params.base_model_path(),
                 train,
                 env.tool_schemas(),
                 paths["out"],

@@ -193,13 +193,34 @@ def run_pipeline(
     ingest_source: Annotated[
         str | None, typer.Option(help="Log source (overrides ingest.source in params.yaml).")
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="A partial params file (e.g. params-smollm2.yaml) written over params.yaml first."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key.path=value written into params.yaml (after --profile)."),
+    ] = None,
 ) -> None:
     """Run the whole pipeline as the Prefect flow (the README's main job).
 
     Without PREFECT_API_URL, Prefect starts its temporary local API: no server to run by hand.
-    `dvc repro` runs the same stages without Prefect.
+    `dvc repro` runs the same stages without Prefect. `--profile` and `--set` write their values
+    into params.yaml (comments kept) before the first stage, so dvc.lock records what ran
+    (`git checkout params.yaml` returns to the default).
     """
     import os
+
+    from tracetune.config import ParamsError, load_profile, parse_assignments
+
+    try:
+        overrides = load_profile(profile) if profile else {}
+        overrides |= parse_assignments(set_ or [])
+    except ParamsError as exc:
+        typer.secho(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     # Set before Prefect is imported: it reads its settings once (STACK.md, Prefect 3.8.8 traps).
     for key, value in {
@@ -213,7 +234,7 @@ def run_pipeline(
         raise typer.Exit(2)
     from flows.retrain import run_local
 
-    if not run_local(params.resolve().parent, ingest_source=ingest_source):
+    if not run_local(params.resolve().parent, ingest_source=ingest_source, overrides=overrides):
         raise typer.Exit(1)
 
 

@@ -129,11 +129,19 @@ class BaseModelBuild(Section):
     seed: int = Field(0, ge=0)
 
 
+def is_gguf_source(name_or_path: str) -> bool:
+    """Whether `base_model.name_or_path` names a GGUF file (a path or `pkg://PACKAGE/FILE`)."""
+    return name_or_path.startswith("pkg://") or name_or_path.lower().endswith(".gguf")
+
+
 class BaseModelParams(Section):
-    """The agent's base model: a hub id or a local path.
+    """The agent's base model: a hub id, a local path, or a GGUF file.
 
     The default `models/base` is the embedded tiny model that `tasks.base_model` builds (once,
-    cached by config hash); any other hub id or path is used as it is and nothing is built.
+    cached by config hash). A GGUF source (`*.gguf` or `pkg://PACKAGE/FILE.gguf`) is converted by
+    the same stage into a plain checkpoint at `paths.models/base` (once, cached by the file's
+    content hash), which every later stage loads (`Params.base_model_path`). Any other hub id or
+    path is used as it is and nothing is built.
     """
 
     name_or_path: str = "models/base"
@@ -721,6 +729,11 @@ class Params(Section):
     orchestrate: OrchestrateParams = OrchestrateParams()
     registry: RegisterParams = RegisterParams()  # `register` would shadow ABCMeta.register
 
+    def base_model_path(self) -> str:
+        """What later stages load as the base: the converted checkpoint for a GGUF source."""
+        name = self.base_model.name_or_path
+        return str(self.paths.models / "base") if is_gguf_source(name) else name
+
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml; errors name the offending key path (e.g. `sft.lr`)."""
@@ -786,3 +799,46 @@ def check_environment(params: EnvironmentParams, source: str = "params") -> None
         raise fail(
             "kwargs", f"{cls.__name__}(**kwargs).tasks(1) failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested mapping's leaves (lists and empty mappings are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out |= flatten(value, dotted)
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_profile(path: Path | str) -> dict[str, Any]:
+    """A profile (e.g. params-smollm2.yaml) as dotted-key overrides of params.yaml.
+
+    A profile is a partial params tree in the same schema: only the keys it changes. It is
+    validated here against the defaults, and again merged over params.yaml when applied
+    (`tracetune run --profile`), so a typo fails before anything runs.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ParamsError(f"profile not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: a profile is a mapping of params.yaml sections")
+    parse_params(raw, source=str(path))
+    return flatten(raw)
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`key.path=value` strings (values read as YAML: numbers, booleans, lists) as overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"expected key.path=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out

@@ -80,6 +80,19 @@ def test_the_mask_keeps_the_value_on_the_way_to_a_candidate() -> None:
     assert allowed_tokens(ORDER, ' "O-9', values, vocab) is None  # off every candidate: free
 
 
+def test_whitespace_before_a_value_is_bounded() -> None:
+    """Found on SmolLM2's vocabulary (hundreds of whitespace-only tokens): the mask offered
+    whitespace before the value without limit, so a value could never start."""
+    texts = [" ", "  ", "\n\t\t", "        ", '"O-12"', ' "O-12"']
+    vocab = Vocabulary(texts)
+    first = allowed_tokens(ORDER, "", ["O-12"], vocab)
+    assert first is not None and {texts[i] for i in first} == {" ", "  ", '"O-12"', ' "O-12"'}
+    second = allowed_tokens(ORDER, " ", ["O-12"], vocab)
+    assert second is not None and {texts[i] for i in second} == {" ", '"O-12"', ' "O-12"'}
+    third = allowed_tokens(ORDER, "  ", ["O-12"], vocab)
+    assert third is not None and {texts[i] for i in third} == {'"O-12"'}  # no more space
+
+
 def test_a_number_may_end_only_where_a_candidate_ends() -> None:
     texts = ["4", "47", "5", ".", ",", "}", "7", " "]
     vocab = Vocabulary(texts)

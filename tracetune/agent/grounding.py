@@ -32,6 +32,10 @@ from typing import Any
 from tracetune.environments.base import STANDALONE_NUMBER, Grounded
 
 MAX_WORDS = 6  # longest free-text span offered as a candidate (a product name, a city)
+# Whitespace allowed between `"key":` and a grounded value. Bounded: SmolLM2's byte-level BPE has
+# hundreds of whitespace-only tokens (runs of spaces, tabs, newlines), and an unbounded allowance
+# let a value never start (the mask offered whitespace forever).
+MAX_LEADING_SPACE = 2
 _TOOL_CALL = re.compile(r"<tool_call>((?:(?!</tool_call>).)*)$", re.S)
 _NAME = re.compile(r'"name"\s*:\s*"([^"\\]*)"')
 # The argument being written: `"arguments": {..., "key": <rest of the text>` (rest: the value so
@@ -156,12 +160,13 @@ def allowed_tokens(
     if not remaining:
         return None
     ids: set[int] = set()
+    room = 0 if started else MAX_LEADING_SPACE - len(written)  # whitespace still allowed
     for rest in dict.fromkeys(remaining):
-        for text in (rest, " " + rest) if not started else (rest,):  # " 4", ' "O': the space
+        for text in (rest, " " + rest) if room > 0 else (rest,):  # " 4", ' "O': the space
             ids.update(vocab.prefixes_of(text))
             ids.update(vocab.past_the_end(text, "" if rule.number else AFTER_STRING))
-    if not started:
-        ids.update(vocab.whitespace)
+    if room > 0:
+        ids.update(i for i in vocab.whitespace if len(vocab.texts[i]) <= room)
     return ids or None
 
 

@@ -101,12 +101,13 @@ def select_heldout(env: Environment, params: Params) -> HeldoutSet:
 
 def model_path(params: Params, name: str) -> str:
     """Where model `name` lives: `evaluate.models[name]`, `base_model.name_or_path` for the
-    base, else the SFT / RLVR stage's output `paths.models/<name>/merged` (or, when that
-    folder has no `merged`, `paths.models/<name>` itself: a model saved there whole)."""
+    base (its converted checkpoint for a GGUF source), else the SFT / RLVR stage's output
+    `paths.models/<name>/merged` (or, when that folder has no `merged`, `paths.models/<name>`
+    itself: a model saved there whole)."""
     if name in params.evaluate.models:
         return params.evaluate.models[name]
     if name == PROMPT_ONLY:
-        return params.base_model.name_or_path
+        return params.base_model_path()
     merged = params.paths.models / name / "merged"
     return str(merged if merged.is_dir() else params.paths.models / name)
 
