@@ -45,8 +45,9 @@ class EnvironmentParams(Section):
     class_path: str = "tracetune.environments.support_desk.SupportDesk"
     max_steps: int = Field(15, ge=1, description="hard cap on tool calls per episode")
     kwargs: dict[str, Any] = Field(
-        default_factory=lambda: {"db_seed": 1234},
-        description="constructor arguments of class_path (the default: SupportDesk's world seed)",
+        default_factory=dict,
+        description="constructor arguments of class_path; none by default, so that a class "
+        "named without kwargs gets none meant for another (SupportDesk: db_seed 1234 built in)",
     )
     grounded_arguments: bool = Field(
         True,
@@ -71,7 +72,7 @@ class FaultRates(Section):
         0.0, ge=0, le=1, description="answers after only some of the oracle's calls"
     )
     skip_user_turn: float = Field(
-        0.0,
+        0.2,
         ge=0,
         le=1,
         description="never waits for the user: acts on the reply the user would have given"

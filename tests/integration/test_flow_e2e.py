@@ -199,7 +199,12 @@ def test_every_defined_stage_end_to_end_then_nothing_to_do(harness: None, tmp_pa
 @pytest.mark.parametrize(
     ("registered", "mode", "status", "note"),
     [
-        ({"version": 3, "verdict": "passed"}, "auto", "skipped", "tracetune approve 3"),
+        (
+            {"version": 3, "verdict": "passed"},
+            "auto",
+            "skipped",
+            "tracetune approve tracetune-agent 3 --by",
+        ),
         ({"version": 3, "verdict": "failed"}, "inline", "skipped", "failed the promotion gate"),
         ({"version": 3, "verdict": "passed", "auto_approved": True}, "inline", "skipped", "auto"),
         (None, "deployment", "skipped", "nothing newly registered"),

@@ -68,7 +68,7 @@ def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         for key, value in CREDS.items():
             mp.setenv(key, value)
         mp.delenv("AWS_ENDPOINT_URL", raising=False)
-        mp.setenv("TRACETUNE_PII_KEY", "s3-fault-tests")
+        mp.setenv("TRACETUNE_PII_KEY", "s3-fault-tests-random-0c9f2e7a")
         try:
             deadline = time.monotonic() + 30
             while True:

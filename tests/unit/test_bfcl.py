@@ -347,7 +347,13 @@ def test_early_answers_with_a_multi_turn_user_answer_every_later_turn(tmp_path: 
     """The simulator's early-answer fault with BFCL's several user turns: the agent stops
     calling and gives the same answer to every later request (it raised "the user replied to
     the solver's final answer" before), and BFCL's verdict fails those sessions."""
-    faults = {"early_answer": 0.5, "corrupt_line": 0.0, "duplicate_session": 0.0}
+    # skip_user_turn stays off, as params-bfcl.yaml has it: BFCL's later turns are new requests
+    faults = {
+        "early_answer": 0.5,
+        "corrupt_line": 0.0,
+        "duplicate_session": 0.0,
+        "skip_user_turn": 0.0,
+    }
     params = bfcl_params(tmp_path, simulate={"files": 1, "n_trajectories": 40, "faults": faults})
     result = runner.invoke(app, ["simulate-logs", "--params", str(params)])
     assert result.exit_code == 0, result.output

@@ -273,7 +273,10 @@ def test_simulated_multi_turn_logs_pass_ingest(tmp_path: Path) -> None:
     from tracetune.trajectories.io import read_trajectories
     from tracetune.trajectories.simulator import write_logs
 
-    params = parse_params({"simulate": {"n_trajectories": 96, "seed": 3, "files": 1}})
+    no_skips = {"skip_user_turn": 0.0}  # every multi-turn session asks first (its own test below)
+    params = parse_params(
+        {"simulate": {"n_trajectories": 96, "seed": 3, "files": 1, "faults": no_skips}}
+    )
     summary = write_logs(SupportDesk(max_steps=60), params.simulate, tmp_path / "logs")
     assert {f: summary.family_total[f] > 0 for f in MULTI_TURN} == dict.fromkeys(MULTI_TURN, True)
     paths = IngestPaths(

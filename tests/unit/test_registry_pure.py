@@ -180,10 +180,16 @@ def test_local_store_detection(uri: str, local: bool) -> None:
     assert (local_store_path(uri) is not None) is local
 
 
-def test_lock_file_sits_beside_the_store(tmp_path: Path) -> None:
+def test_lock_files_live_outside_the_workspace_one_folder_per_store(tmp_path: Path) -> None:
+    import tempfile
+
     store = local_store_path(f"sqlite:///{tmp_path}/mlflow.db")
     assert store == tmp_path / "mlflow.db"
-    assert lock_file_for(store, "my agent/v") == tmp_path / "mlflow.db.my_agent_v.lock"
+    lock = lock_file_for(store, "my agent/v")
+    assert lock.name == "my_agent_v.lock" and not lock.is_relative_to(tmp_path)
+    assert lock.is_relative_to(Path(tempfile.gettempdir()) / "tracetune-locks")
+    other = lock_file_for(tmp_path / "elsewhere" / "mlflow.db", "my agent/v")
+    assert other != lock  # two workspaces never share a lock by accident
 
 
 def _hold(path: str, seconds: float, ready: mp.synchronize.Event) -> None:  # type: ignore[name-defined]
