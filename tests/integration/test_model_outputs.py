@@ -278,7 +278,7 @@ def test_a_failed_sft_stage_leaves_no_metrics_that_look_current(
     metrics = params.paths.metrics / "sft.json"
     metrics.parent.mkdir(parents=True)
     metrics.write_text(json.dumps({"steps": 30, "mlflow_run_id": "an-older-run"}))
-    with pytest.raises(ValueError, match="fits sft.max_length=32"):
+    with pytest.raises(ValueError, match=r"fits sft\.max_length=32"):
         stage.run(params)
     assert not metrics.exists()
     client = MlflowClient(tracking_uri=params.tracking.tracking_uri)
