@@ -510,12 +510,26 @@ class Scrubber:
                 elif kind is dict or kind is list:
                     stack.append(value)
         if found:  # the same values wherever else they appear (user text, answers, ids)
-            values = _Values(found)
-            literals = tuple(found)
-            for node, key, value in _strings(obj):
-                if any(v in value for v in literals):
-                    node[key] = self._apply_values(value, values)
+            self._apply_found(obj, found)
         return obj
+
+    def _apply_found(self, obj: dict[str, Any] | list[Any], found: dict[str, str]) -> None:
+        """`_strings(obj)` inlined (a generator and a list per node cost more than the test):
+        strings that hold a found value get it replaced. Values are reassigned under existing
+        keys only, so walking the live containers is safe."""
+        values: _Values | None = None
+        literals = tuple(found)
+        stack: list[Any] = [obj]
+        while stack:
+            node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if isinstance(value, str):
+                    if any(v in value for v in literals):
+                        values = values or _Values(found)
+                        node[key] = self._apply_values(value, values)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
 
     def _keyed_of(self, text: str) -> tuple[tuple[str, str], ...]:
         """(kind, value) of every PII-key value in a JSON text (cached; () for most texts)."""
