@@ -230,3 +230,26 @@ def test_foreign_harness_plain_text_errors_are_flagged_like_json_ones() -> None:
     report = curate((json.dumps(r) for r in foreign), params, out)
     assert report.failing["error_retries"] == expected
     assert report.as_dict()["with_tool_errors"] >= expected
+
+
+def test_tool_error_verdict_cache_keeps_verdicts_and_stays_out_of_pickles() -> None:
+    """`ToolErrorRule.matches` caches per text (curation asks twice per message): the cached
+    answer is the computed one, each rule keeps its own, the cache is bounded, and it does not
+    travel to curation's workers with the rule."""
+    import pickle
+
+    from tracetune.trajectories import tool_errors
+
+    rule = tool_errors.ToolErrorRule()
+    strict = tool_errors.ToolErrorRule(json_keys=("failed",), text_patterns=())
+    for _ in range(2):  # computed, then cached
+        assert rule.matches('{"error": "order not found"}')
+        assert not rule.matches('{"error": null, "ok": true}')
+        assert rule.matches("Error: timeout")
+        assert not strict.matches("Error: timeout")  # another rule, its own verdict
+        assert strict.matches('{"failed": true}')
+    assert pickle.loads(pickle.dumps(rule)).__dict__.get("_verdicts") is None
+    for i in range(tool_errors._VERDICTS_LIMIT + 5):
+        rule.matches(f'{{"i": {i}}}')
+    assert len(rule._verdicts) <= tool_errors._VERDICTS_LIMIT
+    assert rule.matches('{"error": "order not found"}')

@@ -357,3 +357,24 @@ def test_tool_results_are_strict_json(tool: str) -> None:
     env = _NanTool()
     env.reset(env.tasks(1, seed=0)[0])
     _assert_error_observation(env.step(Call(tool, "{}")), "tool_exception")
+
+
+def test_call_problem_verdict_cache_gives_the_same_answer_and_stays_bounded() -> None:
+    """The verdict cache of `call_problem` (an ingest speed-up) never changes a verdict: a
+    hostile text is refused the second time too, a name is checked on every call, and the
+    cache neither grows past its limit nor keeps long texts."""
+    from tracetune.environments import bounds
+
+    hostile = '{"n": ' + "9" * 40 + "}"
+    first = bounds.call_problem("lookup", hostile)
+    assert first is not None and "beyond" in first
+    assert bounds.call_problem("lookup", hostile) == first  # from the cache, same verdict
+    assert bounds.call_problem("lookup", '{"n": 1}') is None
+    assert bounds.call_problem("x" * 200, '{"n": 1}') is not None  # cached args, bad name
+    long_ok = json.dumps({"note": "y" * 2_000})
+    assert bounds.call_problem("lookup", long_ok) is None
+    assert long_ok not in bounds._VERDICTS
+    for i in range(bounds._VERDICTS_LIMIT + 5):
+        bounds.call_problem("lookup", f'{{"i": {i}}}')
+    assert len(bounds._VERDICTS) <= bounds._VERDICTS_LIMIT
+    assert bounds.call_problem("lookup", hostile) == first

@@ -469,3 +469,39 @@ def test_pii_in_json_keys_is_replaced(scrubber: Scrubber) -> None:
     out = json.loads(scrubber.scrub_text(result))
     assert not find_pii(json.dumps(out)) and list(out)[1] == "total"
     assert out[scrubber.pseudonym("email", "ana.smith1@example.com")] == {"orders": 2}
+
+
+_SHAPED = st.one_of(
+    st.from_regex(
+        r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
+        r"(Z|[+-][0-9]{2}:[0-9]{2})?\Z",
+        fullmatch=True,
+    ),
+    st.from_regex(r"\A[A-Za-z_]{1,6}(-[0-9]{1,14}){1,4}\Z", fullmatch=True),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SHAPED)
+def test_timestamps_and_dashed_ids_skip_the_detectors_only_where_they_find_nothing(
+    text: str,
+) -> None:
+    """The scrub's shortcut for whole timestamps and dashed ids (`tr-100-000000`, unique per
+    trajectory, so never cached) is exact: the detectors, run anyway, leave the text alone."""
+    from tracetune.trajectories.pii import _NO_PII_SHAPE
+
+    assert text.isascii() and _NO_PII_SHAPE.fullmatch(text)
+    detector = Scrubber(PiiParams(card_luhn=False, phone_min_digits=5), key=b"k")
+    assert detector._scrub_string(text) == text  # the full path: no detector matches
+    assert find_pii(text) == []
+    assert detector.scrub_text(text) == text
+
+
+def test_the_shape_shortcut_never_covers_pii_beside_a_timestamp_or_id(scrubber: Scrubber) -> None:
+    for text in (
+        "2026-11-01T00:00:21+00:00 +1 555 123 4567",
+        "tr-100-000000 ana@example.com",
+        "tr-100 555-123-4567",
+        "+1 555 123 4567",
+    ):
+        assert scrubber.scrub_text(text) != text, text

@@ -138,13 +138,38 @@ def parse_arguments(raw: object) -> dict[str, Any] | str:
     return value
 
 
+# Verdicts on argument texts already checked (ingest meets the same calls in thousands of
+# trajectories; parsing them again was a tenth of the ingest stage's time). Bounded: cleared
+# when full, and only short texts are kept, so the cache stays a few MB at most.
+_VERDICTS: dict[str, str | None] = {}
+_VERDICTS_LIMIT = 20_000
+_VERDICT_MAX_CHARS = 1_024
+
+
 def call_problem(name: object, arguments: object) -> str | None:
     """Why a logged tool call is out of bounds, or None. Malformed JSON is not a problem here:
     it is an agent fault the gates count and curation filters, not a hostile value."""
+    try:
+        check_name(name)
+    except OutOfBounds as exc:
+        return str(exc)
+    if not isinstance(arguments, str) or len(arguments) > _VERDICT_MAX_CHARS:
+        return _arguments_problem(arguments)
+    try:
+        return _VERDICTS[arguments]
+    except KeyError:
+        pass
+    problem = _arguments_problem(arguments)
+    if len(_VERDICTS) >= _VERDICTS_LIMIT:
+        _VERDICTS.clear()
+    _VERDICTS[arguments] = problem
+    return problem
+
+
+def _arguments_problem(arguments: object) -> str | None:
     import orjson
 
     try:
-        check_name(name)
         if not isinstance(arguments, str):
             check_value(arguments)
             return None

@@ -153,6 +153,17 @@ _NOT_PHONE = re.compile(r"\d+\.\d+|.*\d{4}-\d\d-\d\d.*")  # a float, a date
 _PREFILTER = re.compile(
     r"@|\+\d|\d(?:\d{6}|\d{1,4}[ ().-]{1,2}\d{6}|\d{2}[ ().-]{1,2}\d{2,4}[ ().-]{1,2}\d{3})"
 )
+# Whole strings the prefilter passes but no detector can match in: an ISO timestamp with an
+# offset (`2026-11-01T00:00:21+00:00`: the `+0` passes) and a dashed id (`tr-100-000000`). In
+# both, every digit follows a digit, a letter, `-`, `.`, `:`, `+` or `T`, where no detector may
+# start, except the timestamp's first, whose run stops at the `T` after 8 digits. Every
+# trajectory has unique ones, so the cache cannot help, and running the detectors over them
+# was a tenth of the scrub's time.
+_NO_PII_SHAPE = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d(?::\d\d(?:\.\d{1,9})?)?(?:Z|[+-]\d\d:\d\d)?"
+    r"|[A-Za-z_]+(?:-\d+)+",
+    re.ASCII,
+)
 # JSON escapes in raw (undecodable) text: the scrub runs between them.
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.S)
 _UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -386,7 +397,7 @@ class Scrubber:
 
     def _may_hold_pii(self, text: str) -> bool:
         if _PREFILTER.search(text):
-            return True
+            return _NO_PII_SHAPE.fullmatch(text) is None
         return _is_json_shaped(text) and bool(self._keyed_of(text))
 
     def _any_pii(self, text: str) -> bool:
@@ -499,12 +510,26 @@ class Scrubber:
                 elif kind is dict or kind is list:
                     stack.append(value)
         if found:  # the same values wherever else they appear (user text, answers, ids)
-            values = _Values(found)
-            literals = tuple(found)
-            for node, key, value in _strings(obj):
-                if any(v in value for v in literals):
-                    node[key] = self._apply_values(value, values)
+            self._apply_found(obj, found)
         return obj
+
+    def _apply_found(self, obj: dict[str, Any] | list[Any], found: dict[str, str]) -> None:
+        """`_strings(obj)` inlined (a generator and a list per node cost more than the test):
+        strings that hold a found value get it replaced. Values are reassigned under existing
+        keys only, so walking the live containers is safe."""
+        values: _Values | None = None
+        literals = tuple(found)
+        stack: list[Any] = [obj]
+        while stack:
+            node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if isinstance(value, str):
+                    if any(v in value for v in literals):
+                        values = values or _Values(found)
+                        node[key] = self._apply_values(value, values)
+                elif isinstance(value, dict | list):
+                    stack.append(value)
 
     def _keyed_of(self, text: str) -> tuple[tuple[str, str], ...]:
         """(kind, value) of every PII-key value in a JSON text (cached; () for most texts)."""

@@ -44,10 +44,34 @@ class ToolErrorRule:
         return re.compile("|".join(f"(?:{p})" for p in self.text_patterns))
 
     def matches(self, content: Any) -> bool:
-        """True when `content` (a tool message's content) reports a failed call."""
+        """True when `content` (a tool message's content) reports a failed call.
+
+        Verdicts on short texts are cached (bounded): curation asks twice per tool message (its
+        retry rule and its error count), and tool results repeat across trajectories.
+        """
         text = _text(content)
         if text is None:
             return False
+        if len(text) > _VERDICT_MAX_CHARS:
+            return self._matches(text)
+        verdicts = self._verdicts
+        verdict = verdicts.get(text)
+        if verdict is None:
+            verdict = self._matches(text)
+            if len(verdicts) >= _VERDICTS_LIMIT:
+                verdicts.clear()
+            verdicts[text] = verdict
+        return verdict
+
+    @cached_property
+    def _verdicts(self) -> dict[str, bool]:
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the verdict cache: the rule travels to curation's workers with every chunk."""
+        return {k: v for k, v in self.__dict__.items() if k != "_verdicts"}
+
+    def _matches(self, text: str) -> bool:
         payload = _json_object(text)
         if payload is not None:
             return any(_truthy(payload.get(key)) for key in self.json_keys)
@@ -87,6 +111,9 @@ def build_rule(
 
 
 DEFAULT_RULE = ToolErrorRule()
+# Verdicts a rule keeps (see `ToolErrorRule.matches`); its cache is cleared when full.
+_VERDICTS_LIMIT = 20_000
+_VERDICT_MAX_CHARS = 4_096
 
 
 def _text(content: Any) -> str | None:
