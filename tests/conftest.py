@@ -56,7 +56,9 @@ def golden_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small train.jsonl of clean successful simulated trajectories (recipe's golden rule)."""
     from tracetune.trajectories.simulator import iter_log_lines
 
-    params = parse_params({"simulate": {"n_trajectories": 160, "seed": 13}})
+    # Drawn before the skip_user_turn fault existed: the same trajectories as the tests expect.
+    simulate = {"n_trajectories": 160, "seed": 13, "faults": {"skip_user_turn": 0.0}}
+    params = parse_params({"simulate": simulate})
     out = tmp_path_factory.mktemp("golden") / "train.jsonl"
     with out.open("w") as fh:
         for line, record, _ in iter_log_lines(SupportDesk(max_steps=60), params.simulate):

@@ -25,7 +25,9 @@ GOODBYE = "Thanks, that is all I needed. Bye!"
 
 def episodes(n: int, seed: int = 21) -> list[dict[str, Any]]:
     """`n` simulated production episodes (our layout), faults and failures included."""
-    params = parse_params({"simulate": {"n_trajectories": n, "seed": seed}})
+    # The fixtures were drawn before the skip_user_turn fault existed: keep those episodes.
+    simulate = {"n_trajectories": n, "seed": seed, "faults": {"skip_user_turn": 0.0}}
+    params = parse_params({"simulate": simulate})
     out = []
     for _, record, faults in iter_log_lines(SupportDesk(max_steps=60), params.simulate):
         if record is not None and "duplicate_session" not in faults:
