@@ -447,10 +447,7 @@ class Scrubber:
                 if new != value:
                     node[key] = new
                     changed = True
-        if not changed:
-            return text
-        ensure_ascii, separators = _json_style(text)
-        return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+        return _dumps_like(text, decoded) if changed else text
 
     def _scrub_keys(self, node: dict[str, Any]) -> bool:
         """Rename keys that are PII (`{"ana@example.com": {...}}`), keeping their order."""
@@ -557,10 +554,7 @@ class Scrubber:
                     if new != value:
                         node[key] = new
                         changed = True
-                if not changed:
-                    return text
-                ensure_ascii, separators = _json_style(text)
-                return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
+                return _dumps_like(text, decoded) if changed else text
         return values.sub(text, self)
 
     def _keyed_values(self, text: str) -> tuple[tuple[str, str], ...]:
@@ -729,6 +723,12 @@ def _is_pseudonym_value(value: str) -> bool:
 def _is_json_shaped(text: str) -> bool:
     head, tail = text[:1], text[-1:]
     return (head == "{" and tail == "}") or (head == "[" and tail == "]")
+
+
+def _dumps_like(text: str, decoded: Any) -> str:
+    """`decoded` written back as JSON in the style of the text it came from."""
+    ensure_ascii, separators = _json_style(text)
+    return json.dumps(decoded, ensure_ascii=ensure_ascii, separators=separators)
 
 
 def _json_style(text: str) -> tuple[bool, tuple[str, str] | None]:
