@@ -739,13 +739,18 @@ class Params(Section):
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml; errors name the offending key path (e.g. `sft.lr`)."""
     path = Path(path)
+    return parse_params(read_yaml(path, "params file"), source=str(path))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing or malformed file is a `ParamsError`
+    naming the file, so params files and profiles fail the same way."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
-        raise ParamsError(f"params file not found: {path}") from exc
+        raise ParamsError(f"{what} not found: {path}") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_params(raw, source=str(path))
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
@@ -822,12 +827,7 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     (`tracetune run --profile`), so a typo fails before anything runs.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ParamsError(f"profile not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "profile")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: a profile is a mapping of params.yaml sections")
     parse_params(raw, source=str(path))
