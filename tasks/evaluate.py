@@ -59,7 +59,8 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     """Evaluate `model`; returns (and writes) the metrics payload."""
     import mlflow
 
-    from tracetune.agent.rollout import EnvPool, env_factory_from_params
+    from tracetune.agent.rollout import EnvPool
+    from tracetune.environments.pseudonymised import model_env_factory
     from tracetune.evaluation import harness
     from tracetune.evaluation.metrics import deltas, flatten, summarize
     from tracetune.evaluation.plots import write_plots
@@ -70,7 +71,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     ev = params.evaluate
     paths = eval_paths(params, model)
     harness.pricing_for(ev, model)  # fail before any rollout when prices are missing
-    envs = EnvPool(env_factory_from_params(params.environment))
+    envs = EnvPool(model_env_factory(params))  # the world as training data showed it
     probe = envs.acquire()
     heldout = harness.select_heldout(probe, params)
     max_turns = harness.turn_limit(ev, probe)

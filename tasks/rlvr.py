@@ -145,8 +145,8 @@ def run(params: Params) -> RLVRResult:
 
 
 def _train(params: Params, paths: dict[str, Path], decision: Decision, sft_md5: str) -> RLVRResult:
-    from tracetune.agent.rollout import env_factory_from_params
     from tracetune.environments.base import load_environment
+    from tracetune.environments.pseudonymised import model_env_factory
     from tracetune.training.grpo import train_rlvr, training_tasks
 
     rl = params.rlvr
@@ -157,7 +157,7 @@ def _train(params: Params, paths: dict[str, Path], decision: Decision, sft_md5: 
         raise ValueError(f"no training tasks left for rlvr.families={rl.families}")
     # The episode's step cap: `max_episode_steps` turns can make at most that many calls
     # each, so the environment's own cap (tool calls) stays the one in params.
-    factory = env_factory_from_params(params.environment)
+    factory = model_env_factory(params)  # the world as the SFT data showed it
     env_key = json.dumps(params.environment.model_dump(mode="json"), sort_keys=True)
     return train_rlvr(
         rl,

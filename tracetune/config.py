@@ -478,6 +478,11 @@ class PiiParams(Section):
         Path(".tracetune/pii.key"),
         description="the embedded demo's random per-workspace key (gitignored, dvcignored)",
     )
+    at_serving: bool = Field(
+        True,
+        description="evaluation, RLVR and serving show the model pseudonymised text, as in"
+        " its training data, and restore the values in its tool calls and answers",
+    )
 
     @field_validator("phone_region")
     @classmethod

@@ -134,6 +134,27 @@ def test_the_oracle_solves_what_it_claims(env: Environment) -> None:
         assert result.ended_by == episode.ended_by
 
 
+def test_the_oracle_solves_as_much_behind_the_pseudonymisation(env: Environment) -> None:
+    """Evaluation, RLVR and serving put the environment behind the ingest's PII scrub
+    (`ingest.pii.at_serving`): whatever the environment, the same oracle, reading pseudonyms
+    and sending values that are restored on the way in, must solve the same tasks."""
+    from tracetune.config import PiiParams
+    from tracetune.environments.pseudonymised import PseudonymisedEnvironment
+    from tracetune.trajectories.pii import Scrubber
+
+    tasks = env.tasks(min(12, sample_size(env)), seed=3)
+    if env.oracle(tasks[0]) is None:
+        pytest.skip(f"{env.name} has no oracle")
+    scrubber = Scrubber(PiiParams(), b"conformance key, long enough", remember=True)
+    policy = ScriptedPolicy(env.require_oracle)
+    config = RolloutConfig(max_turns=env.max_turns, batch_size=4)
+    wrapped = run_rollouts(
+        tasks, policy, lambda: PseudonymisedEnvironment(type(env)(), scrubber), config,
+        progress=False,
+    )  # fmt: skip
+    assert [t.id for t, r in zip(tasks, wrapped, strict=True) if not r.outcome.success] == []
+
+
 def test_hostile_arguments_become_error_observations(env: Environment) -> None:
     task = env.tasks(1, seed=0)[0]
     hostile: list[str | dict[str, object]] = ["{not json", "[1, 2]", '"a string"', "null"]

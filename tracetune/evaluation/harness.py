@@ -145,6 +145,8 @@ def cache_key(
 ) -> str:
     """Everything that shapes a model's rollouts (batch size does not: rows are independent).
     `max_turns`: the resolved turn limit (default: `evaluate.max_turns` as written)."""
+    from tracetune.environments.pseudonymised import serves_pseudonymised
+
     ev = params.evaluate
     shaping = {
         "model": model_fingerprint(name_or_path),
@@ -159,6 +161,7 @@ def cache_key(
         },
         "environment": params.environment.model_dump(mode="json"),
         "grounding": grounding_rules(params) if params.environment.grounded_arguments else None,
+        "pseudonymised": serves_pseudonymised(params),  # what the model reads (PII at serving)
     }
     raw = json.dumps(shaping, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]

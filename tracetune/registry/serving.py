@@ -120,19 +120,16 @@ def run_episode(
     *,
     name: str = "champion",
     max_new_tokens: int = 128,
-) -> tuple[Any, float]:
-    """One greedy episode through the rollout engine; (RolloutResult, seconds)."""
-    from tracetune.agent.rollout import (
-        ModelPolicy,
-        RolloutConfig,
-        env_factory_from_params,
-        run_rollouts,
-    )
+) -> tuple[Any, float, str | None]:
+    """One greedy episode through the rollout engine; (RolloutResult, seconds, the answer the
+    user receives: pseudonyms the model copied restored to the real values)."""
+    from tracetune.agent.rollout import ModelPolicy, RolloutConfig, run_rollouts
+    from tracetune.environments.pseudonymised import PseudonymisedEnvironment, model_env_factory
 
-    factory = env_factory_from_params(params.environment)
+    env = model_env_factory(params)()  # the world as the training data showed it
     # The evaluation's turn limit (by default the environment's own), so a served episode
     # gets the turns an evaluated one gets.
-    turns = params.evaluate.max_turns or factory().max_turns
+    turns = params.evaluate.max_turns or env.max_turns
     config = RolloutConfig(
         max_new_tokens=max_new_tokens, max_turns=turns, batch_size=1, greedy=True
     )
@@ -142,13 +139,17 @@ def run_episode(
     (result,) = run_rollouts(
         [task],
         policy,
-        factory,
+        lambda: env,
         config,
         pricing=params.simulate.pricing,
         id_prefix=f"predict-{name}",
         progress=False,
     )
-    return result, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    answer = result.trajectory.final_answer
+    if isinstance(env, PseudonymisedEnvironment):
+        answer = env.restore(answer)
+    return result, seconds, answer
 
 
 def predict(
@@ -174,7 +175,7 @@ def predict(
     task = pick_task(env, task_id, seed)  # before the model loads: a typo fails at once
     uri = alias_uri(registry.name, alias)
     model, tokenizer = load_registered_agent(uri)
-    result, seconds = run_episode(
+    result, seconds, answer = run_episode(
         model, tokenizer, params, task, name=f"{registry.name}-v{version}",
         max_new_tokens=max_new_tokens,
     )  # fmt: skip
@@ -190,7 +191,7 @@ def predict(
         steps=int(traj.steps),
         ended_by=result.ended_by,
         failure=traj.failure,
-        final_answer=traj.final_answer,
+        final_answer=answer,
         seconds=round(seconds, 3),
         messages=[m.model_dump(exclude_none=True) for m in traj.messages],
     )

@@ -136,6 +136,8 @@ _TAG = re.compile(rf"<[a-z_]+:[0-9a-f]{{{TAG_HEX}}}>")
 
 # Emails, Unicode included (`jürgen.müller@example.de`, `josé@example.com`, IDN domains).
 _EMAIL = r"(?<![\w.%+-])\w[\w.%+-]*@(?:[\w-]+\.)+[^\W\d_]{2,24}(?![\w-])"
+# What `restore_pseudonyms` looks up: a tag, or an address (a pseudonym when `originals` has it).
+_ANY_PSEUDONYM = re.compile(rf"<[a-z_]+:[0-9a-f]{{{TAG_HEX}}}>|{_EMAIL}")
 # Standalone digit runs only: never inside a float (`0.04999999999999716`), an id (`O-10423`,
 # `trace_4111...`) or a longer number. Cards: 13 to 19 digits, grouped by single spaces/dashes.
 _CARD = r"(?<![\w.,+-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)"
@@ -293,9 +295,12 @@ class Scrubber:
 
     CACHE_LIMIT = 20_000  # entries per cache: a few MB at most
 
-    def __init__(self, params: PiiParams, key: bytes) -> None:
+    def __init__(self, params: PiiParams, key: bytes, *, remember: bool = False) -> None:
         self.params = params
         self.key = key
+        # pseudonym -> the value it replaced, kept only when asked (serving restores values in
+        # the model's tool arguments and answers; ingest never keeps them: memory and privacy).
+        self.originals: dict[str, str] | None = {} if remember else None
         kinds = []
         if params.emails:
             kinds.append(f"(?P<email>{_EMAIL})")
@@ -325,17 +330,18 @@ class Scrubber:
     def pseudonym(self, kind: str, value: str) -> str:
         norm = _normalise(kind, value, self.params.phone_region)
         cached = self._cache.get((kind, norm))
-        if cached is not None:
-            return cached
-        digest = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).digest()
-        if kind == "email":
-            out = _email_pseudonym(digest, norm)
-        else:
-            out = f"<{kind}:{digest.hex()[:TAG_HEX]}>"
-        if len(self._cache) >= self.CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[(kind, norm)] = out
-        return out
+        if cached is None:
+            digest = hmac.new(self.key, f"{kind}:{norm}".encode(), hashlib.sha256).digest()
+            if kind == "email":
+                cached = _email_pseudonym(digest, norm)
+            else:
+                cached = f"<{kind}:{digest.hex()[:TAG_HEX]}>"
+            if len(self._cache) >= self.CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[(kind, norm)] = cached
+        if self.originals is not None:
+            self.originals.setdefault(cached, value)
+        return cached
 
     def _count(self, kind: str, n: int = 1) -> None:
         self.counts[kind] += n
@@ -668,6 +674,14 @@ def pii_in(obj: Any) -> list[str]:
         return find_pii(obj)
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
     return [hit for value in values for hit in pii_in(value)]
+
+
+def restore_pseudonyms(text: str, originals: dict[str, str]) -> str:
+    """`text` with every pseudonym in `originals` replaced by the value it stands for (others,
+    e.g. one a model made up, stay as they are)."""
+    if not originals or ("<" not in text and "@" not in text):
+        return text
+    return _ANY_PSEUDONYM.sub(lambda m: originals.get(m.group(0), m.group(0)), text)
 
 
 def has_pseudonym(text: str) -> bool:
