@@ -29,7 +29,7 @@ from tracetune.cli import app
 from tracetune.environments import bfcl
 from tracetune.environments.base import AskUser, Call, Solver, Task, declared_splits
 from tracetune.environments.bfcl import BfclMultiTurn, _reference_solver
-from tracetune.evaluation.harness import do_nothing
+from tracetune.evaluation.harness import FLOOR_ANSWER, do_nothing
 from tracetune.trajectories.episode import run_scripted
 
 REPO = Path(__file__).parents[2]
@@ -188,6 +188,13 @@ def test_the_do_nothing_floor_is_zero(env: BfclMultiTurn) -> None:
                          progress=False)  # fmt: skip
     assert len(floor) == 200 and sum(r.outcome.success for r in floor) == 0
     assert all(not r.trajectory.messages[2].tool_calls for r in floor)  # it answered at once
+    # ... and declined every later request the same way (a finished solver used to answer
+    # BFCL's second turn with "(solver failed: RuntimeError)").
+    for r in floor:
+        said = [m.content for m in r.trajectory.messages if m.role == "assistant"]
+        assert set(said) == {FLOOR_ANSWER}, said
+        users = sum(m.role == "user" for m in r.trajectory.messages)
+        assert len(said) == users and r.ended_by == "answer"
     outcomes = [run_scripted(env, t, says_ok(t)).outcome for t in tasks]
     assert sum(o.success for o in outcomes) == 0
     assert {o.details["error_type"] for o in outcomes} == {"multi_turn:empty_turn_model_response"}
@@ -365,3 +372,23 @@ def test_early_answers_with_a_multi_turn_user_answer_every_later_turn(tmp_path: 
     for record in records:  # every session still hears every user turn
         users = [m for m in record["messages"] if m["role"] == "user"]
         assert len(users) == len(car.user_turns(car.task_by_id(record["task_id"])))
+
+
+def test_the_simulator_cannot_skip_a_turn_of_a_user_who_goes_on(env: BfclMultiTurn) -> None:
+    """`skip_user_turn` makes the simulated agent act without waiting for an answer; BFCL's
+    later user turns are new requests, so no answer can be skipped: every episode is logged
+    without that fault (it used to crash simulate-logs with "the user replied to the
+    solver's final answer")."""
+    import random
+
+    from tracetune.config import FaultRates, SimulateParams
+    from tracetune.trajectories.simulator import SKIP_USER_TURN, simulate_episode
+
+    rates = FaultRates().model_copy(update={SKIP_USER_TURN: 1.0})
+    params = SimulateParams().model_copy(update={"faults": rates})
+    for task in env.all_tasks()[:12]:
+        record, faults = simulate_episode(env, task, random.Random(task.id), params)
+        assert SKIP_USER_TURN not in faults
+        assert record.ended_by in ("answer", "terminated", "step_cap")
+        users = [m for m in record.messages if m["role"] == "user"]
+        assert len(users) == len(env.user_turns(task))  # every request was put and answered

@@ -40,7 +40,7 @@ from tracetune.agent.rollout import (
     run_rollouts,
 )
 from tracetune.config import EvaluateParams, Params, Pricing
-from tracetune.environments.base import Environment, Solver, Task
+from tracetune.environments.base import AskUser, Environment, Solver, Task
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.schema import Trajectory
 
@@ -245,9 +245,11 @@ def load_cached_rollouts(out_dir: Path, key: str) -> list[Trajectory] | None:
 
 
 def do_nothing(task: Task) -> Solver:
-    """The floor: the first message is a final answer that declines; no tool is called."""
-    return FLOOR_ANSWER
-    yield  # pragma: no cover - a generator that calls no tool
+    """The floor: every assistant turn declines, no tool is called. Said as a turn to the user
+    (`AskUser`), so an environment whose user goes on (a benchmark's next request) gets the
+    same decline again, and the last one is the final answer when the user stops."""
+    while True:
+        yield AskUser(FLOOR_ANSWER)
 
 
 def run_floor(

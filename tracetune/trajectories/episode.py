@@ -81,6 +81,12 @@ def observation_payload(obs: Observation) -> dict[str, Any]:
 CallHook = Callable[[Call, int], list[Call]]
 
 
+class UserKeptTalking(RuntimeError):
+    """The user spoke after the solver's final answer: the solver and the conversation
+    disagree on whose turn it is (e.g. a fault that skipped a turn of a scripted user whose
+    later turns are new requests, not answers)."""
+
+
 def run_scripted(
     env: Environment, task: Task, solver: Solver, before_call: CallHook | None = None
 ) -> ScriptedEpisode:
@@ -131,7 +137,7 @@ def run_scripted(
         answer = stop.value
         messages.append({"role": "assistant", "content": answer})
         if env.user_reply(tuple(messages)) is not None:
-            raise RuntimeError(
+            raise UserKeptTalking(
                 f"task {task.id}: the user replied to the solver's final answer; a solver that "
                 "expects a reply yields AskUser(text)"
             ) from None

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,7 +30,7 @@ from tracetune.environments.base import (
     Task,
     draw_tasks,
 )
-from tracetune.trajectories.episode import ScriptedEpisode, run_scripted
+from tracetune.trajectories.episode import ScriptedEpisode, UserKeptTalking, run_scripted
 
 FAULTS = (
     "wrong_tool",
@@ -233,6 +233,23 @@ def _skips_the_user(solver: Solver, env: Environment, task: Task, asked: list[st
         solver.close()
 
 
+def _oracle_with_early_answer(
+    env: Environment, task: Task, rng: random.Random, faults: set[str]
+) -> Callable[[], Solver]:
+    """A maker of this episode's oracle: the environment's, or (fault `early_answer`) one that
+    answers after a drawn number of its calls; drops the fault when the oracle calls nothing."""
+    if EARLY_ANSWER not in faults:
+        return lambda: env.require_oracle(task)
+    reference = run_scripted(env, task, env.require_oracle(task))
+    calls = sum(1 for m in reference.messages if m.get("tool_calls"))
+    if not calls:  # an oracle that calls nothing cannot answer earlier
+        faults.discard(EARLY_ANSWER)
+        return lambda: env.require_oracle(task)
+    early = rng.randrange(calls)
+    answer = reference.final_answer or ""
+    return lambda: _stops_early(env.require_oracle(task), early, answer)
+
+
 def simulate_episode(
     env: Environment, task: Task, rng: random.Random, params: SimulateParams
 ) -> tuple[ScriptedEpisode, set[str]]:
@@ -246,21 +263,22 @@ def simulate_episode(
     if "pii_in_user_text" in faults:
         task = dataclasses.replace(task, goal=task.goal + _pii_sentence(rng))
     gives_up = "malformed_arguments" in faults and rng.random() < 0.3
-    solver = env.require_oracle(task)
-    if EARLY_ANSWER in faults:
-        reference = run_scripted(env, task, solver)
-        calls = sum(1 for m in reference.messages if m.get("tool_calls"))
-        if calls:
-            early = rng.randrange(calls)
-            solver = _stops_early(env.require_oracle(task), early, reference.final_answer or "")
-        else:  # an oracle that calls nothing cannot answer earlier
-            faults.discard(EARLY_ANSWER)
-            solver = env.require_oracle(task)
+    oracle = _oracle_with_early_answer(env, task, rng, faults)
     skipped: list[str] = []
+    solver = oracle()
     if SKIP_USER_TURN in faults:
         solver = _skips_the_user(solver, env, task, skipped)
-    record = run_scripted(env, task, solver, _faulty_hook(rng, faults, env))
-    if not skipped:  # the agent never had a question to skip
+    try:
+        record = run_scripted(env, task, solver, _faulty_hook(rng, faults, env))
+    except UserKeptTalking:
+        if SKIP_USER_TURN not in faults:
+            raise
+        # The environment's user goes on after the skipped turn (its later turns are new
+        # requests, as in BFCL multi-turn): this conversation cannot take the fault, so the
+        # episode is logged without it (counted as not injected), never dropped or crashed.
+        skipped.clear()
+        record = run_scripted(env, task, oracle(), _faulty_hook(rng, faults, env))
+    if not skipped:  # the agent never had a question to skip (or could not skip it)
         faults.discard(SKIP_USER_TURN)
     if record.ended_by == "answer" and (gives_up or "wrong_answer" in faults):
         answer = GIVE_UP if gives_up else _wrong(record.final_answer or "", rng)
