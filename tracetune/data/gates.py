@@ -6,7 +6,10 @@ however large the batch (GX computes counts in SQL instead of holding a DataFram
 the whole batch one GX batch, so `mostly` thresholds and Data Docs describe exactly the verdict.
 
 A failing gate builds GX Data Docs (HTML) and a one-screen summary of which expectation failed on
-which rows; a passing gate's results become a metrics file (`GateResult.metrics()`).
+which rows; a passing gate's results become a metrics file (`GateResult.metrics()`). Data Docs
+are meant for a person: each expectation's description says what it means for a trajectory and
+why it matters, failing rows are named by trajectory id and where they were logged (`source`,
+`line`), timestamps read as ISO 8601 and each run has a name (docs/data.md).
 GX is imported inside `run_gate` only: it takes seconds to import.
 """
 
@@ -97,7 +100,13 @@ def raw_checks(p: RawGateParams, known_tools: Iterable[str], now: datetime) -> l
     latest = iso_utc(now + timedelta(seconds=p.max_future_skew_s))
     between = "ExpectColumnValuesToBeBetween"
     zero = {"min_value": 0, "max_value": 0}
-    traced = "curation, the held-out split and every report group and trace trajectories by it."
+    needed = {
+        "trajectory_id": "without it a failing row cannot be traced to its log, nor a duplicate "
+        "found.",
+        "task_id": "the held-out split is by task: a trajectory without one cannot be placed.",
+        "family": "coverage and results are counted per task family.",
+        "steps": "steps per task is a promotion-gate metric.",
+    }
     return [
         Check(
             "ExpectTableRowCountToBeBetween",
@@ -112,10 +121,8 @@ def raw_checks(p: RawGateParams, known_tools: Iterable[str], now: datetime) -> l
             "a trajectory logged twice would count twice in training and evaluation.",
         ),
         *(
-            Check(
-                "ExpectColumnValuesToNotBeNull", {"column": c}, f"every trajectory has {c}", traced
-            )
-            for c in ("trajectory_id", "task_id", "family", "steps")
+            Check("ExpectColumnValuesToNotBeNull", {"column": c}, f"every trajectory has {c}", why)
+            for c, why in needed.items()
         ),
         Check(
             between,

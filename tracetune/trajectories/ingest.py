@@ -586,7 +586,7 @@ def read_origins(index_path: Path, trajectory_ids: list[str]) -> dict[str, tuple
     """
     if not trajectory_ids or not index_path.exists():
         return {}
-    conn = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True)
+    conn = sqlite3.connect(index_path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
         marks = ",".join("?" * len(trajectory_ids))
         rows = conn.execute(
