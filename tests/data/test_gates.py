@@ -165,6 +165,11 @@ def test_curated_gate_passes_then_catches_leaks_duplicates_and_pii(
         "pii_found",
     }
     assert result.docs is not None and result.docs.exists()
+    assert result.run_name.startswith("validate_curated-")  # never GX's `__none__`
+    (page,) = (tmp_path / "docs2/validations").rglob("*.html")
+    text = page_text(page)
+    assert result.run_name in text and "Why it matters: a held-out task seen in training" in text
+    assert f"{rows[-1]['trajectory_id']} train" in text  # the leaking row, named
 
 
 def test_curated_gate_fails_a_small_narrow_set(batch: list[dict[str, Any]], tmp_path: Path) -> None:
