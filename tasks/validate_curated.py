@@ -11,7 +11,7 @@ import orjson
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.data.features import CURATED_COLUMNS, curated_row
-from tracetune.data.gates import GateFailed, curated_checks, run_gate
+from tracetune.data.gates import GateFailed, curated_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
 from tracetune.trajectories.curation import exact_key
 from tracetune.trajectories.pii import pii_in
@@ -36,7 +36,9 @@ def curated_rows(params: Params) -> Iterator[dict[str, Any]]:
             for n, line in enumerate(handle, 1):
                 record = orjson.loads(line)
                 hits = len(pii_in(record))
-                yield curated_row(record, split, exact_key(record), frozen, hits, n)
+                yield curated_row(
+                    record, split, exact_key(record), frozen, hits, n, str(curated / name)
+                )
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -51,8 +53,9 @@ def run(params: Params) -> dict[str, Any]:
         CURATED_COLUMNS,
         curated_rows(params),
         docs,
-        index_columns=("trajectory_id", "split", "line"),
+        index_columns=("trajectory_id", "split", "source", "line"),
         examples=params.gates.failed_rows_shown,
+        run_name=f"validate_curated-{utc_now():%Y%m%dT%H%M%SZ}",
     )
     if not result.success:
         (docs / "summary.txt").write_text(result.summary() + "\n")

@@ -7,10 +7,10 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
-from tracetune.data.features import RAW_COLUMNS, raw_rows
+from tracetune.data.features import RAW_COLUMNS, raw_rows, with_origins
 from tracetune.data.gates import GateFailed, raw_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
-from tracetune.trajectories.ingest import last_batch_file
+from tracetune.trajectories.ingest import last_batch_file, read_origins
 from tracetune.trajectories.tool_errors import build_rule
 
 METRICS = "validate_raw.json"
@@ -36,15 +36,17 @@ def run(params: Params) -> dict[str, Any]:
     env = load_environment(params.environment.class_path, **params.environment.kwargs)
     known = frozenset(env.tool_names())
     rule = build_rule(params.tool_errors, env)
+    index = params.paths.ingest_index
     with batch.open("rb") as handle:
-        rows = raw_rows(handle, known, params.gates.workers, rule)
+        rows = raw_rows(handle, known, params.gates.workers, rule, batch.name)
         result = run_gate(
             "raw",
             raw_checks(params.gates.raw, known, utc_now()),
             RAW_COLUMNS,
-            rows,
+            with_origins(rows, lambda ids: read_origins(index, ids)),
             params.paths.reports / "gx" / "raw",
             examples=params.gates.failed_rows_shown,
+            run_name=f"validate_raw-{batch.stem}",
         )
     if not result.success:
         (params.paths.reports / "gx" / "raw" / "summary.txt").write_text(result.summary() + "\n")

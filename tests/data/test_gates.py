@@ -113,7 +113,7 @@ def test_raw_gate_fails_a_corrupted_batch(batch: list[dict[str, Any]], tmp_path:
     result = raw_gate(corrupt(batch), tmp_path / "docs")
     assert not result.success
     failed = {r.check.column for r in result.failed}
-    assert {"roles_ok", "unanswered_calls", "timestamp_s", "cost_usd"} <= failed
+    assert {"roles_ok", "unanswered_calls", "timestamp", "cost_usd"} <= failed
     assert result.docs is not None and result.docs.exists()
     assert list((tmp_path / "docs" / "validations").rglob("*.html"))
     summary = result.summary()
@@ -165,6 +165,11 @@ def test_curated_gate_passes_then_catches_leaks_duplicates_and_pii(
         "pii_found",
     }
     assert result.docs is not None and result.docs.exists()
+    assert result.run_name.startswith("validate_curated-")  # never GX's `__none__`
+    (page,) = (tmp_path / "docs2/validations").rglob("*.html")
+    text = page_text(page)
+    assert result.run_name in text and "Why it matters: a held-out task seen in training" in text
+    assert f"{rows[-1]['trajectory_id']} train" in text  # the leaking row, named
 
 
 def test_curated_gate_fails_a_small_narrow_set(batch: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -285,3 +290,100 @@ def test_gate_with_no_batch_says_nothing_to_validate_not_success(
     assert metrics["status"] == validate_raw.NOTHING_TO_VALIDATE
     assert metrics["success"] is None
     assert "NOTHING TO VALIDATE" in capsys.readouterr().out
+
+
+# --- Data Docs a person understands (issue 22, item 6) ---------------------------------------
+def page_text(html_file: Path) -> str:
+    """A Data Docs page as the words a reader sees (tags, scripts and styles dropped)."""
+    import html
+    import re
+
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", html_file.read_text(), flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def test_data_docs_name_failing_trajectories_by_log_line(
+    sim_lines: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user could not act on the raw gate's Data Docs: GX's generic "values must belong to this
+    set: 1, at least 99% of the time" with sampled value 0, no trajectory id, the batch file's
+    line, epoch-second timestamps, run name `__none__`. Now each expectation says what it means
+    and why, failing rows carry the trajectory id and the production log's file and line, and
+    timestamps read as ISO 8601, under the run `validate_raw-<batch>`."""
+    import yaml
+
+    from tasks import ingest as ingest_stage
+    from tasks import validate_raw
+
+    records = [orjson.loads(line) for line in sim_lines[:30]]
+    no_assistant = records[10]
+    no_assistant["messages"] = [m for m in no_assistant["messages"] if m["role"] != "assistant"]
+    from_the_future = records[12]
+    from_the_future["timestamp"] = "2031-02-03T04:05:06+01:00"
+    log = tmp_path / "logs/prod.jsonl"
+    log.parent.mkdir()
+    # a line ingest quarantines first: batch lines and log lines differ from here on
+    log.write_text("{not json\n" + "".join(json.dumps(r) + "\n" for r in records))
+    params_file = tmp_path / "params.yaml"
+    ingest_block = {"source": str(log.parent), "max_quarantine_rate": 0.5}
+    paths = paths_under(tmp_path)
+    params_file.write_text(yaml.safe_dump({"paths": paths, "ingest": ingest_block}))
+    ingest_stage.main([str(params_file)])
+    batch = Path(paths["ingested"]) / "batch-000001.jsonl"
+    batch_ids = [orjson.loads(x)["trajectory_id"] for x in iter_lines(batch)]
+    tid = no_assistant["trajectory_id"]
+    log_line = 12  # the junk line, then records[0..10]
+    assert batch_ids.index(tid) + 1 != log_line  # the old report's `line=` was the batch's
+
+    with pytest.raises(SystemExit):
+        validate_raw.main([str(params_file)])
+    summary = capsys.readouterr().err
+    assert f"trajectory_id={tid}, source={log}, line={log_line}" in summary
+    assert "run validate_raw-batch-000001" in summary
+
+    docs = tmp_path / "reports/gx/raw"
+    (page,) = (docs / "validations").rglob("*.html")
+    text = page_text(page)
+    assert "validate_raw-batch-000001" in text and "__none__" not in text
+    assert (  # the plain-language note replaces GX's generic wording
+        "Every message has a known role (system, user, assistant, tool) and the conversation "
+        "has at least one assistant turn" in text
+    )
+    assert (
+        "Why it matters: a conversation without an assistant turn teaches the model nothing" in text
+    )
+    assert "Rule: roles_ok = 1 in at least 99.0% of trajectories." in text
+    assert "values must belong to this set" not in text
+    # the failing row: its value, count, then trajectory id, log file and the log's line
+    assert f"0 1 {tid} {log} {log_line} " in text
+    # timestamps as ISO 8601 in UTC, the bounds too
+    assert f"2031-02-03T03:05:06Z 1 {from_the_future['trajectory_id']} {log} 14 " in text
+    assert "logged between 2020-01-01T00:00:00Z and now" in text
+    assert str(int(datetime(2031, 2, 3, 3, 5, 6, tzinfo=UTC).timestamp())) not in text  # no epoch
+    # the suite page says the same for every expectation, passing ones included
+    suite = page_text(docs / "expectations/raw_gate.html")
+    assert suite.count("Why it matters:") == len(raw_checks(RawGateParams(), KNOWN, NOW))
+
+
+def test_rows_point_at_the_log_line_or_say_they_do_not(tmp_path: Path) -> None:
+    """`with_origins` takes the log file and line ingest recorded; a trajectory the index does
+    not know (ingested before origins were kept) keeps the batch file and its line."""
+    rows = [
+        {"trajectory_id": t, "source": "batch-000001.jsonl", "line": n}
+        for n, t in enumerate(["a", "b", None], 1)
+    ]
+    known = {"a": ("s3://logs/x.jsonl", 40)}
+    out = list(f.with_origins(rows, lambda ids: {i: known[i] for i in ids if i in known}, 2))
+    assert [(r["source"], r["line"]) for r in out] == [
+        ("s3://logs/x.jsonl", 40),
+        ("batch-000001.jsonl", 2),
+        ("batch-000001.jsonl", 3),
+    ]
+    from tracetune.trajectories.ingest import read_origins
+
+    assert read_origins(tmp_path / "absent.sqlite", ["a"]) == {}
+    old = tmp_path / "old.sqlite"  # an index from before origins were kept
+    import sqlite3
+
+    sqlite3.connect(old).execute("CREATE TABLE ids (id TEXT PRIMARY KEY)").connection.close()
+    assert read_origins(old, ["a"]) == {}

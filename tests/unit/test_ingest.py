@@ -18,6 +18,7 @@ from tracetune.trajectories.ingest import (
     QuarantineRateExceeded,
     ingest,
     last_batch_file,
+    read_origins,
     read_state,
 )
 from tracetune.trajectories.io import read_trajectories
@@ -153,6 +154,31 @@ def test_rerun_ingests_nothing_new_then_only_the_new(tmp_path: Path) -> None:
     state = read_state(paths.state)
     assert state["batches"] == 2 and state["totals"]["accepted"] == 15
     assert state["files"][str(src / "a.jsonl")]["lines"] == 13
+
+
+def test_each_trajectory_remembers_its_log_line(tmp_path: Path) -> None:
+    """Issue 22 item 6: the raw gate named a failing row by its line in the batch file, which
+    nobody can find in the production logs. The index keeps each accepted trajectory's log
+    object and line (an appended file's lines counted on from its mark), committed with the
+    batch or not at all."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"broken\n" + b"".join(line(good(i)) for i in range(3)))
+    paths = make_paths(tmp_path)
+    ingest(params(src, max_quarantine_rate=0.5), paths)
+    with (src / "a.jsonl").open("ab") as handle:
+        handle.write(line(good(0)) + line(good(3)))  # a duplicate, then a new one
+    ingest(params(src, max_quarantine_rate=0.5), paths)
+    a = str(src / "a.jsonl")
+    assert read_origins(paths.index, ["t-0", "t-2", "t-3", "t-9"]) == {
+        "t-0": (a, 2),
+        "t-2": (a, 4),
+        "t-3": (a, 6),
+    }
+    (src / "b.jsonl").write_bytes(line(good(7)) + b"broken\n" * 3)
+    with pytest.raises(QuarantineRateExceeded):
+        ingest(params(src, max_quarantine_rate=0.1), paths)
+    assert read_origins(paths.index, ["t-7"]) == {}  # the rejected batch left no trace
 
 
 def test_rewritten_file_never_duplicates_a_trajectory(tmp_path: Path) -> None:

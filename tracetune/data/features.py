@@ -7,8 +7,8 @@ so it is unit-tested on its own; the gates then say "`unanswered_calls` is 0 for
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -121,6 +121,21 @@ def epoch_seconds(value: Any) -> float | None:
     return parsed.timestamp() if parsed.tzinfo is not None else None
 
 
+def iso_utc(moment: datetime) -> str:
+    """A moment as ISO 8601 in UTC to the second (`2026-11-22T09:30:00Z`): what Data Docs show.
+
+    One fixed width and zone, so that SQL compares these strings in time order; the raw gate's
+    bounds are written the same way.
+    """
+    return moment.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def iso_timestamp(value: Any) -> str | None:
+    """A logged timestamp (ISO 8601 with a time zone) as `iso_utc`; None when absent or naive."""
+    seconds = epoch_seconds(value)
+    return None if seconds is None else iso_utc(datetime.fromtimestamp(seconds, UTC))
+
+
 def missing_fields(record: dict[str, Any]) -> int:
     return sum(1 for key in REQUIRED_FIELDS if record.get(key) in (None, "", []))
 
@@ -130,7 +145,11 @@ def _number(value: Any) -> float | None:
 
 
 # Column name -> SQLite type, in table order: what the raw-batch gate sees of each trajectory.
+# `source` and `line` say where the trajectory was logged (the log object and its line, or item
+# number for a document); `timestamp` is `iso_utc` text, declared DATETIME so that GX's range
+# check accepts the column (SQLite keeps the text as is).
 RAW_COLUMNS: dict[str, str] = {
+    "source": "TEXT",
     "line": "INTEGER",
     "trajectory_id": "TEXT",
     "task_id": "TEXT",
@@ -149,7 +168,7 @@ RAW_COLUMNS: dict[str, str] = {
     "total_tokens": "INTEGER",
     "cost_usd": "REAL",
     "latency_s": "REAL",
-    "timestamp_s": "REAL",
+    "timestamp": "DATETIME",
 }
 
 
@@ -158,8 +177,9 @@ def raw_row(
     known_tools: frozenset[str],
     line: int = 0,
     rule: ToolErrorRule = DEFAULT_RULE,
+    source: str = "",
 ) -> dict[str, Any]:
-    """One ingested trajectory as the raw-batch gate's row.
+    """One ingested trajectory as the raw-batch gate's row (`source`, `line`: where it lies).
 
     Estimated usage and cost (ingest fills them in for logs without any) are NULL here: range
     checks skip NULLs, so a gate never fails a row for a number tracetune estimated itself.
@@ -173,6 +193,7 @@ def raw_row(
     logged_tokens = int(sum(tokens)) if None not in tokens else None  # type: ignore[arg-type]
     steps = record.get("steps")
     return {
+        "source": source,
         "line": line,
         "trajectory_id": record.get("trajectory_id"),
         "task_id": record.get("task_id"),
@@ -191,15 +212,17 @@ def raw_row(
         "total_tokens": None if estimated else logged_tokens,
         "cost_usd": None if record.get("cost_estimated") else _number(record.get("cost_usd")),
         "latency_s": _number(record.get("latency_s")),
-        "timestamp_s": epoch_seconds(record.get("timestamp")),
+        "timestamp": iso_timestamp(record.get("timestamp")),
     }
 
 
 def _raw_rows_chunk(
-    args: tuple[list[bytes], frozenset[str], int, ToolErrorRule],
+    args: tuple[list[bytes], frozenset[str], int, ToolErrorRule, str],
 ) -> list[dict[str, Any]]:
-    lines, known, first, rule = args
-    return [raw_row(orjson.loads(line), known, first + i, rule) for i, line in enumerate(lines)]
+    lines, known, first, rule, source = args
+    return [
+        raw_row(orjson.loads(line), known, first + i, rule, source) for i, line in enumerate(lines)
+    ]
 
 
 def raw_rows(
@@ -207,18 +230,46 @@ def raw_rows(
     known_tools: frozenset[str],
     workers: int = 1,
     rule: ToolErrorRule = DEFAULT_RULE,
+    source: str = "",
 ) -> Iterator[dict[str, Any]]:
-    """Gate rows for JSONL lines (line numbers from 1), derived in `workers` processes."""
+    """Gate rows for the JSONL lines of `source` (line numbers from 1), derived in `workers`
+    processes. `with_origins` then points each row at the production log it came from."""
     from tracetune.trajectories.io import chunked, ordered_map
 
     jobs = (
-        (chunk, known_tools, 1 + i * 1000, rule) for i, chunk in enumerate(chunked(lines, 1000))
+        (chunk, known_tools, 1 + i * 1000, rule, source)
+        for i, chunk in enumerate(chunked(lines, 1000))
     )
     for rows in ordered_map(_raw_rows_chunk, jobs, workers):
         yield from rows
 
 
+Origins = Callable[[list[str]], dict[str, tuple[str, int]]]
+
+
+def with_origins(
+    rows: Iterable[dict[str, Any]], origins: Origins, chunk: int = 500
+) -> Iterator[dict[str, Any]]:
+    """Rows whose `source` and `line` are the production log's, where `origins` (trajectory id ->
+    (log object, line), e.g. `ingest.read_origins`) knows them; the others keep theirs (the
+    batch file and its line), so every row still points somewhere real.
+
+    Looked up a chunk of rows at a time: memory stays bounded however large the batch.
+    """
+    from tracetune.trajectories.io import chunked
+
+    for part in chunked(rows, chunk):
+        ids = [str(r["trajectory_id"]) for r in part if r.get("trajectory_id") is not None]
+        found = origins(ids)
+        for row in part:
+            origin = found.get(str(row.get("trajectory_id")))
+            if origin is not None:
+                row["source"], row["line"] = origin
+            yield row
+
+
 CURATED_COLUMNS: dict[str, str] = {
+    "source": "TEXT",
     "line": "INTEGER",
     "split": "TEXT",
     "trajectory_id": "TEXT",
@@ -240,11 +291,13 @@ def curated_row(
     heldout_tasks: frozenset[str],
     pii_found: int,
     line: int = 0,
+    source: str = "",
 ) -> dict[str, Any]:
-    """One curated trajectory as the curated-set gate's row."""
+    """One curated trajectory as the curated-set gate's row (`source`, `line`: where it lies)."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     task_id = record.get("task_id")
     return {
+        "source": source,
         "line": line,
         "split": split,
         "trajectory_id": record.get("trajectory_id"),

@@ -6,12 +6,16 @@ however large the batch (GX computes counts in SQL instead of holding a DataFram
 the whole batch one GX batch, so `mostly` thresholds and Data Docs describe exactly the verdict.
 
 A failing gate builds GX Data Docs (HTML) and a one-screen summary of which expectation failed on
-which rows; a passing gate's results become a metrics file (`GateResult.metrics()`).
+which rows; a passing gate's results become a metrics file (`GateResult.metrics()`). Data Docs
+are meant for a person: each expectation's description says what it means for a trajectory and
+why it matters, failing rows are named by trajectory id and where they were logged (`source`,
+`line`), timestamps read as ISO 8601 and each run has a name (docs/data.md).
 GX is imported inside `run_gate` only: it takes seconds to import.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
@@ -19,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,94 +35,186 @@ INSERT_BATCH = 2000
 
 @dataclass(frozen=True)
 class Check:
-    """One expectation, declared as data: the GX class name, its arguments, and what it means."""
+    """One expectation, declared as data: the GX class name, its arguments, what it means for a
+    trajectory and why that matters. Data Docs show `description()` in place of GX's generic
+    wording ("values must belong to this set: 1, at least 99% of the time")."""
 
     expectation: str
     kwargs: dict[str, Any]
     meaning: str
+    why: str = ""
 
     @property
     def column(self) -> str | None:
         return self.kwargs.get("column")
 
+    def description(self) -> str:
+        """The plain-language note: the meaning, why it matters, and the rule in numbers."""
+        why = f" Why it matters: {self.why}" if self.why else ""
+        text = f"{_sentence(self.meaning)}{why} Rule: {rule_text(self)}."
+        return text.replace("$", "USD ")  # GX reads `$name` in a template as a parameter
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+TIMESTAMPS = "ExpectColumnTimestampsToBeBetween"  # tracetune's own: ISO 8601 text bounds
+
+
+def rule_text(check: Check) -> str:
+    """The expectation in numbers, worded for a person (what GX's renderer would say)."""
+    kw, column = check.kwargs, check.column
+    low, high = kw.get("min_value"), kw.get("max_value")
+    if check.expectation == "ExpectTableRowCountToBeBetween":
+        unit = "trajectory" if low == 1 else "trajectories"
+        return f"at least {low} {unit}" + (f" and at most {high}" if high is not None else "")
+    if check.expectation == "ExpectColumnDistinctValuesToContainSet":
+        return f"{column} takes every one of: {', '.join(map(str, kw['value_set']))}"
+    if check.expectation == "ExpectColumnProportionOfUniqueValuesToBeBetween":
+        return f"at least {low:.1%} of {column} values are distinct"
+    if check.expectation == "ExpectColumnValuesToBeUnique":
+        return f"no two trajectories share a {column}"
+    if check.expectation == "ExpectColumnValuesToNotBeNull":
+        body = f"{column} is set"
+    elif check.expectation == "ExpectColumnValuesToBeInSet":
+        values = kw["value_set"]
+        body = f"{column} = {values[0]}" if len(values) == 1 else f"{column} in {values}"
+    elif low is not None and low == high:
+        body = f"{column} = {low}"
+    else:
+        body = f"{column} between {low} and {high}"
+    mostly = kw.get("mostly")
+    if mostly is None:
+        return f"{body} in every trajectory"
+    return f"{body} in at least {mostly:.1%} of trajectories"
+
 
 def raw_checks(p: RawGateParams, known_tools: Iterable[str], now: datetime) -> list[Check]:
     """The raw-batch gate. Agent faults (malformed arguments, unknown tools) are legitimate in
     production logs and bounded by `mostly`; logger faults are near-strict."""
-    latest = now.timestamp() + p.max_future_skew_s
+    from tracetune.data.features import iso_utc
+
+    earliest = iso_utc(p.min_timestamp)
+    latest = iso_utc(now + timedelta(seconds=p.max_future_skew_s))
     between = "ExpectColumnValuesToBeBetween"
     zero = {"min_value": 0, "max_value": 0}
+    needed = {
+        "trajectory_id": "without it a failing row cannot be traced to its log, nor a duplicate "
+        "found.",
+        "task_id": "the held-out split is by task: a trajectory without one cannot be placed.",
+        "family": "coverage and results are counted per task family.",
+        "steps": "steps per task is a promotion-gate metric.",
+    }
     return [
-        Check("ExpectTableRowCountToBeBetween", {"min_value": 1}, "the batch is not empty"),
         Check(
-            "ExpectColumnValuesToBeUnique", {"column": "trajectory_id"}, "trajectory ids are unique"
+            "ExpectTableRowCountToBeBetween",
+            {"min_value": 1},
+            "the batch holds at least one trajectory",
+            "an empty batch has nothing to validate or learn from; ingest read nothing usable.",
+        ),
+        Check(
+            "ExpectColumnValuesToBeUnique",
+            {"column": "trajectory_id"},
+            "each trajectory id appears once in the batch",
+            "a trajectory logged twice would count twice in training and evaluation.",
         ),
         *(
-            Check("ExpectColumnValuesToNotBeNull", {"column": c}, f"every trajectory has {c}")
-            for c in ("trajectory_id", "task_id", "family", "steps")
+            Check("ExpectColumnValuesToNotBeNull", {"column": c}, f"every trajectory has {c}", why)
+            for c, why in needed.items()
         ),
-        Check(between, {"column": "missing_fields"} | zero, "required fields are present"),
+        Check(
+            between,
+            {"column": "missing_fields"} | zero,
+            "every required field is present (id, task, family, timestamp, model, messages, "
+            "success, steps, usage, cost, latency)",
+            "a trajectory without one cannot be curated or scored; ingest quarantines such lines, "
+            "so a failure here means the schema and the data drifted apart.",
+        ),
         Check(
             "ExpectColumnValuesToBeInSet",
             {"column": "roles_ok", "value_set": [1], "mostly": p.roles_ok_mostly},
-            "known roles and at least one assistant turn (any order a real conversation takes)",
+            "every message has a known role (system, user, assistant, tool) and the "
+            "conversation has at least one assistant turn, in any order a real conversation "
+            "takes",
+            "a conversation without an assistant turn teaches the model nothing, and unknown "
+            "roles mean the logger or the field mapping changed.",
         ),
         Check(
             between,
             {"column": "bad_arguments", "mostly": p.args_json_mostly} | zero,
-            "tool-call arguments parse as a JSON object",
+            "every tool call's arguments parse as a JSON object",
+            "the agent sometimes writes broken arguments (what fine-tuning should fix), but many "
+            "at once mean a logger or format change.",
         ),
         Check(
             between,
             {"column": "unknown_tools", "mostly": p.known_tools_mostly} | zero,
-            f"tool names exist in the environment ({len(set(known_tools))} tools)",
+            f"every tool the agent called exists in the environment "
+            f"({len(set(known_tools))} tools)",
+            "calls to tools the environment lacks cannot be replayed or learned; many mean the "
+            "environment or its tool list changed.",
         ),
         Check(
             between,
             {"column": "unanswered_calls", "mostly": p.answered_calls_mostly} | zero,
             "every tool call is answered by a tool message with its id",
+            "an unanswered call means the logger lost tool results: the model would learn from "
+            "conversations with holes in them.",
         ),
         Check(
             between,
             {"column": "orphan_tool_messages", "mostly": p.answered_calls_mostly} | zero,
             "every tool message answers an earlier call",
+            "a tool result without its call means messages were lost or reordered.",
         ),
         Check(
             between,
             {"column": "tool_errors", "mostly": p.tool_error_free_mostly} | zero,
-            "no failed tool call (the tool_errors rule): if many fail, a tool is down",
+            "no failed tool call (the tool_errors rule)",
+            "some failures are normal; if many fail, a tool is down and the batch records the "
+            "outage, not the agent.",
         ),
         Check(
             "ExpectColumnValuesToBeInSet",
             {"column": "steps_consistent", "value_set": [1], "mostly": p.steps_consistent_mostly},
-            "`steps` equals the number of assistant turns",
+            "the logged steps equal the number of assistant turns",
+            "steps per task is a promotion-gate metric; a mismatch means the logger counts "
+            "differently.",
         ),
         Check(
-            between, {"column": "steps", "min_value": 1, "max_value": p.max_steps}, "steps in range"
+            between,
+            {"column": "steps", "min_value": 1, "max_value": p.max_steps},
+            f"the agent took between 1 and {p.max_steps} steps",
+            "0 steps means nothing happened; more than the cap means a loop.",
         ),
         Check(
             between,
             {"column": "total_tokens", "min_value": 1, "max_value": p.max_total_tokens},
-            "logged token usage in range (estimated usage is not judged)",
+            "logged token usage is in range (usage ingest estimated is not judged)",
+            "absurd token counts are logger faults and would skew cost and length reports.",
         ),
         Check(
             between,
             {"column": "cost_usd", "min_value": 0, "max_value": p.max_cost_usd},
-            "logged cost per trajectory in range (estimated cost is not judged)",
+            "logged cost per trajectory is in range (cost ingest estimated is not judged)",
+            "cost per task is a promotion-gate metric; a negative or absurd cost is a logger "
+            "fault.",
         ),
         Check(
             between,
             {"column": "latency_s", "min_value": 0, "max_value": p.max_latency_s},
-            "latency in range",
+            "latency is in range (seconds)",
+            "negative or hour-long latencies are clock or logger faults.",
         ),
         Check(
-            between,
-            {
-                "column": "timestamp_s",
-                "min_value": p.min_timestamp.timestamp(),
-                "max_value": latest,
-            },
-            f"timestamps between {p.min_timestamp.date()} and now (+{p.max_future_skew_s:.0f}s)",
+            TIMESTAMPS,
+            {"column": "timestamp", "min_value": earliest, "max_value": latest},
+            f"the trajectory was logged between {earliest} and now "
+            f"(+{p.max_future_skew_s:.0f} s of clock skew), in UTC",
+            "a time before the service existed or in the future means a wrong clock or time "
+            "zone in the logger.",
         ),
     ]
 
@@ -130,43 +226,51 @@ def curated_checks(
     success = Check(
         "ExpectColumnValuesToBeInSet",
         {"column": "success", "value_set": [1]},
-        "only successful trajectories (curate.require_success)",
+        "only successful trajectories are kept (curate.require_success)",
+        "the model imitates what it is trained on: a failed episode teaches failure.",
     )
     return [
         Check(
             "ExpectTableRowCountToBeBetween",
             {"min_value": p.min_rows},
             f"at least {p.min_rows} curated trajectories",
+            "fewer examples than this do not fine-tune a model reliably.",
         ),
         Check(
             "ExpectColumnDistinctValuesToContainSet",
             {"column": "family", "value_set": sorted(families)},
             "every task family is covered",
+            "a family with no examples is one the model is never taught.",
         ),
         Check(
             "ExpectColumnDistinctValuesToContainSet",
             {"column": "split", "value_set": ["heldout", "train"]},
             "both train and held-out are non-empty",
+            "without held-out tasks the model cannot be evaluated; without train, not trained.",
         ),
         Check(
             "ExpectColumnValuesToBeInSet",
             {"column": "leaks_heldout_task", "value_set": [0]},
-            "no task is in both train and held-out",
+            "no train trajectory is of a task that is held out",
+            "a held-out task seen in training inflates the evaluation: the gain would be memory.",
         ),
         Check(
             "ExpectColumnProportionOfUniqueValuesToBeBetween",
             {"column": "content_hash", "min_value": 1 - p.max_duplicate_rate},
-            f"duplicate rate at most {p.max_duplicate_rate:.1%}",
+            f"the duplicate rate is at most {p.max_duplicate_rate:.1%}",
+            "duplicates weigh some episodes more than others and leak between splits.",
         ),
         Check(
             "ExpectColumnValuesToBeBetween",
             {"column": "empty_assistant_turns", "min_value": 0, "max_value": 0},
-            "no empty assistant turn",
+            "no assistant turn is empty (neither text nor a tool call)",
+            "an empty turn teaches the model to say nothing and trips chat templates.",
         ),
         Check(
             "ExpectColumnValuesToBeBetween",
             {"column": "pii_found", "min_value": 0, "max_value": 0},
-            "no email, phone or card number left",
+            "no email, phone or card number is left",
+            "personal data in training data can be memorised and repeated by the model.",
         ),
         *([success] if require_success else []),
     ]
@@ -201,6 +305,7 @@ class GateResult:
     results: list[CheckResult]
     seconds: float
     docs: Path | None = None
+    run_name: str = ""
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -239,7 +344,7 @@ class GateResult:
             for example in r.examples[:limit]:
                 lines.append("      row " + ", ".join(f"{k}={v}" for k, v in example.items()))
         if self.docs:
-            lines.append(f"  Data Docs: {self.docs}")
+            lines.append(f"  Data Docs: {self.docs} (run {self.run_name})")
         return "\n".join(lines)
 
 
@@ -287,21 +392,53 @@ def run_gate(
     columns: dict[str, str],
     rows: Iterable[dict[str, Any]],
     docs_dir: Path,
-    index_columns: tuple[str, ...] = ("trajectory_id", "line"),
+    index_columns: tuple[str, ...] = ("trajectory_id", "source", "line"),
     examples: int = 5,
+    run_name: str | None = None,
 ) -> GateResult:
     """Validate `rows` with `checks` as a GX suite + checkpoint in an ephemeral context.
 
-    On failure, GX Data Docs are written under `docs_dir` (its `index.html` is `result.docs`).
+    On failure, GX Data Docs are written under `docs_dir` (its `index.html` is `result.docs`),
+    under the run name `run_name` (default `validate_<gate>-<UTC time>`). Failing rows are named
+    by `index_columns` there and in `result.summary()`.
     """
     started = time.perf_counter()
+    name = run_name or f"validate_{gate}-{utc_now():%Y%m%dT%H%M%SZ}"
     with tempfile.TemporaryDirectory(prefix=f"gx-{gate}-") as tmp:
         db = Path(tmp) / "rows.sqlite"
         n = load_rows(db, columns, rows)
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-        outcome = _validate(gate, checks, db, docs_dir, index_columns, examples)
+        outcome = _validate(gate, checks, db, docs_dir, index_columns, examples, name)
         results, success, docs = outcome
-    return GateResult(gate, success, n, results, time.perf_counter() - started, docs)
+    return GateResult(gate, success, n, results, time.perf_counter() - started, docs, name)
+
+
+@functools.cache
+def _timestamps_expectation() -> type:
+    """`ExpectColumnValuesToBeBetween` with ISO 8601 text bounds (`features.iso_utc`).
+
+    GX turns datetime bounds into SQLAlchemy's SQLite text (`2026-11-22 09:30:00.000000`), which
+    does not sort against `2026-11-22T09:30:00Z`; string bounds compare as text, in time order
+    because every value has the same width and zone. Defined once per process: GX registers
+    each expectation class by name.
+    """
+    import great_expectations as gx
+
+    class ExpectColumnTimestampsToBeBetween(gx.expectations.ExpectColumnValuesToBeBetween):
+        """Values of an ISO 8601 UTC text column lie between two ISO 8601 UTC strings."""
+
+        min_value: str | None = None  # type: ignore[assignment]
+        max_value: str | None = None  # type: ignore[assignment]
+
+    return ExpectColumnTimestampsToBeBetween
+
+
+def _expectation(check: Check, index: int) -> Any:
+    import great_expectations as gx
+
+    cls = _timestamps_expectation() if check.expectation == TIMESTAMPS else None
+    cls = cls or getattr(gx.expectations, check.expectation)
+    return cls(**check.kwargs, meta={"check": index}, description=check.description())
 
 
 def _validate(
@@ -311,8 +448,10 @@ def _validate(
     docs_dir: Path,
     index_columns: tuple[str, ...],
     examples: int,
+    run_name: str,
 ) -> tuple[list[CheckResult], bool, Path | None]:
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -324,8 +463,7 @@ def _validate(
     batch = asset.add_batch_definition_whole_table(name=f"{gate}_batch")
     suite = context.suites.add(gx.ExpectationSuite(name=f"{gate}_gate"))
     for i, check in enumerate(checks):
-        expectation = getattr(gx.expectations, check.expectation)(**check.kwargs, meta={"check": i})
-        suite.add_expectation(expectation)
+        suite.add_expectation(_expectation(check, i))
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=f"{gate}_validation", data=batch, suite=suite)
     )
@@ -340,7 +478,7 @@ def _validate(
             },
         )
     )
-    run = checkpoint.run()
+    run = checkpoint.run(run_id=RunIdentifier(run_name=run_name, run_time=utc_now()))
     results = []
     for validation in run.run_results.values():
         for res in validation.results:
@@ -357,10 +495,28 @@ def _validate(
             )
     docs = None
     if not run.success:
+        _name_failing_rows(context, run.run_results)
         shutil.rmtree(docs_dir, ignore_errors=True)  # the site shows this run only
         docs = _build_docs(context, docs_dir)
     results.sort(key=lambda r: checks.index(r.check))
     return results, bool(run.success), docs
+
+
+def _name_failing_rows(context: Any, run_results: dict[Any, Any]) -> None:
+    """Give Data Docs the sampled failing rows (trajectory id, source, line) to show.
+
+    GX renders the rows of a failed expectation from `unexpected_index_list`, which only the
+    COMPLETE result format fills, with every failing row of the batch: a memory and page size
+    that grow with the batch. The SUMMARY format already holds a sample of them
+    (`partial_unexpected_index_list`, `gates.failed_rows_shown` per expectation); it becomes the
+    list Data Docs render, under GX's own heading "Sampled Unexpected Values".
+    """
+    for key, validation in run_results.items():
+        for res in validation.results:
+            info = res.result or {}
+            if info.get("partial_unexpected_index_list"):
+                info["unexpected_index_list"] = list(info["partial_unexpected_index_list"])
+        context.validation_results_store.set(key, validation)
 
 
 def _build_docs(context: Any, docs_dir: Path) -> Path:

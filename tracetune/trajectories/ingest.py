@@ -255,6 +255,8 @@ class IngestIndex:
             CREATE TABLE IF NOT EXISTS files (uri TEXT PRIMARY KEY, fingerprint TEXT, head TEXT,
                                               offset INTEGER, lines INTEGER);
             CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, report TEXT);
+            CREATE TABLE IF NOT EXISTS origins (id TEXT PRIMARY KEY, uri TEXT, line INTEGER)
+                WITHOUT ROWID;
             """
         )
 
@@ -274,6 +276,12 @@ class IngestIndex:
         """False when the id was accepted before (in this or an earlier batch)."""
         cur = self.conn.execute("INSERT OR IGNORE INTO ids VALUES (?)", (trajectory_id,))
         return cur.rowcount == 1
+
+    def add_origin(self, trajectory_id: str, uri: str, line: int) -> None:
+        """Where an accepted trajectory was read: a gate names the log line, not the batch's."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO origins VALUES (?,?,?)", (trajectory_id, uri, line)
+        )
 
     def next_batch(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM batches").fetchone()[0])
@@ -535,6 +543,7 @@ def _take(parsed: Parsed, index: IngestIndex, out: Any, qout: Any, report: Inges
     if parsed.json is not None:
         assert parsed.trajectory_id is not None
         if index.add_id(parsed.trajectory_id):
+            index.add_origin(parsed.trajectory_id, parsed.uri, parsed.line)
             out.write(parsed.json + "\n")
             report.accepted += 1
             report.families[parsed.family or ""] += 1
@@ -567,6 +576,27 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     """The exported watermark (`{}` before the first batch)."""
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_origins(index_path: Path, trajectory_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """(source object, line) where ingest read each of `trajectory_ids`, from the index.
+
+    Read-only; ids ingested before the index kept origins (or with no index at all) are absent:
+    the caller says where else the row lies.
+    """
+    if not trajectory_ids or not index_path.exists():
+        return {}
+    conn = sqlite3.connect(index_path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        marks = ",".join("?" * len(trajectory_ids))
+        rows = conn.execute(
+            f"SELECT id, uri, line FROM origins WHERE id IN ({marks})", trajectory_ids
+        ).fetchall()
+    except sqlite3.OperationalError:  # an index from before origins were kept
+        return {}
+    finally:
+        conn.close()
+    return {tid: (uri, int(line)) for tid, uri, line in rows}
 
 
 def last_batch_file(state_path: Path, batches_dir: Path) -> Path | None:
