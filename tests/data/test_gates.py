@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from params_support import paths_under
+from params_support import paths_under, tracking_under
 
 from tracetune.config import (
     CuratedGateParams,
@@ -188,7 +188,11 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     (src / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corrupt(batch)))
     paths = paths_under(tmp_path) | {"raw_logs": str(src)}
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"paths": paths, "ingest": {"source": str(src)}}))
+    params_file.write_text(
+        yaml.safe_dump(
+            {"paths": paths, "tracking": tracking_under(tmp_path), "ingest": {"source": str(src)}}
+        )
+    )
     from tasks import ingest as ingest_stage
 
     ingest_stage.main([str(params_file)])
@@ -279,7 +283,9 @@ def test_gate_with_no_batch_says_nothing_to_validate_not_success(
     from tasks import validate_raw
 
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"paths": paths_under(tmp_path)}))
+    params_file.write_text(
+        yaml.safe_dump({"paths": paths_under(tmp_path), "tracking": tracking_under(tmp_path)})
+    )
     validate_raw.main([str(params_file)])
     metrics = json.loads((tmp_path / "metrics/validate_raw.json").read_text())
     assert metrics["status"] == validate_raw.NOTHING_TO_VALIDATE

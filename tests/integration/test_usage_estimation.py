@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 from foreign_support import foreign_runs
-from params_support import paths_under
+from params_support import paths_under, tracking_under
 
 from tracetune.config import UsageEstimateParams
 from tracetune.trajectories.io import iter_lines
@@ -41,6 +41,7 @@ def test_the_ingest_stage_counts_with_the_base_tokenizer(tiny_base: Path, tmp_pa
     (src / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in foreign))
     params = {
         "paths": paths_under(tmp_path),
+        "tracking": tracking_under(tmp_path),
         "ingest": {"source": str(src)},
         "base_model": {"name_or_path": str(tiny_base)},
     }

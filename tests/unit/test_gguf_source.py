@@ -76,6 +76,10 @@ def test_the_base_stage_fails_clearly_on_a_missing_gguf(tmp_path: Path) -> None:
             {
                 "base_model": {"name_or_path": "pkg://no_such_weights_package_xyz/M.gguf"},
                 "paths": {"models": str(tmp_path / "m"), "metrics": str(tmp_path / "x")},
+                "tracking": {
+                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "artifact_location": str(tmp_path / "mlartifacts"),
+                },
             }
         )
     )
