@@ -237,7 +237,7 @@ def _prefect_ui_url(flow_run_id: str, environ: Mapping[str, str] | None = None) 
 
         return url_for("flow-run", obj_id=flow_run_id)
     ui = env.get("PREFECT_UI_URL") or env.get("PREFECT_API_URL", "").removesuffix("/api")
-    return f"{ui.rstrip('/')}/flow-runs/flow-run/{flow_run_id}" if ui else None
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
 
 
 def prefect_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -113,7 +113,7 @@ def test_prefect_identity_reaches_stage_processes_through_the_environment() -> N
     worker = {"PREFECT__FLOW_RUN_ID": "f-2", "PREFECT_API_URL": "http://prefect:4200/api"}
     assert prefect_tags(worker) == {
         "prefect.flow_run_id": "f-2",
-        "prefect.flow_run_url": "http://prefect:4200/flow-runs/flow-run/f-2",
+        "prefect.flow_run_url": "http://prefect:4200/runs/flow-run/f-2",
     }
     assert prefect_tags({}) == {} and pipeline_id({}) is None
     assert pipeline_id({PIPELINE_ID_ENV: "nightly 'x'"}) == "nightly__x_"
