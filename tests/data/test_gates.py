@@ -176,10 +176,15 @@ def test_curated_gate_fails_a_small_narrow_set(batch: list[dict[str, Any]], tmp_
 
 
 def test_stage_exits_non_zero_with_report_on_a_bad_batch(
-    batch: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    batch: list[dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`python -m tasks.validate_raw` on an ingested corrupted batch: exit 1, summary, Data Docs."""
     import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
 
     from tasks import validate_raw
 
@@ -202,6 +207,18 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     err = capsys.readouterr().err
     assert "GX gate 'raw' FAILED" in err and "unanswered_calls" in err
     assert (tmp_path / "reports/gx/raw/index.html").exists()
+    # each stage has its MLflow run: the ingest with its counts, the failed gate FAILED
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_under(tmp_path)["tracking_uri"])
+    experiment = client.get_experiment_by_name("tracetune")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert runs["ingest"].info.status == "FINISHED" and runs["ingest"].data.metrics["accepted"] > 0
+    assert runs["validate_raw"].info.status == "FAILED"
+    assert runs["validate_raw"].data.metrics["rows"] > 0
+    names = {a.path for a in client.list_artifacts(runs["validate_raw"].info.run_id)}
+    assert "validate_raw.json" in names
     assert (tmp_path / "reports/gx/raw/summary.txt").read_text().startswith("GX gate 'raw' FAILED")
     assert not (tmp_path / "metrics/validate_raw.json").exists()
 
@@ -274,11 +291,13 @@ def test_plain_text_tool_errors_count_in_the_gate(tmp_path: Path) -> None:
 
 
 def test_gate_with_no_batch_says_nothing_to_validate_not_success(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No batch yet: the stage exits 0 (an incremental run may have nothing new) but its
     metrics and output say nothing was validated; it once wrote `success: true`."""
     import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
 
     from tasks import validate_raw
 

@@ -135,3 +135,53 @@ def test_runs_under_a_prefect_flow_link_to_its_flow_run(tmp_path: Path) -> None:
     after = runs["after_flow"].data.tags
     assert "mlflow.parentRunId" not in after
     assert not any(k.startswith("prefect.") for k in after)
+
+
+DATA_STAGES = {
+    "ingest": ("ingest.json", "accepted"),
+    "validate_raw": ("validate_raw.json", "rows"),
+    "curate": ("curate.json", "kept"),
+    "split": ("data_summary.json", "split.train"),
+    "validate_curated": ("validate_curated.json", "rows"),
+}
+
+
+@pytest.mark.slow  # ~45 s on a loaded 2-core machine: five stages and their gates
+def test_every_data_stage_has_a_run_with_its_counts_and_summary(
+    tmp_path: Path, sim_lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data stages' entry points, as `dvc repro` runs them, on simulated production logs."""
+    import importlib
+
+    import yaml
+    from params_support import paths_under, tracking_under
+
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(sim_lines) + "\n")
+    params_file = tmp_path / "params.yaml"
+    tracking = tracking_under(tmp_path, experiment="story")
+    settings = {
+        "paths": paths_under(tmp_path),
+        "tracking": tracking,
+        "ingest": {"source": str(src)},
+        "gates": {"curated": {"min_rows": 100}},  # 400 simulated lines keep ~220
+    }
+    params_file.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv(PIPELINE_ID_ENV, "data-1")
+    for stage in DATA_STAGES:
+        importlib.import_module(f"tasks.{stage}").main([str(params_file)])
+
+    runs = _runs(TrackingParams(**tracking))
+    parent = runs["pipeline data-1"].info.run_id
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking["tracking_uri"])
+    for stage, (artifact, count) in DATA_STAGES.items():
+        run = runs[stage]
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.metrics[count] > 0, stage
+        assert artifact in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert runs["validate_raw"].data.params["status"] == "passed"
+    ingest = runs["ingest"].data.metrics
+    assert ingest["read"] == ingest["accepted"] + ingest["quarantined"]
