@@ -229,8 +229,8 @@ def _live_prefect_tags() -> dict[str, str]:
 
 
 def _prefect_ui_url(flow_run_id: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The flow run's page when a Prefect API (hence UI) URL is known; None for the temporary
-    local API, which is gone when the flow ends."""
+    """The flow run's page when a Prefect API (hence UI) URL is known, else None. (The
+    temporary local API's page lives only as long as its flow run.)"""
     env = os.environ if environ is None else environ
     if "prefect" in sys.modules and environ is None:
         from prefect.utilities.urls import url_for
@@ -311,13 +311,17 @@ def pipeline_parent(experiment_id: str, pid: str, tags: Mapping[str, str]) -> st
 
 def _mark_parent(run_id: str, status: str) -> None:
     """The parent spans its stages: RUNNING while one runs, then how the last one ended."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    if status == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    else:
-        client.set_terminated(run_id, status=status, end_time=int(time.time() * 1000))
+    try:
+        if status == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, status=status, end_time=int(time.time() * 1000))
+    except MlflowException as exc:  # the parent was deleted meanwhile: the stage is what counts
+        print(f"warning: pipeline run {run_id} not updated: {exc}", file=sys.stderr)
 
 
 def parent_run_id(run: Any) -> str | None:
