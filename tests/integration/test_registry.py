@@ -125,7 +125,7 @@ def test_register_stage_records_metrics_lineage_verdict_and_loads_back(
     )
     assert [m.name for m in logged] == ["agent-lineage"]
     # the gate's reasons: one markdown list item each, blank lines between them
-    description = registry.version(version).description
+    description = registry.version(version).description or ""
     assert all(f"\n\n- {reason}\n" in description for reason in reasons)
 
     components = mlflow.transformers.load_model(
