@@ -32,6 +32,7 @@ from flows.stages import (
     run_training_stage,
 )
 from tracetune.config import Params, load_params, parse_params
+from tracetune.tracking import export_prefect_context
 
 PARAMS_FILE = "params.yaml"
 RUN_RECORD = "orchestration.json"
@@ -152,6 +153,7 @@ class Pipeline:
             override_params(root / PARAMS_FILE, overrides)
         params = load_params(root / PARAMS_FILE)
         share_pii_key(params, root)
+        export_prefect_context()  # stage processes nest their MLflow runs under this flow run
         dvc = read_dvc_repo(root)
         log = get_run_logger()
         log.info("repo %s: dvc.yaml defines %s", root, ", ".join(sorted(dvc.stages)) or "nothing")

@@ -109,12 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     if is_gguf_source(params.base_model.name_or_path):
         console.print(f"[bold]base model[/]: GGUF {params.base_model.name_or_path} -> {out_path}")
     from tracetune.agent.gguf_source import GGUFSourceError
+    from tracetune.tracking import log_summary, stage_run
 
-    try:
-        summary = run(params)
-    except GGUFSourceError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise SystemExit(2) from None
+    with stage_run(params.tracking, "base_model"):  # the MLflow run spans the build
+        try:
+            summary = run(params)
+        except GGUFSourceError as exc:
+            console.print(f"[red]error[/]: {exc}")
+            raise SystemExit(2) from None
+        log_summary(summary, "base_model.json")
     table = Table(title=f"Base model ({summary['status']})")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -8,6 +8,7 @@ from typing import Any
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
 from tracetune.environments.base import load_environment
+from tracetune.tracking import log_summary, stage_run
 from tracetune.trajectories.curation import curate
 from tracetune.trajectories.io import atomic_writer, iter_lines
 from tracetune.trajectories.tool_errors import build_rule
@@ -37,7 +38,10 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    s = run(stage_params(argv))
+    params = stage_params(argv)
+    with stage_run(params.tracking, "curate"):
+        s = run(params)
+        log_summary(s, METRICS)
     rules = ", ".join(f"{k}={v}" for k, v in s["dropped_by_rule"].items())
     print(f"curate: {s['input']} in, {s['kept']} kept, {s['dropped']} dropped ({rules})")
 

@@ -3,8 +3,10 @@
 `python -m tasks.evaluate MODEL [PARAMS_FILE]` (MODEL: `base`, `sft`, `rlvr`, ...). Outputs
 (dvc.yaml): `metrics/eval_<model>.json` (the shape the registry gate reads), the report, the
 rollouts and the cache record in `reports/eval/<model>/`, PNG plots in
-`reports/eval_plots/<model>/`, and an MLflow run `evaluate_<model>` with the flattened metrics
-and the files as artifacts.
+`reports/eval_plots/<model>/`, and an MLflow run `evaluate_<model>` (docs/evaluation.md): the
+headline metrics (`tsr`, `tsr_ci_low`, `steps_per_task`, `cost_per_task`, ...), the report with
+its plots beside it, the comparison of every evaluated model with both baselines and the floor,
+and a run per baseline arm with the same metric keys.
 
 Evaluating `base` *is* the prompt-only baseline; its rollouts stay in `reports/eval/base/` and
 any later evaluation reuses them while their cache key still matches (tracetune.evaluation.
@@ -56,21 +58,34 @@ def _settings(
 
 
 def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
-    """Evaluate `model`; returns (and writes) the metrics payload."""
+    """Evaluate `model`; returns (and writes) the metrics payload.
+
+    The MLflow run `evaluate_<model>` spans the rollouts, so its duration is the evaluation's.
+    """
+    from tracetune.evaluation import harness
+    from tracetune.tracking import stage_run
+
+    harness.pricing_for(params.evaluate, model)  # fail before any rollout when prices are missing
+    path = harness.model_path(params, model)
+    tags = {"tracetune.model": model, "model_path": path}
+    with stage_run(params.tracking, f"evaluate_{model}", tags):
+        return _evaluate(params, model, path, progress)
+
+
+def _evaluate(params: Params, model: str, path: str, progress: bool) -> dict[str, Any]:
     import mlflow
 
     from tracetune.agent.rollout import EnvPool
     from tracetune.environments.pseudonymised import model_env_factory
     from tracetune.evaluation import harness
-    from tracetune.evaluation.metrics import deltas, flatten, summarize
+    from tracetune.evaluation.metrics import deltas, summarize
     from tracetune.evaluation.plots import write_plots
-    from tracetune.evaluation.report import render_report
-    from tracetune.tracking import stage_run
+    from tracetune.evaluation.report import headline_metrics, render_report
+    from tracetune.tracking import log_report
     from tracetune.trajectories.tool_errors import build_rule
 
     ev = params.evaluate
     paths = eval_paths(params, model)
-    harness.pricing_for(ev, model)  # fail before any rollout when prices are missing
     envs = EnvPool(model_env_factory(params))  # the world as training data showed it
     probe = envs.acquire()
     heldout = harness.select_heldout(probe, params)
@@ -80,7 +95,6 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     if not heldout.tasks:
         raise RuntimeError(f"no held-out tasks to evaluate in {params.paths.curated_dir}")
 
-    path = harness.model_path(params, model)
     started = time.perf_counter()
     counts: dict[str, int] = {}
     candidate = harness.run_model(
@@ -88,6 +102,7 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
     key = harness.cache_key(path, heldout.tasks, params, max_turns)
+    mlflow.set_tag("eval_cache_key", key)
     harness.write_rollouts(paths["out"], candidate, key, {"model": model, "model_path": path})
 
     if model == harness.PROMPT_ONLY:
@@ -132,20 +147,104 @@ def run(params: Params, model: str, progress: bool = True) -> dict[str, Any]:
     plot_files = write_plots(payload, paths["plots"])
     report = paths["out"] / "report.md"
     rel = [Path("..", "..", "eval_plots", model, p.name).as_posix() for p in plot_files]
-    report.write_text(render_report(payload, settings, rel))
+    markdown = render_report(payload, settings, rel)
+    report.write_text(markdown)
     write_json(paths["metrics"], payload)
 
-    tags = {"tracetune.model": model, "model_path": path, "eval_cache_key": key}
-    with stage_run(params.tracking, f"evaluate_{model}", tags):
-        mlflow.log_params({k: str(v) for k, v in settings.items()})
-        mlflow.log_metrics(flatten({k: payload[k] for k in (*arms, "delta", "n_tasks")}))
-        mlflow.log_metric("rollout_seconds", seconds)
-        mlflow.log_metrics({f"grounding_{k}_tokens": v for k, v in counts.items()})
-        mlflow.log_artifact(str(paths["metrics"]))
-        mlflow.log_artifact(str(report))
-        mlflow.log_artifact(str(paths["out"] / harness.ROLLOUTS_FILE))
-        mlflow.log_artifacts(str(paths["plots"]), artifact_path="plots")
+    mlflow.log_params({k: str(v) for k, v in settings.items()})
+    mlflow.log_metrics(headline_metrics(payload["candidate"], payload["delta"]))
+    mlflow.log_metric("rollout_seconds", seconds)
+    mlflow.log_metrics({f"grounding_{k}_tokens": v for k, v in counts.items()})
+    mlflow.log_artifact(str(paths["metrics"]))
+    mlflow.log_artifact(str(paths["out"] / harness.ROLLOUTS_FILE))
+    log_report(markdown, plot_files, "report")
+    log_comparison(params, model, payload)
     return payload
+
+
+BASELINE_RUNS = {
+    "baseline_floor": "baseline_floor",
+    "baseline_production": "baseline_production",
+    "baseline_prompt_only": "baseline_prompt_only",
+}
+
+
+def log_comparison(params: Params, model: str, payload: dict[str, Any]) -> None:
+    """The side-by-side view: the comparison table (this run and the pipeline's parent), and
+    the baselines as runs of their own with the same metric keys as the candidates, so the
+    runs table lists production and the floor beside base, sft and rlvr."""
+    import mlflow
+
+    from tracetune.evaluation.report import (
+        comparison_markdown,
+        comparison_rows,
+        read_evals,
+        report_html,
+    )
+    from tracetune.tracking import parent_run_id
+
+    evals = read_evals(params.paths.metrics) | {model: payload}
+    rows = comparison_rows(evals, reference=model)
+    text = comparison_markdown(rows)
+    files = {
+        "comparison.md": text,
+        "comparison.html": report_html(text, {}, "comparison"),
+    }
+    active = mlflow.active_run()
+    assert active is not None  # called inside the evaluate run
+    run = mlflow.get_run(active.info.run_id)
+    parent = parent_run_id(run)
+    client = mlflow.MlflowClient()
+    for name, content in files.items():
+        mlflow.log_text(content, name)
+        if parent:
+            client.log_text(parent, content, name)
+    mlflow.log_dict({"rows": rows}, "comparison.json")
+    if parent:
+        client.log_dict(parent, {"rows": rows}, "comparison.json")
+    _log_baseline_runs(client, run, parent, model, payload)
+
+
+def _log_baseline_runs(
+    client: Any, run: Any, parent: str | None, model: str, payload: dict[str, Any]
+) -> None:
+    """One run per baseline arm: under the pipeline's parent once per pipeline (the prompt-only
+    one only when `evaluate_base` is not there), else under this evaluate run."""
+    from mlflow.entities import Metric
+
+    from tracetune.evaluation.report import headline_metrics
+
+    owner = parent or run.info.run_id
+    siblings = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{owner}'",
+        max_results=1000,
+    )
+    present = {r.data.tags.get("tracetune.stage") for r in siblings}
+    inherited = {
+        k: v for k, v in run.data.tags.items() if k.startswith(("prefect.", "tracetune.pipeline"))
+    }
+    now = int(time.time() * 1000)
+    for arm, name in BASELINE_RUNS.items():
+        block = payload.get(arm)
+        skip = name in present or (
+            arm == "baseline_prompt_only" and (model == "base" or "evaluate_base" in present)
+        )
+        if not isinstance(block, dict) or skip:
+            continue
+        child = client.create_run(
+            run.info.experiment_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": owner,
+                "tracetune.stage": name,
+                "tracetune.measured_by": f"evaluate_{model}",
+                **inherited,
+            },
+        )
+        metrics = [Metric(k, v, now, 0) for k, v in headline_metrics(block).items()]
+        client.log_batch(child.info.run_id, metrics=metrics)
+        client.set_terminated(child.info.run_id, "FINISHED")
 
 
 def _prompt_only(

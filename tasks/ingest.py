@@ -7,7 +7,7 @@ from typing import Any
 
 from tasks._common import stage_params, write_json
 from tracetune.config import Params
-from tracetune.tracking import tracking_uri
+from tracetune.tracking import log_summary, stage_run, tracking_uri
 from tracetune.trajectories.ingest import IngestPaths, QuarantineRateExceeded, ingest
 from tracetune.trajectories.pii import PiiKeyMissing, key_for
 from tracetune.trajectories.readers import UnrecognisedFormat, open_log_source
@@ -62,14 +62,22 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv)
+    with stage_run(params.tracking, "ingest"):  # the MLflow run spans the ingest
+        summary = _run_or_exit(params)
+        log_summary(summary, METRICS)
+    print(format_summary(summary))
+
+
+def _run_or_exit(params: Params) -> dict[str, Any]:
     try:
-        summary = run(params)
+        return run(params)
     except PiiKeyMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except QuarantineRateExceeded as exc:
-        reasons = exc.report.as_dict()["quarantine_reasons"]
-        print(f"error: {exc}\n  reasons: {reasons}", file=sys.stderr)
+        summary = exc.report.as_dict()
+        log_summary(summary, "ingest_rejected.json")
+        print(f"error: {exc}\n  reasons: {summary['quarantine_reasons']}", file=sys.stderr)
         raise SystemExit(1) from None
     except SourceUnavailable as exc:
         print(
@@ -81,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     except UnrecognisedFormat as exc:
         print(f"error: nothing was committed: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from tasks.curate import METRICS as CURATE_METRICS
 from tasks.curate import curated_path
 from tracetune.config import Params
 from tracetune.environments.base import declared_splits, load_environment
+from tracetune.tracking import log_summary, stage_run
 from tracetune.trajectories.ingest import read_state
 from tracetune.trajectories.io import iter_lines
 from tracetune.trajectories.split import declared_test_tasks, logged_tasks, split_curated
@@ -42,7 +43,11 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    s = run(stage_params(argv))["split"]
+    params = stage_params(argv)
+    with stage_run(params.tracking, "split"):
+        summary = run(params)
+        log_summary(summary, SUMMARY)
+    s = summary["split"]
     print(f"split: train {s['train']}, held-out {s['heldout']} ({s['heldout_tasks']} tasks)")
 
 

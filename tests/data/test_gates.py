@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from params_support import paths_under
+from params_support import paths_under, tracking_under
 
 from tracetune.config import (
     CuratedGateParams,
@@ -181,10 +181,15 @@ def test_curated_gate_fails_a_small_narrow_set(batch: list[dict[str, Any]], tmp_
 
 
 def test_stage_exits_non_zero_with_report_on_a_bad_batch(
-    batch: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    batch: list[dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`python -m tasks.validate_raw` on an ingested corrupted batch: exit 1, summary, Data Docs."""
     import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
 
     from tasks import validate_raw
 
@@ -193,7 +198,11 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     (src / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corrupt(batch)))
     paths = paths_under(tmp_path) | {"raw_logs": str(src)}
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"paths": paths, "ingest": {"source": str(src)}}))
+    params_file.write_text(
+        yaml.safe_dump(
+            {"paths": paths, "tracking": tracking_under(tmp_path), "ingest": {"source": str(src)}}
+        )
+    )
     from tasks import ingest as ingest_stage
 
     ingest_stage.main([str(params_file)])
@@ -203,6 +212,18 @@ def test_stage_exits_non_zero_with_report_on_a_bad_batch(
     err = capsys.readouterr().err
     assert "GX gate 'raw' FAILED" in err and "unanswered_calls" in err
     assert (tmp_path / "reports/gx/raw/index.html").exists()
+    # each stage has its MLflow run: the ingest with its counts, the failed gate FAILED
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_under(tmp_path)["tracking_uri"])
+    experiment = client.get_experiment_by_name("tracetune")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert runs["ingest"].info.status == "FINISHED" and runs["ingest"].data.metrics["accepted"] > 0
+    assert runs["validate_raw"].info.status == "FAILED"
+    assert runs["validate_raw"].data.metrics["rows"] > 0
+    names = {a.path for a in client.list_artifacts(runs["validate_raw"].info.run_id)}
+    assert "validate_raw.json" in names
     assert (tmp_path / "reports/gx/raw/summary.txt").read_text().startswith("GX gate 'raw' FAILED")
     assert not (tmp_path / "metrics/validate_raw.json").exists()
 
@@ -275,16 +296,20 @@ def test_plain_text_tool_errors_count_in_the_gate(tmp_path: Path) -> None:
 
 
 def test_gate_with_no_batch_says_nothing_to_validate_not_success(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No batch yet: the stage exits 0 (an incremental run may have nothing new) but its
     metrics and output say nothing was validated; it once wrote `success: true`."""
     import yaml
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
+
     from tasks import validate_raw
 
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({"paths": paths_under(tmp_path)}))
+    params_file.write_text(
+        yaml.safe_dump({"paths": paths_under(tmp_path), "tracking": tracking_under(tmp_path)})
+    )
     validate_raw.main([str(params_file)])
     metrics = json.loads((tmp_path / "metrics/validate_raw.json").read_text())
     assert metrics["status"] == validate_raw.NOTHING_TO_VALIDATE

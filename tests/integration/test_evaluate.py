@@ -143,6 +143,8 @@ def test_prompt_only_baseline_is_reused_from_the_base_cache(evaluated: dict[str,
 
 
 def test_mlflow_run_holds_metrics_and_artifacts(evaluated: dict[str, Any]) -> None:
+    import re
+
     from mlflow.tracking import MlflowClient
 
     params: Params = evaluated["params"]
@@ -152,9 +154,42 @@ def test_mlflow_run_holds_metrics_and_artifacts(evaluated: dict[str, Any]) -> No
     runs = client.search_runs([experiment.experiment_id], "tags.`tracetune.stage` = 'evaluate_sft'")
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.metrics["candidate.n"] == 6.0
-    assert "delta.tsr_vs_production" in run.data.metrics
-    assert "baseline_production.tsr" in run.data.metrics
-    assert "baseline_floor.tsr" in run.data.metrics and "delta.tsr_vs_floor" in run.data.metrics
+    # a few headline metrics, the same keys for every run; the detail is in the artifacts
+    metrics = run.data.metrics
+    assert metrics["n_tasks"] == 6.0 and metrics["tsr"] == evaluated["sft"]["candidate"]["tsr"]
+    assert {"tsr_ci_low", "tsr_ci_high", "steps_per_task", "cost_per_task"} <= set(metrics)
+    assert {"tsr_vs_floor", "tsr_vs_production", "rollout_seconds"} <= set(metrics)
+    assert not any(k.startswith(("baseline_", "candidate.", "delta.")) for k in metrics)
+    assert len(metrics) < 20
+    # the run spans the rollouts, not just the logging
+    assert run.info.end_time - run.info.start_time >= 1000 * metrics["rollout_seconds"]
+
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"eval_sft.json", "report.md", "rollouts.jsonl", "plots"} <= names
+    assert {
+        "eval_sft.json",
+        "rollouts.jsonl",
+        "report",
+        "comparison.md",
+        "comparison.html",
+    } <= names
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/tsr.png"} <= report
+    local = Path(client.download_artifacts(run.info.run_id, "report"))
+    text = (local / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((local / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    assert "data:image/png;base64," in (local / "report.html").read_text()
+
+    comparison = Path(client.download_artifacts(run.info.run_id, "comparison.md")).read_text()
+    for arm in ("do-nothing floor", "prompt-only (base)", "production logs", "| sft |"):
+        assert arm in comparison
+
+    # production and the floor are runs of their own, with the same metric keys as the models
+    baselines = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in baselines}
+    assert {"baseline_production", "baseline_floor"} <= set(by_name)
+    production = evaluated["sft"]["baseline_production"]
+    assert by_name["baseline_production"].data.metrics["tsr"] == production["tsr"]
+    assert "steps_per_task" in by_name["baseline_floor"].data.metrics

@@ -102,6 +102,30 @@ def test_main_command_runs_the_defined_stages_and_skips_the_rest(
     check_lineage(data_repo, ran)
     assert [s["note"] for s in record["stages"] if s["name"] == "dvc push"] == ["ingest", ""]
     assert 0 < record["stage_s"] <= record["wall_s"]
+    check_mlflow_story(data_repo, [n for n in ran if n != "simulate"])
+
+
+def check_mlflow_story(root: Path, stages: list[str]) -> None:
+    """Each stage's MLflow run (made in a `dvc repro` process) is nested under one parent run
+    for this flow run and tagged with it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("tracetune.stage") == "pipeline")
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.tags["prefect.flow_name"] == "retrain"
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(stages) <= set(children), sorted(children)
+    for name in stages:
+        tags = children[name].data.tags
+        assert tags["prefect.flow_run_id"] == flow_run_id
+        assert children[name].info.status == "FINISHED" and children[name].data.metrics, name
 
 
 def test_bad_batch_fails_the_run_links_the_report_and_registers_nothing(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from registry_support import (
+    PNG_1X1,
     add_bare_version,
     approve_worker,
     build_tiny_model,
@@ -60,7 +61,14 @@ def _candidate(root: Path, model: Path, name: str = "sft", **metrics: Any) -> Pa
     if not target.exists():
         shutil.copytree(model, target)
     write_dvc_lock(root, f"models/{name}")
-    return write_eval(root, name, eval_metrics(candidate=name, model_path=str(target), **metrics))
+    path = write_eval(root, name, eval_metrics(candidate=name, model_path=str(target), **metrics))
+    # the evaluate stage's layout: plots in reports/eval_plots/<name>, linked from the report
+    plots = root / "reports" / "eval_plots" / name
+    plots.mkdir(parents=True, exist_ok=True)
+    (plots / "tsr.png").write_bytes(PNG_1X1)
+    report = root / "reports" / "eval" / name / "report.md"
+    report.write_text(report.read_text() + f"\n![tsr](../../eval_plots/{name}/tsr.png)\n")
+    return path
 
 
 def _register(params: Params, root: Path, **metrics: Any) -> dict[str, Any]:
@@ -94,15 +102,31 @@ def test_register_stage_records_metrics_lineage_verdict_and_loads_back(
 
     client = registry.client
     run = client.get_run(summary["run_id"])
-    assert run.data.metrics["tsr"] == 0.85 and run.data.metrics["production.tsr"] == 0.73
-    assert run.data.metrics["floor.tsr"] == 0.0
-    assert run.data.metrics["family.lookup_order.tsr"] == 0.85
+    metrics = run.data.metrics
+    assert metrics["tsr"] == 0.85 and metrics["tsr_vs_production"] == pytest.approx(0.12)
+    assert metrics["steps_per_task"] == 3.0 and metrics["gate.passed"] == 1.0
+    assert len(metrics) < 15  # no per-family or per-baseline keys: those are in the artifacts
     assert run.data.params["sft.learning_rate"] and run.data.params["candidate"] == "sft"
+    assert run.data.tags["tracetune.model_version"] == version
     folders = ("eval", "eval/report", "lineage", "gate")
     artifacts = {a.path for d in folders for a in client.list_artifacts(run.info.run_id, d)}
     expected = {"eval/eval_sft.json", "eval/report/report.md", "eval/report/tsr_by_family.png"}
+    expected |= {"eval/report/tsr.png", "eval/report/report.html", "eval/comparison.md"}
     expected |= {"lineage/dvc.lock", "lineage/lineage.json", "gate/verdict.json"}
     assert expected <= artifacts
+    # the report links the plots the evaluate stage wrote, logged beside it
+    report = Path(client.download_artifacts(run.info.run_id, "eval/report/report.md")).read_text()
+    assert "![tsr](tsr.png)" in report and "eval_plots" not in report
+    comparison = Path(client.download_artifacts(run.info.run_id, "eval/comparison.md")).read_text()
+    assert "production logs" in comparison and "do-nothing floor" in comparison
+    # the logged model carries the registered model's name, not `model`
+    logged = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert [m.name for m in logged] == ["agent-lineage"]
+    # the gate's reasons: one markdown list item each, blank lines between them
+    description = registry.version(version).description or ""
+    assert all(f"\n\n- {reason}\n" in description for reason in reasons)
 
     components = mlflow.transformers.load_model(
         f"models:/{registry.name}/{version}", return_type="components"

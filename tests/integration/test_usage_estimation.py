@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import orjson
+import pytest
 from foreign_support import foreign_runs
-from params_support import paths_under
+from params_support import paths_under, tracking_under
 
 from tracetune.config import UsageEstimateParams
 from tracetune.trajectories.io import iter_lines
@@ -27,7 +28,9 @@ def test_the_tokenizer_is_the_configured_one_else_the_built_base_else_the_fallba
     assert resolve_tokenizer(None, "Qwen/Qwen2.5-0.5B-Instruct") is None  # never a download
 
 
-def test_the_ingest_stage_counts_with_the_base_tokenizer(tiny_base: Path, tmp_path: Path) -> None:
+def test_the_ingest_stage_counts_with_the_base_tokenizer(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`python -m tasks.ingest` on logs without usage, once the base model exists: usage is
     counted with its tokenizer (billed per assistant turn), priced, and marked."""
     import yaml
@@ -35,12 +38,14 @@ def test_the_ingest_stage_counts_with_the_base_tokenizer(tiny_base: Path, tmp_pa
 
     from tasks import ingest as ingest_stage
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
     foreign, _ = foreign_runs(20, seed=2)
     src = tmp_path / "logs"
     src.mkdir()
     (src / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in foreign))
     params = {
         "paths": paths_under(tmp_path),
+        "tracking": tracking_under(tmp_path),
         "ingest": {"source": str(src)},
         "base_model": {"name_or_path": str(tiny_base)},
     }

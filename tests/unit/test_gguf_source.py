@@ -67,8 +67,12 @@ def test_missing_sources_say_how_to_install_them(tmp_path: Path) -> None:
         resolve_gguf(str(tmp_path / "absent.gguf"))
 
 
-def test_the_base_stage_fails_clearly_on_a_missing_gguf(tmp_path: Path) -> None:
+def test_the_base_stage_fails_clearly_on_a_missing_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tasks import base_model as stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store params name
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -76,6 +80,10 @@ def test_the_base_stage_fails_clearly_on_a_missing_gguf(tmp_path: Path) -> None:
             {
                 "base_model": {"name_or_path": "pkg://no_such_weights_package_xyz/M.gguf"},
                 "paths": {"models": str(tmp_path / "m"), "metrics": str(tmp_path / "x")},
+                "tracking": {
+                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "artifact_location": str(tmp_path / "mlartifacts"),
+                },
             }
         )
     )

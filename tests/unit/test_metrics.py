@@ -205,7 +205,7 @@ def test_report_shows_each_arm_with_intervals() -> None:
     assert "# Evaluation: `sft`" in text
     assert "50.0% [" in text and "n/a (no data)" in text
     assert "+50.0 pts [" in text  # candidate vs prompt-only difference with its interval
-    assert "![../../eval_plots/sft/tsr.png]" in text
+    assert "![tsr](../../eval_plots/sft/tsr.png)" in text
 
 
 def test_estimated_usage_is_marked_in_the_block_and_the_report() -> None:

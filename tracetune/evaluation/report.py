@@ -8,7 +8,10 @@ the JSON.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import base64
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tracetune.evaluation.metrics import tsr_difference
@@ -203,7 +206,7 @@ def render_report(
         "",
     ]
     if plots:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+        lines += ["## Plots", ""] + [f"![{PurePosixPath(p).stem}]({p})" for p in plots] + [""]
     lines += ["## Settings", "", *_table(["setting", "value"], _settings_rows(settings)), ""]
     return "\n".join(lines)
 
@@ -216,3 +219,179 @@ def _minus(a: Any, b: Any) -> float | None:
 
 def _settings_rows(settings: Mapping[str, Any]) -> list[list[str]]:
     return [[str(k), f"`{v}`"] for k, v in settings.items()]
+
+
+# --- the report and the comparison as MLflow shows them -----------------------------------------
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def relink_images(markdown: str, names: Collection[str]) -> str:
+    """Image links whose file is in `names` made relative to the report's own folder.
+
+    On disk the report links its plots in `reports/eval_plots/<model>/`; in an MLflow run they
+    are logged beside it, where only the bare file name resolves.
+    """
+
+    def local(match: re.Match[str]) -> str:
+        name = PurePosixPath(match.group(2)).name
+        return f"![{match.group(1)}]({name})" if name in names else match.group(0)
+
+    return _IMAGE.sub(local, markdown)
+
+
+def report_html(markdown: str, images: Mapping[str, bytes], title: str = "report") -> str:
+    """The markdown as one self-contained HTML page, images inlined: MLflow's artifact view
+    renders HTML in a sandbox where relative links cannot load."""
+    from markdown_it import MarkdownIt
+
+    def inline(match: re.Match[str]) -> str:
+        name = PurePosixPath(match.group(2)).name
+        if name not in images:
+            return match.group(0)
+        data = base64.b64encode(images[name]).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    body = md.render(_IMAGE.sub(inline, markdown))
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:1em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>\n"
+    )
+
+
+# Few, comparable metric keys for every evaluated arm (MLflow's runs table and charts); the
+# per-family, per-failure and per-baseline detail stays in the eval JSON and the comparison.
+HEADLINE = {
+    "tsr": "tsr",
+    "tsr_ci_low": "tsr_ci_low",
+    "tsr_ci_high": "tsr_ci_high",
+    "steps_per_task": "steps_mean",
+    "cost_per_task": "cost_per_task_usd",
+    "n_tasks": "n",
+}
+HEADLINE_DELTAS = ("tsr_vs_floor", "tsr_vs_prompt_only", "tsr_vs_production")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def headline_metrics(
+    block: Mapping[str, Any], delta: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """An arm's headline numbers under the same keys for every run, plus the candidate's TSR
+    differences (`delta`) when given."""
+    out = {k: float(block[src]) for k, src in HEADLINE.items() if _is_number(block.get(src))}
+    for key in HEADLINE_DELTAS:
+        if delta and _is_number(delta.get(key)):
+            out[key] = float(delta[key])
+    return out
+
+
+COMPARISON_ORDER = ("base", "sft", "rlvr")
+
+
+def read_evals(metrics_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every `eval_<model>.json` in `metrics_dir` in the evaluate stage's shape, by model."""
+    import json
+
+    evals: dict[str, dict[str, Any]] = {}
+    for file in sorted(metrics_dir.glob("eval_*.json")):
+        try:
+            payload = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("candidate"), dict):
+            evals[file.stem.removeprefix("eval_")] = payload
+    return evals
+
+
+def comparison_rows(
+    evals: Mapping[str, Mapping[str, Any]], reference: str | None = None
+) -> list[dict[str, Any]]:
+    """Floor, prompt-only base, production and every evaluated model, one row each.
+
+    `evals` maps model name to its eval JSON. The baselines come from `reference` (the newest
+    evaluation, normally), evaluated models from their own files; `tasks` says whether each
+    row counted the same number of held-out tasks.
+    """
+    if not evals:
+        return []
+    ref_name = reference if reference is not None and reference in evals else next(iter(evals))
+    ref = evals[ref_name]
+    rows: list[dict[str, Any]] = []
+    baselines = (
+        ("do-nothing floor", "baseline_floor"),
+        ("prompt-only (base)", "baseline_prompt_only"),
+        ("production logs", "baseline_production"),
+    )
+    for label, key in baselines:
+        if isinstance(ref.get(key), Mapping):
+            rows.append(_comparison_row(label, ref[key], f"eval_{ref_name}.json: {key}"))
+    order = {name: i for i, name in enumerate(COMPARISON_ORDER)}
+    for name in sorted(evals, key=lambda n: (order.get(n, len(order)), n)):
+        block = evals[name].get("candidate")
+        if name == "base" or not isinstance(block, Mapping):
+            continue  # base's candidate is the prompt-only row
+        rows.append(_comparison_row(name, block, f"eval_{name}.json"))
+    floor = ref.get("baseline_floor")
+    for row in rows:
+        base = floor.get("tsr") if isinstance(floor, Mapping) else None
+        row["tsr_over_floor"] = (
+            row["tsr"] - base if _is_number(row["tsr"]) and _is_number(base) else None
+        )
+    return rows
+
+
+def _comparison_row(arm: str, block: Mapping[str, Any], source: str) -> dict[str, Any]:
+    return {
+        "arm": arm,
+        "tsr": block.get("tsr"),
+        "tsr_ci_low": block.get("tsr_ci_low"),
+        "tsr_ci_high": block.get("tsr_ci_high"),
+        "tasks": block.get("n"),
+        "steps_per_task": block.get("steps_mean"),
+        "cost_per_task_usd": block.get("cost_per_task_usd"),
+        "source": source,
+    }
+
+
+def comparison_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The comparison as a markdown page (TSR with its 95% interval, gain over the floor)."""
+    body = [
+        [
+            str(r["arm"]),
+            _tsr_cell(
+                {
+                    "n": r.get("tasks"),
+                    "tsr": r.get("tsr"),
+                    "tsr_ci_low": r.get("tsr_ci_low"),
+                    "tsr_ci_high": r.get("tsr_ci_high"),
+                }
+            ),
+            "n/a" if r.get("tsr_over_floor") is None else f"{100 * r['tsr_over_floor']:+.1f} pts",
+            _count(r.get("tasks")),
+            _num(r.get("steps_per_task")),
+            _num(r.get("cost_per_task_usd"), ".6f"),
+            f"`{r['source']}`",
+        ]
+        for r in rows
+    ]
+    header = ["arm", "TSR [95% CI]", "over the floor", "tasks", "steps per task",
+              "cost per task (USD)", "from"]  # fmt: skip
+    return "\n".join(
+        [
+            "# Candidates beside both baselines and the floor",
+            "",
+            *_table(header, body),
+            "",
+            "Same held-out tasks for every row when `tasks` agree; intervals are Wilson 95%.",
+            "",
+        ]
+    )

@@ -10,7 +10,6 @@ The champion never moves here, except with `registry.auto_approve` (non-producti
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,23 +43,16 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 AUTO_APPROVER = "auto-approve"
-ARM_METRICS = ("tsr", "tsr_ci_low", "tsr_ci_high", "n", "steps_mean", "steps_median",
-               "tokens_in", "tokens_out", "cost_per_task_usd", "latency_s")  # fmt: skip
-ARMS = {
-    "candidate": "",
-    "baseline_prompt_only": "prompt_only.",
-    "baseline_production": "production.",
-    "baseline_floor": "floor.",
-}
 
 
 @dataclass(frozen=True)
 class CandidatePaths:
-    """Where a candidate's evaluation, model and report are (params.paths + its name)."""
+    """Where a candidate's evaluation, model, report and plots are (params.paths + its name)."""
 
     eval_file: Path
     model_dir: Path
     report_dir: Path
+    plots_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,10 @@ def candidate_paths(
     model_dir = params.paths.models / candidate
     if metrics and metrics.get("model_path"):
         model_dir = Path(str(metrics["model_path"]))
-    return CandidatePaths(eval_file, model_dir, params.paths.reports / "eval" / candidate)
+    reports = params.paths.reports
+    return CandidatePaths(
+        eval_file, model_dir, reports / "eval" / candidate, reports / "eval_plots" / candidate
+    )
 
 
 def content_key(model_dir: Path, eval_file: Path) -> str:
@@ -129,26 +124,15 @@ def content_key(model_dir: Path, eval_file: Path) -> str:
     return hashlib.sha256(f"{model}:{content_hash(eval_file)}".encode()).hexdigest()[:32]
 
 
-def metric_key(text: str) -> str:
-    """MLflow metric names allow letters, digits and `_-./ :`; anything else becomes `_`."""
-    return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", text)
-
-
 def run_metrics(metrics: Mapping[str, Any], verdict: Verdict) -> dict[str, float]:
-    """Flat numeric metrics for the run: candidate (no prefix), baselines, deltas, families."""
-    out: dict[str, float] = {}
-    for arm, prefix in ARMS.items():
-        block = metrics.get(arm) or {}
-        for key in ARM_METRICS:
-            if isinstance(block.get(key), int | float) and not isinstance(block.get(key), bool):
-                out[f"{prefix}{key}"] = float(block[key])
-        for family, stats in (block.get("per_family") or {}).items():
-            for key in ("tsr", "n"):
-                if isinstance((stats or {}).get(key), int | float):
-                    out[metric_key(f"{prefix}family.{family}.{key}")] = float(stats[key])
-    for key, value in (metrics.get("delta") or {}).items():
-        if isinstance(value, int | float):
-            out[metric_key(f"delta.{key}")] = float(value)
+    """The register run's few metrics: the candidate's headline numbers under the keys every
+    evaluate run uses (`tsr`, `tsr_ci_low`, `steps_per_task`, `cost_per_task`, `tsr_vs_*`) and
+    `gate.passed`. Baselines, families and failures are in the logged eval file and comparison.
+    """
+    from tracetune.evaluation.report import headline_metrics
+
+    block = metrics.get(CANDIDATE) or {}
+    out = headline_metrics(block, metrics.get("delta") or {})
     if isinstance(metrics.get("n_tasks"), int | float):
         out["n_tasks"] = float(metrics["n_tasks"])
     out["gate.passed"] = 1.0 if verdict.passed else 0.0
@@ -185,18 +169,20 @@ def version_tags(
 
 
 def describe(candidate: str, metrics: Mapping[str, Any], verdict: Verdict) -> str:
-    """A one-paragraph version description for the MLflow UI."""
+    """The version description for the MLflow UI: a summary, then one list item per gate check.
+
+    Blocks are separated by blank lines: MLflow's markdown view runs single-newline-separated
+    lines together into one paragraph.
+    """
     c = metrics[CANDIDATE]
-    lines = [
+    blocks = [
         f"{candidate}: TSR {c['tsr']:.3f} [{c.get('tsr_ci_low', 0):.3f}, "
         f"{c.get('tsr_ci_high', 1):.3f}] on {c.get('n')} held-out tasks, "
         f"{c.get('steps_mean', 0):.2f} steps, ${c.get('cost_per_task_usd', 0):.5f}/task.",
-        "",
         f"Gate {verdict.label}:",
-        "",
         *(f"- {reason}" for reason in verdict.reasons),
     ]
-    return "\n".join(lines)  # markdown: a paragraph, then one list item per gate check
+    return "\n\n".join(blocks) + "\n"
 
 
 def model_card(candidate: str, report_dir: Path, summary: str) -> ModelCard:
@@ -265,6 +251,17 @@ def champion_reference(registry: Registry) -> tuple[dict[str, Any] | None, str |
     return (block if isinstance(block, dict) else None), champion
 
 
+def report_plots(paths: CandidatePaths) -> list[Path]:
+    """The evaluation's PNG plots: in the plots folder (what the evaluate stage writes) and
+    any beside the report."""
+    found: dict[str, Path] = {}
+    for folder in (paths.plots_dir, paths.report_dir):
+        if folder is not None and folder.is_dir():
+            for png in sorted(folder.glob("*.png")):
+                found.setdefault(png.name, png)
+    return list(found.values())
+
+
 def log_candidate_run(
     params: Params,
     candidate: str,
@@ -274,36 +271,47 @@ def log_candidate_run(
     lineage: Lineage,
     summary: str,
     extra_files: list[Path],
-) -> tuple[str, str]:
-    """The `register` run: params, metrics, lineage, report and plots, and the model itself."""
+) -> str:
+    """Into the active `register` run: params, metrics, lineage, the report with its plots
+    beside it, the comparison with both baselines, and the model itself, logged under the
+    registered model's name. Returns the logged model's URI."""
     import mlflow
 
     from tracetune.agent.model import load_model
-    from tracetune.tracking import stage_run
+    from tracetune.evaluation.report import comparison_markdown, comparison_rows, read_evals
+    from tracetune.tracking import log_report
 
     model_dir = resolve_model_dir(paths.model_dir)
-    with stage_run(params.tracking, "register", {CANDIDATE_TAG: candidate}) as run:
-        mlflow.log_params(flatten("", params.model_dump(mode="json")) | {"candidate": candidate})
-        mlflow.log_metrics(run_metrics(metrics, verdict))
-        mlflow.set_tags(lineage.tags() | {GATE_VERDICT: verdict.label})
-        mlflow.log_artifact(str(paths.eval_file), artifact_path="eval")
-        if paths.report_dir.is_dir():
-            mlflow.log_artifacts(str(paths.report_dir), artifact_path="eval/report")
-        mlflow.log_dict(lineage.as_dict(), "lineage/lineage.json")
-        mlflow.log_dict(verdict.as_dict(), "gate/verdict.json")
-        for extra in extra_files:
-            if extra.is_file():
-                mlflow.log_artifact(str(extra), artifact_path="lineage")
-        model, tokenizer = load_model(str(model_dir.resolve()), device="cpu")
-        info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="text-generation",
-            pip_requirements=pip_requirements(),
-            model_card=model_card(candidate, paths.report_dir, summary),
-            metadata={"tracetune_candidate": candidate, "gate": verdict.label},
-        )
-        return run.info.run_id, str(info.model_uri)
+    mlflow.log_params(flatten("", params.model_dump(mode="json")) | {"candidate": candidate})
+    mlflow.log_metrics(run_metrics(metrics, verdict))
+    mlflow.set_tags(lineage.tags() | {GATE_VERDICT: verdict.label})
+    mlflow.log_artifact(str(paths.eval_file), artifact_path="eval")
+    report = paths.report_dir / "report.md"
+    if report.is_file():
+        log_report(report.read_text(), report_plots(paths), "eval/report")
+    if paths.report_dir.is_dir():
+        for extra in sorted(paths.report_dir.iterdir()):
+            if extra.is_file() and extra.name != "report.md" and extra.suffix != ".png":
+                mlflow.log_artifact(str(extra), artifact_path="eval/report")
+    evals = read_evals(params.paths.metrics) | {candidate: dict(metrics)}
+    rows = comparison_rows(evals, reference=candidate)
+    mlflow.log_text(comparison_markdown(rows), "eval/comparison.md")
+    mlflow.log_dict(lineage.as_dict(), "lineage/lineage.json")
+    mlflow.log_dict(verdict.as_dict(), "gate/verdict.json")
+    mlflow.log_text(summary, "gate/description.md")
+    for extra in extra_files:
+        if extra.is_file():
+            mlflow.log_artifact(str(extra), artifact_path="lineage")
+    model, tokenizer = load_model(str(model_dir.resolve()), device="cpu")
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name=params.tracking.registered_model,
+        task="text-generation",
+        pip_requirements=pip_requirements(),
+        model_card=model_card(candidate, paths.report_dir, summary),
+        metadata={"tracetune_candidate": candidate, "gate": verdict.label},
+    )
+    return str(info.model_uri)
 
 
 def register_candidate(
@@ -313,6 +321,7 @@ def register_candidate(
     eval_file: Path | None = None,
     model_dir: Path | None = None,
     report_dir: Path | None = None,
+    plots_dir: Path | None = None,
     dvc_lock: Path = Path("dvc.lock"),
     params_file: Path | None = Path("params.yaml"),
 ) -> RegisterResult:
@@ -328,7 +337,10 @@ def register_candidate(
     metrics = load_eval(eval_path)
     default = candidate_paths(params, candidate, metrics)
     paths = CandidatePaths(
-        eval_path, model_dir or default.model_dir, report_dir or default.report_dir
+        eval_path,
+        model_dir or default.model_dir,
+        report_dir or default.report_dir,
+        plots_dir or default.plots_dir,
     )
     resolve_model_dir(paths.model_dir)  # fail before anything is written
 
@@ -361,7 +373,31 @@ def _register_new(
     dvc_lock: Path,
     params_file: Path | None,
 ) -> RegisterResult:
-    """Gate, log and register a candidate not registered before (the caller holds the lock)."""
+    """Gate, log and register a candidate not registered before (the caller holds the lock).
+
+    The `register` run spans all of it (gate, logging the model, the version, the aliases), so
+    its duration is the stage's."""
+    from tracetune.tracking import stage_run
+
+    with stage_run(params.tracking, "register", {CANDIDATE_TAG: candidate}) as run:
+        return _gate_log_register(
+            params, registry, candidate, paths, metrics, key, started, dvc_lock, params_file,
+            run.info.run_id,
+        )  # fmt: skip
+
+
+def _gate_log_register(
+    params: Params,
+    registry: Registry,
+    candidate: str,
+    paths: CandidatePaths,
+    metrics: dict[str, Any],
+    key: str,
+    started: float,
+    dvc_lock: Path,
+    params_file: Path | None,
+    run_id: str,
+) -> RegisterResult:
     import mlflow
 
     from tracetune.registry.approval import approve, set_challenger
@@ -381,7 +417,7 @@ def _register_new(
     )
     summary = describe(candidate, metrics, verdict)
     extras = [p for p in (dvc_lock, params_file) if p is not None]
-    run_id, model_uri = log_candidate_run(
+    model_uri = log_candidate_run(
         params, candidate, paths, metrics, verdict, lineage, summary, extras
     )
     tags = version_tags(
@@ -396,6 +432,9 @@ def _register_new(
     version = str(mv.version)
     wait_until_ready(registry, version)
     registry.client.update_model_version(registry.name, version, description=summary)
+    mlflow.set_tags(
+        {"tracetune.model_version": version, "tracetune.registered_model": registry.name}
+    )
     challenger = set_challenger(registry, version) if verdict.passed else False
     auto = False
     if verdict.passed and settings.auto_approve:
