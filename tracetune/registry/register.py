@@ -81,6 +81,7 @@ class RegisterResult:
     auto_approved: bool = False
     seconds: float = 0.0
     reused: bool = False  # the same model and evaluation were registered before: no new version
+    checks: list[dict[str, Any]] = field(default_factory=list)  # each gate check: value, bound
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,4 +416,5 @@ def _register_new(
         lineage=lineage.as_dict(),
         auto_approved=auto,
         seconds=round(time.perf_counter() - started, 2),
+        checks=verdict.as_dict()["checks"],
     )
