@@ -272,7 +272,7 @@ class Pipeline:
         mode = self.approval
         if mode == "auto":
             mode = "inline" if self.params.registry.auto_approve else "none"
-        self.gate = publish_verdict(registered)  # the gate-verdict artifact, the gate:* tag
+        self.gate = publish_verdict(registered, self.eval_report(registered))
         if registered.get("verdict") != "passed":
             return self._refused(version, refusal_message(registered))
         if registered.get("auto_approved"):
@@ -298,6 +298,13 @@ class Pipeline:
         result = StageResult("promote", status, round(time.perf_counter() - started, 3), note)
         self.results.append(result)
         return result
+
+    def eval_report(self, registered: dict[str, Any]) -> str:
+        """Where the registered candidate's evaluation report is (for the verdict artifact)."""
+        from tracetune.registry.register import candidate_paths
+
+        candidate = str(registered.get("candidate") or self.params.registry.candidate)
+        return str(candidate_paths(self.params, candidate).report_dir / "report.md")
 
     def _refused(self, version: str, message: str) -> StageResult:
         """The promote task ends Cancelled, named Refused, with the failed checks as message."""

@@ -33,6 +33,8 @@ def param_of(check: str) -> str:
     """The params.yaml key that sets a check's bound."""
     if check == "champion_non_inferiority":
         return "registry.gate.champion_non_inferiority_margin"
+    if check.startswith("margin_vs_"):
+        return f"registry.gate.min_{check}"
     return f"registry.gate.{check}"
 
 
@@ -65,10 +67,9 @@ def checks_table(registered: dict[str, Any]) -> str:
     return "\n".join(f"- {r}" for r in reasons) or "_no checks recorded_"
 
 
-def next_steps(registered: dict[str, Any]) -> list[str]:
+def next_steps(registered: dict[str, Any], report: str = "") -> list[str]:
     """What the reader can do now, in the order they would do it."""
     model, version = registered.get("model", "?"), registered.get("version", "?")
-    candidate = registered.get("candidate", "?")
     if passed(registered):
         if registered.get("auto_approved"):
             return [f"v{version} is champion already (`registry.auto_approve`, non-production)."]
@@ -81,8 +82,8 @@ def next_steps(registered: dict[str, Any]) -> list[str]:
     return [
         f"v{version} stays registered for the record; it is not challenger and cannot be "
         "approved. The champion is unchanged.",
-        f"Read why tasks fail: `reports/eval/{candidate}/report.md` and the `eval-comparison` "
-        "artifact of this run.",
+        f"Read why tasks fail: `{report or registered.get('candidate')}` (the evaluation "
+        "report) and the `eval-comparison` artifact of this run.",
         "Improve the candidate (more or better data, more SFT steps, RLVR) and run again: "
         "`tracetune run`.",
         f"If a bound is wrong for this environment, change it in params.yaml ({failed}) as a "
@@ -90,7 +91,7 @@ def next_steps(registered: dict[str, Any]) -> list[str]:
     ]
 
 
-def verdict_markdown(registered: dict[str, Any]) -> str:
+def verdict_markdown(registered: dict[str, Any], report: str = "") -> str:
     """The `gate-verdict` artifact: verdict, version, each check, what next."""
     model, version = registered.get("model", "?"), registered.get("version", "?")
     word = "PASSED" if passed(registered) else "REFUSED"
@@ -111,7 +112,7 @@ def verdict_markdown(registered: dict[str, Any]) -> str:
         "",
         "## What next",
         "",
-        *[f"{i}. {step}" for i, step in enumerate(next_steps(registered), 1)],
+        *[f"{i}. {step}" for i, step in enumerate(next_steps(registered, report), 1)],
         "",
     ]
     return "\n".join(lines)
@@ -141,13 +142,13 @@ def tag_flow_run(tag: str) -> None:
             client.update_flow_run(run_id, tags=[*current, tag])  # type: ignore[arg-type]
 
 
-def publish_verdict(registered: dict[str, Any]) -> str:
+def publish_verdict(registered: dict[str, Any], report: str = "") -> str:
     """The `gate-verdict` artifact and the flow run's gate tag; returns the tag."""
     from prefect.artifacts import create_markdown_artifact
 
     tag = gate_tag(registered)
     create_markdown_artifact(
-        markdown=verdict_markdown(registered),
+        markdown=verdict_markdown(registered, report),
         key=ARTIFACT_KEY,
         description=f"{registered.get('model')} v{registered.get('version')}: {tag}",
     )
