@@ -26,6 +26,7 @@ from pathlib import Path
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 PERCENT = re.compile(r"(\d{1,3})%\|")  # tqdm: `desc:  40%|####      | 4/10 [...]`
 COUNTER = re.compile(r"\d+(?:\.\d+)?[kMG]?(?:it| examples)? \[\d")  # tqdm without a total
+DRAWN = re.compile(r"\d{1,3}%\|.*\]\s*$")  # a whole tqdm frame: it ends with `[...]`
 SEGMENT = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")
 DVC_HINTS = (
     "To track the changes with git, run:",
@@ -92,6 +93,12 @@ class Condenser:
         """A carriage-return-ended segment: a frame of a bar that will be redrawn."""
         text = clean(raw)
         return self._frame(text, final=False) if text.strip() else []
+
+    def drawn(self, raw: str) -> list[str]:
+        """The frame a bar has drawn but not yet ended (tqdm ends a frame by starting the next):
+        taken now, or a slow step's frame would show only when the next step is done."""
+        text = clean(raw)
+        return self._frame(text, final=False) if DRAWN.search(text) else []
 
     def close(self) -> list[str]:
         """The last frame of each bar still open (a stage that stopped mid-bar)."""
@@ -169,6 +176,8 @@ def stream_process(
             segments, buffer = split_segments(buffer + decoder.decode(chunk))
             for text, newline in segments:
                 send(condenser.line(text) if newline else condenser.frame(text))
+            if buffer and not buffer.endswith("\r"):
+                send(condenser.drawn(buffer))
         buffer += decoder.decode(b"", final=True)
         segments, _ = split_segments(buffer + "\n")
         for text, newline in segments:

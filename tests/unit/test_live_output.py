@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -110,3 +111,31 @@ def test_a_process_output_arrives_line_by_line_while_it_runs(tmp_path: Path) -> 
     assert bar[-1].startswith("steps: 100%") and all("\r" not in line for line in lines)
     # "half-way" reached the caller while the process still ran, not at its exit
     assert arrivals[-1][0] - arrivals[-2][0] > 1.0
+
+
+SLOW_STEPS = """
+import sys, time
+from tqdm import tqdm
+for step in tqdm(range(3), desc="slow", mininterval=0, file=sys.stderr):
+    time.sleep(1.5)
+"""
+
+
+def test_a_slow_steps_frame_is_logged_when_drawn_not_when_the_next_step_ends(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "job.py").write_text(SLOW_STEPS)
+    started, arrivals = time.monotonic(), []
+    code, _ = stream_process(
+        [sys.executable, "job.py"],
+        tmp_path,
+        dict(os.environ, PYTHONUNBUFFERED="1"),
+        lambda line: arrivals.append((time.monotonic() - started, line)),
+        Condenser(every_s=1000),
+    )
+    assert code == 0
+    bar = [(round(t, 1), line.split("|")[0]) for t, line in arrivals]
+    assert [line for _, line in bar] == ["slow:   0%", "slow:  33%", "slow:  67%", "slow: 100%"]
+    # each frame arrived as drawn: 1.5 s apart, not two at once when the following one began
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(bar)]
+    assert all(gap > 1.0 for gap in gaps), bar
