@@ -10,12 +10,16 @@ the pre-training loop use) redraw one line with carriage returns, ten times a se
 is condensed to its first frame, a frame per `step_pct` percent or per `every_s` seconds,
 whichever comes first, and its last frame. DVC's advice to `git add dvc.lock` and `dvc push`
 is addressed to someone at a terminal; the flow does both itself, so the hints are dropped.
+And a stage that prints nothing for `quiet_s` (a model's probes, a long evaluation) gets a line
+saying it still runs, so a silent stage does not look like a hung one.
 """
 
 from __future__ import annotations
 
 import codecs
+import os
 import re
+import select
 import subprocess
 import time
 from collections import deque
@@ -77,6 +81,7 @@ class Condenser:
 
     every_s: float = 30.0
     step_pct: int = 10
+    quiet_s: float = 300.0  # a line saying the stage is alive after this long without output
     clock: Callable[[], float] = time.monotonic
     bars: dict[str, _Bar] = field(default_factory=dict)
 
@@ -156,10 +161,14 @@ def stream_process(
     condenser = condenser or Condenser()
     kept: deque[str] = deque(maxlen=TAIL_LINES)
 
+    last = output = time.monotonic()  # the last line logged, the last line the stage printed
+
     def send(lines: list[str]) -> None:
+        nonlocal last, output
         for line in lines:
             kept.append(line)
             emit(line)
+            last = output = time.monotonic()
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buffer = ""
@@ -172,7 +181,17 @@ def stream_process(
         stderr=subprocess.STDOUT,
     ) as proc:
         assert proc.stdout is not None
-        while chunk := proc.stdout.read1(65536):  # type: ignore[attr-defined]
+        while True:
+            if time.monotonic() - last >= condenser.quiet_s:
+                emit(f"(still running: nothing printed for {time.monotonic() - output:.0f} s)")
+                last = time.monotonic()
+            wait = max(0.0, condenser.quiet_s - (time.monotonic() - last))
+            ready, _, _ = select.select([proc.stdout], [], [], wait)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)  # unbuffered: select sees it all
+            if not chunk:
+                break
             segments, buffer = split_segments(buffer + decoder.decode(chunk))
             for text, newline in segments:
                 send(condenser.line(text) if newline else condenser.frame(text))

@@ -292,7 +292,8 @@ def run_logged(
     from flows.live_output import Condenser, stream_process
 
     log = stage_logger()
-    return stream_process(argv, root, stage_env(), log.info, Condenser(every_s=progress_every_s))
+    condenser = Condenser(every_s=progress_every_s, quiet_s=10 * progress_every_s)
+    return stream_process(argv, root, stage_env(), log.info, condenser)
 
 
 def reproduce(

@@ -139,3 +139,17 @@ def test_a_slow_steps_frame_is_logged_when_drawn_not_when_the_next_step_ends(
     # each frame arrived as drawn: 1.5 s apart, not two at once when the following one began
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(bar)]
     assert all(gap > 1.0 for gap in gaps), bar
+
+
+def test_a_silent_stage_gets_a_line_saying_it_still_runs(tmp_path: Path) -> None:
+    lines: list[str] = []
+    code, _ = stream_process(
+        [sys.executable, "-c", "import time; print('probing', flush=True); time.sleep(2.5)"],
+        tmp_path,
+        dict(os.environ),
+        lines.append,
+        Condenser(quiet_s=1.0),
+    )
+    assert code == 0 and lines[0] == "probing"
+    assert 1 <= len(lines[1:]) <= 3, lines
+    assert all(line.startswith("(still running: nothing printed for ") for line in lines[1:])
