@@ -31,6 +31,7 @@ from flows.stages import (
     run_stage,
     run_training_stage,
 )
+from flows.verdict import REFUSED, REFUSED_TAG, publish_verdict, refusal_message, refuse_promotion
 from tracetune.config import Params, load_params, parse_params
 from tracetune.tracking import export_prefect_context
 
@@ -80,9 +81,9 @@ def retrain(
     run.stage("evaluate@rlvr")
     run.eval_table()  # markdown comparison artifact
     run.stage("register")  # MLflow model version, alias `challenger`
-    run.promote()  # approval flow -> alias `champion`
+    run.promote()  # gate-verdict artifact, gate tag; approval flow -> alias `champion`
     run.push()  # every remaining out to the DVC remote
-    return run.finish()
+    return run.finish()  # the record; a refused model: a Completed state named Refused
 
 
 @flow(name="train-stage", log_prints=True)
@@ -90,7 +91,8 @@ def train_stage(stage: str, repo: str = ".") -> dict[str, Any]:
     """One training stage on a GPU worker (the `gpu-train` deployment); never retried."""
     root = Path(repo).resolve()
     params = load_params(root / PARAMS_FILE)
-    return run_training_stage(stage, str(root), str(params.paths.reports)).as_dict()
+    every = params.orchestrate.progress_every_s
+    return run_training_stage(stage, str(root), str(params.paths.reports), every).as_dict()
 
 
 def run_local(
@@ -108,6 +110,8 @@ def run_local(
         return_state=True,
     )
     if state.is_completed():
+        if state.name == REFUSED:
+            print(f"retrain completed; {state.message}")
         return True
     error = state.result(raise_on_failure=False)
     print(f"retrain ended {state.name}: {error}")
@@ -141,6 +145,7 @@ class Pipeline:
     dispatch: bool
     approval: str = "auto"
     started: float = field(default_factory=time.perf_counter)
+    gate: str | None = None  # the flow run's gate tag, once the register stage has run
     results: list[StageResult] = field(default_factory=list)
 
     @classmethod
@@ -199,7 +204,11 @@ class Pipeline:
             retries=opts.transient_retries, retry_delay_seconds=opts.retry_delay_s
         )
         result = task(
-            name, str(self.root), str(self.params.paths.reports), force=name in opts.force_stages
+            name,
+            str(self.root),
+            str(self.params.paths.reports),
+            force=name in opts.force_stages,
+            progress_every_s=opts.progress_every_s,
         )
         note = nothing_validated(self.root / self.params.paths.metrics, name)
         if note:  # a gate that checked nothing must not read as a pass
@@ -218,7 +227,8 @@ class Pipeline:
         if self.dispatch:
             result = dispatch_to_gpu(self.orchestrate.gpu_deployment, name, self.root)
         else:
-            result = run_training_stage(name, str(self.root), str(self.params.paths.reports))
+            reports, every = str(self.params.paths.reports), self.orchestrate.progress_every_s
+            result = run_training_stage(name, str(self.root), reports, every)
         self.results.append(result)
         return result
 
@@ -253,8 +263,9 @@ class Pipeline:
         return table
 
     def promote(self) -> StageResult:
-        """Hand a registered challenger to the approval flow (flows/approval.py), which moves
-        `champion` on a reviewer's yes; a version that failed the gate is not offered."""
+        """Publish the gate's verdict (flows/verdict.py) and hand a registered challenger to the
+        approval flow (flows/approval.py), which moves `champion` on a reviewer's yes; a version
+        that failed the gate is not offered: its `promote` task ends Refused."""
         registered = read_registration(self.root / self.params.paths.metrics)
         ran = any(r.name == "register" and r.status == "ran" for r in self.results)
         if not ran or registered is None:
@@ -263,10 +274,11 @@ class Pipeline:
         mode = self.approval
         if mode == "auto":
             mode = "inline" if self.params.registry.auto_approve else "none"
+        self.gate = publish_verdict(registered, self.eval_report(registered))
+        if registered.get("verdict") != "passed":
+            return self._refused(version, refusal_message(registered))
         if registered.get("auto_approved"):
             return self._skip("promote", "skipped", f"v{version} auto-approved (registry)")
-        if registered.get("verdict") != "passed":
-            return self._skip("promote", "skipped", f"v{version} failed the promotion gate")
         if mode == "none":
             model = registered.get("model") or self.params.tracking.registered_model
             note = (
@@ -289,14 +301,37 @@ class Pipeline:
         self.results.append(result)
         return result
 
-    def finish(self) -> dict[str, Any]:
-        """The run record: each stage's own time vs the flow's, in metrics/orchestration.json."""
+    def eval_report(self, registered: dict[str, Any]) -> str:
+        """Where the registered candidate's evaluation report is (for the verdict artifact)."""
+        from tracetune.registry.register import candidate_paths
+
+        candidate = str(registered.get("candidate") or self.params.registry.candidate)
+        return str(candidate_paths(self.params, candidate).report_dir / "report.md")
+
+    def _refused(self, version: str, message: str) -> StageResult:
+        """The promote task ends Cancelled, named Refused, with the failed checks as message."""
+        refuse_promotion(version, message, return_state=True)
+        result = StageResult("promote", "refused", note=message)
+        self.results.append(result)
+        return result
+
+    def finish(self) -> Any:
+        """The run record: each stage's own time vs the flow's, in metrics/orchestration.json.
+
+        Returned as is, it makes the flow run Completed; when the gate refused the model, inside
+        a Completed state named Refused, so the run list says what happened (docs/registry.md).
+        """
+        from prefect.states import Completed
+
         record = run_record(self.results, time.perf_counter() - self.started)
         path = self.root / self.params.paths.metrics / RUN_RECORD
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(summary_table(record))
-        return record
+        if self.gate != REFUSED_TAG:
+            return record
+        refused = next(r.note for r in self.results if r.status == "refused")
+        return Completed(name=REFUSED, message=refused, data=record)
 
 
 # How a passing challenger meets its reviewer. auto: `inline` when registry.auto_approve is on,

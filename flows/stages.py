@@ -3,8 +3,9 @@
 There is one copy of every stage's command: `dvc.yaml`. A task here runs
 `dvc repro --single-item <stage>` in a subprocess, so DVC decides whether the stage is stale, runs
 its command and writes `dvc.lock` (the lineage record). Prefect adds what DVC lacks: retries of
-transient failures (S3, network) and never of training, timings, logs, and artifacts (the GE
-report of a failed gate, the evaluation table).
+transient failures (S3, network) and never of training, timings, live logs (each stage's output
+line by line as it is printed, progress bars condensed: flows/live_output.py), and artifacts
+(the GE report of a failed gate, the evaluation table).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +49,7 @@ TRANSIENT_MARKERS = (
     "replaced after it was listed",  # ingest: an S3 object overwritten mid-run; the rerun lists it
 )
 OUTPUT_TAIL_CHARS = 4000
+PROGRESS_EVERY_S = 30.0  # the default of `orchestrate.progress_every_s`
 
 
 class StageFailed(RuntimeError):
@@ -73,7 +74,8 @@ class StageResult:
     """What the flow records per stage: how it ended and the stage's own wall time."""
 
     name: str
-    status: str  # ran | up-to-date | missing | skipped | dispatched | nothing-to-validate
+    # ran | up-to-date | missing | skipped | dispatched | nothing-to-validate | refused
+    status: str
     seconds: float = 0.0
     note: str = ""
     reports: tuple[str, ...] = field(default_factory=tuple)
@@ -270,43 +272,76 @@ def _failure_artifacts(name: str, exc: StageFailed, output: str) -> None:
     )
 
 
+def stage_logger() -> Any:
+    """The Prefect run logger inside a run (its records reach the UI), else a plain logger."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("tracetune.stages")
+
+
+def run_logged(
+    argv: list[str], root: Path, progress_every_s: float = PROGRESS_EVERY_S
+) -> tuple[int, str]:
+    """Run a command, logging its output line by line as it comes (flows/live_output.py)."""
+    from flows.live_output import Condenser, stream_process
+
+    log = stage_logger()
+    condenser = Condenser(every_s=progress_every_s, quiet_s=10 * progress_every_s)
+    return stream_process(argv, root, stage_env(), log.info, condenser)
+
+
 def reproduce(
-    name: str, root: Path, reports_dir: Path, *, force: bool = False, capture: bool = True
+    name: str,
+    root: Path,
+    reports_dir: Path,
+    *,
+    force: bool = False,
+    retryable: bool = True,
+    progress_every_s: float = PROGRESS_EVERY_S,
 ) -> StageResult:
     """`dvc repro --single-item <name>`: DVC runs the stage if stale and records it in dvc.lock.
 
-    `capture` keeps the output for the failure message and the transient check; training stages
-    run uncaptured so that their progress shows live (they are never retried anyway).
+    The output is logged line by line while the stage runs, progress bars condensed; the last
+    lines go into the failure message and the transient check (`retryable`: training stages
+    are never retried, so their failures are never called transient).
     """
     before_reports = snapshot_reports(root / reports_dir)
     before_lock = lock_entry(root, name)
     argv = dvc_argv("repro", "--single-item", *(["--force"] if force else []), name)
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            argv, cwd=root, env=stage_env(), check=True, capture_output=capture, text=True
-        )
-    except subprocess.CalledProcessError as err:
-        output = tail(err.stdout, err.stderr)
+    code, output = run_logged(argv, root, progress_every_s)
+    if code:
+        output = tail(output)
         reports = new_reports(before_reports, snapshot_reports(root / reports_dir))
         raise StageFailed(
-            f"stage {name!r} exited {err.returncode}:\n{output}",
+            f"stage {name!r} exited {code}:\n{output}",
             stage=name,
-            transient=capture and is_transient(output),
+            transient=retryable and is_transient(output),
             reports=reports,
-        ) from None
+        )
     seconds = time.perf_counter() - started
-    if capture:
-        print(tail(proc.stdout, proc.stderr, limit=20_000))
     changed = before_lock is None or lock_entry(root, name) != before_lock
     return StageResult(name, "ran" if changed or force else "up-to-date", round(seconds, 3))
 
 
 def _reproduce_reporting(
-    name: str, root: str, reports_dir: str, force: bool, capture: bool
+    name: str, root: str, reports_dir: str, force: bool, retryable: bool, progress_every_s: float
 ) -> StageResult:
     try:
-        return reproduce(name, Path(root), Path(reports_dir), force=force, capture=capture)
+        return reproduce(
+            name,
+            Path(root),
+            Path(reports_dir),
+            force=force,
+            retryable=retryable,
+            progress_every_s=progress_every_s,
+        )
     except StageFailed as exc:
         _failure_artifacts(name, exc, str(exc))
         raise
@@ -315,15 +350,23 @@ def _reproduce_reporting(
 @task(
     name="stage", task_run_name="{name}", cache_policy=NO_CACHE, retry_condition_fn=retry_transient
 )
-def run_stage(name: str, root: str, reports_dir: str, force: bool = False) -> StageResult:
+def run_stage(
+    name: str,
+    root: str,
+    reports_dir: str,
+    force: bool = False,
+    progress_every_s: float = PROGRESS_EVERY_S,
+) -> StageResult:
     """A data/evaluation/registry stage; retried (per the flow's options) only when transient."""
-    return _reproduce_reporting(name, root, reports_dir, force, capture=True)
+    return _reproduce_reporting(name, root, reports_dir, force, True, progress_every_s)
 
 
 @task(name="train", task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
-def run_training_stage(name: str, root: str, reports_dir: str) -> StageResult:
+def run_training_stage(
+    name: str, root: str, reports_dir: str, progress_every_s: float = PROGRESS_EVERY_S
+) -> StageResult:
     """A training stage: never retried (a rerun costs GPU hours and fails the same way)."""
-    return _reproduce_reporting(name, root, reports_dir, False, capture=False)
+    return _reproduce_reporting(name, root, reports_dir, False, False, progress_every_s)
 
 
 @task(
@@ -336,22 +379,14 @@ def dvc_transfer(verb: str, root: str, targets: list[str]) -> float:
     """`dvc push|pull [targets]` to the default remote; S3/network hiccups are retried."""
     extra = ["--allow-missing"] if verb == "pull" else []
     started = time.perf_counter()
-    try:
-        subprocess.run(
-            dvc_argv(verb, *extra, *targets),
-            cwd=root,
-            env=stage_env(),
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    except subprocess.CalledProcessError as err:
-        output = tail(err.stdout, err.stderr)
+    code, output = run_logged(dvc_argv(verb, *extra, *targets), Path(root))
+    if code:
+        output = tail(output)
         raise StageFailed(
-            f"dvc {verb} exited {err.returncode}:\n{output}",
+            f"dvc {verb} exited {code}:\n{output}",
             stage=f"dvc {verb}",
             transient=is_transient(output),
-        ) from None
+        )
     return round(time.perf_counter() - started, 3)
 
 

@@ -3,7 +3,9 @@
 Everything is real: the stages run through `dvc repro` in a `git init`-ed copy of the working
 tree, against a temporary Prefect API (`prefect_test_harness`). The default suite runs the data
 half of the pipeline (dvc.yaml cut down, as it was while the pipeline grew: the flow skips the
-rest with a note) and a bad batch; the slow test runs every stage dvc.yaml defines today.
+rest with a note) and a bad batch; the slow test runs every stage dvc.yaml defines today. The
+last tests read back what a Prefect user sees: a stage's log lines while it runs, the gate
+verdict artifact, the flow run's gate tag and a refused model's promote task.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,7 +234,7 @@ def test_every_defined_stage_end_to_end_then_nothing_to_do(harness: None, tmp_pa
             "skipped",
             "tracetune approve tracetune-agent 3 --by",
         ),
-        ({"version": 3, "verdict": "failed"}, "inline", "skipped", "failed the promotion gate"),
+        ({"version": 3, "verdict": "failed"}, "inline", "refused", "refused by the gate"),
         ({"version": 3, "verdict": "passed", "auto_approved": True}, "inline", "skipped", "auto"),
         (None, "deployment", "skipped", "nothing newly registered"),
     ],
@@ -308,3 +313,203 @@ def test_retries_cure_transient_failures_and_leave_real_ones_alone(
     with pytest.raises(StageFailed, match="KeyError"):
         one_stage(str(tmp_path / "broken"))
     assert (tmp_path / "broken/attempts").read_text() == "2"
+
+
+# --- what a Prefect user sees: live stage logs, the gate verdict, a refused promotion -----------
+
+# A training-like stage: a tqdm bar, the trainer's log dicts, then it waits for the test to have
+# seen its "waiting" line in Prefect, which only a log streamed live can satisfy.
+TRAINING_LIKE = """
+import pathlib, sys, time
+from tqdm import tqdm
+bar = tqdm(range(300), desc="pre-training", mininterval=0, file=sys.stderr)
+for step in bar:
+    time.sleep(0.003)
+    if step % 100 == 0:
+        bar.write(str({"loss": round(3.0 - step / 100, 2), "step": step}))
+bar.close()
+print("waiting for the test " + sys.argv[1], flush=True)
+go = pathlib.Path("go")
+deadline = time.monotonic() + 60
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+if not go.exists():
+    sys.exit("nobody saw the waiting line while the stage ran")
+pathlib.Path("out.txt").write_text("trained")
+print("trained", flush=True)
+"""
+
+
+def dvc_folder(root: Path, script: str, marker: str) -> Path:
+    root.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "job.py").write_text(script)
+    (root / "dvc.yaml").write_text(
+        f"stages:\n  train:\n    cmd: python job.py {marker}\n    outs: [out.txt]\n"
+    )
+    return root
+
+
+def logs_with(text: str) -> list[Any]:
+    """The latest log records holding `text` (the server's text search fails on SQLite)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_logs(limit=200, sort=LogSort.TIMESTAMP_DESC)
+    return [log for log in latest if text in log.message]
+
+
+def task_run_logs(task_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        flt = LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id]))
+        return client.read_logs(log_filter=flt)
+
+
+def test_a_training_stage_logs_to_its_task_run_while_it_runs(harness: None, tmp_path: Path) -> None:
+    from prefect import flow
+
+    from flows.stages import run_training_stage
+
+    marker = uuid.uuid4().hex
+    root = dvc_folder(tmp_path / "repo", TRAINING_LIKE, marker)
+
+    @flow
+    def one_training_stage() -> str:
+        return str(run_training_stage("train", str(root), "reports", progress_every_s=30).status)
+
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(status=one_training_stage()))
+    runner.start()
+    try:
+        deadline, seen = time.monotonic() + 45, []
+        while not seen and time.monotonic() < deadline and runner.is_alive():
+            time.sleep(0.5)
+            seen = logs_with(f"waiting for the test {marker}")
+        assert seen, "the stage's line did not reach Prefect while the stage ran"
+        live = task_run_logs(seen[0].task_run_id)  # what the UI shows at this moment
+    finally:
+        (root / "go").touch()
+        runner.join(90)
+    assert outcome.get("status") == "ran", outcome
+    messages = [log.message for log in live]
+    assert "Running stage 'train':" in messages
+    assert any(m.startswith("pre-training:") for m in messages), messages
+    assert any("'loss': 3.0" in m for m in messages), messages
+
+    time.sleep(2.5)  # the API log handler sends in batches (every 2 s)
+    logs = task_run_logs(seen[0].task_run_id)
+    messages = [log.message for log in logs]
+    bar = [m for m in messages if m.startswith("pre-training:")]
+    assert 3 <= len(bar) <= 12, bar  # 300 frames redrawn; logged: first, each 10%, last
+    assert bar[-1].startswith("pre-training: 100%")
+    assert all("\r" not in m and "\n" not in m for m in messages)
+    assert not [m for m in messages if "git add" in m or "dvc push" in m], messages
+    assert {"trained", "Updating lock file 'dvc.lock'"} <= set(messages)
+    spread = logs[-1].timestamp - logs[0].timestamp
+    assert spread.total_seconds() > 0.5, [(log.timestamp, log.message) for log in logs]
+
+
+def registration(**gate: Any) -> dict[str, Any]:
+    """register.json as the register stage writes it, judged by the real gate."""
+    from tracetune.config import GateParams
+    from tracetune.registry.gate import evaluate_gate
+
+    def arm(tsr: float) -> dict[str, Any]:
+        return {"tsr": tsr, "n": 200, "steps_mean": 2.5, "cost_per_task_usd": 0.0002}
+
+    metrics = {
+        "candidate": arm(0.44),
+        "baseline_prompt_only": arm(0.05),
+        "baseline_production": arm(0.71),
+        "baseline_floor": arm(0.0),
+    }
+    verdict = evaluate_gate(metrics, GateParams(**gate))
+    return {
+        "model": "tracetune-agent",
+        "candidate": "sft",
+        "version": "3",
+        "verdict": verdict.label,
+        "failed": verdict.failed,
+        "reasons": verdict.reasons,
+        "checks": verdict.as_dict()["checks"],
+        "challenger": verdict.passed,
+        "champion": None,
+        "model_uri": "models:/tracetune-agent/3",
+        "auto_approved": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("gate", "tag", "state_name"),
+    [
+        ({}, "gate:refused", "Refused"),
+        ({"min_tsr": 0.3, "min_margin_vs_production": -1.0}, "gate:passed", None),
+    ],
+)
+def test_the_gate_verdict_is_an_artifact_a_tag_and_a_refused_promote_task(
+    harness: None, tmp_path: Path, gate: dict[str, Any], tag: str, state_name: str | None
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    from flows.retrain import DvcView, Pipeline
+    from flows.stages import StageResult
+    from tracetune.config import load_params
+
+    registered = registration(**gate)
+    (tmp_path / "register.json").write_text(json.dumps(registered))
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(
+        update={"paths": params.paths.model_copy(update={"metrics": tmp_path})}
+    )
+
+    @flow
+    def register_then_promote() -> dict[str, Any]:
+        run = Pipeline(tmp_path, params, DvcView(frozenset({"register"}), None, {}), False, "none")
+        run.results.append(StageResult("register", "ran", 1.0))
+        run.promote()
+        return run.finish()  # type: ignore[no-any-return]
+
+    state = register_then_promote(return_state=True)
+    record = state.result()
+    promote = next(s for s in record["stages"] if s["name"] == "promote")
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
+        flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        artifact = {a.key: a for a in client.read_artifacts(artifact_filter=flt)}["gate-verdict"]
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    markdown = str(artifact.data)
+    assert tag in flow_run.tags, flow_run.tags
+    assert state.is_completed() and "tracetune-agent v3" in markdown
+    assert "| margin_vs_prompt_only | pass | 0.3" in markdown  # value, then bound 0.05
+    assert "`registry.gate.min_margin_vs_production`" in markdown and "## What next" in markdown
+    promote_runs = [t for t in tasks if t.name.startswith("promote")]
+    if state_name == "Refused":
+        assert state.name == "Refused" and "refused by the gate" in str(state.message)
+        assert "# Promotion gate REFUSED" in markdown
+        assert "| margin_vs_production | **FAIL** |" in markdown
+        assert promote["status"] == "refused" and "TSR gain vs production" in promote["note"]
+        [task_run] = promote_runs
+        assert task_run.state is not None and task_run.state.is_cancelled()
+        assert task_run.state.name == "Refused"
+        assert "TSR gain vs production" in str(task_run.state.message)
+        assert "tracetune run" in markdown and "cannot be approved" in markdown
+        assert f"`{params.paths.reports / 'eval/sft/report.md'}`" in markdown
+    else:
+        assert state.name == "Completed" and "# Promotion gate PASSED" in markdown
+        assert promote["status"] == "skipped" and not promote_runs
+        assert "tracetune approve tracetune-agent 3" in markdown

@@ -88,6 +88,10 @@ def test_register_stage_records_metrics_lineage_verdict_and_loads_back(
 
     assert summary["verdict"] == "passed" and summary["challenger"] is True
     assert summary == json.loads((tmp_path / "metrics" / "register.json").read_text())
+    # each check with its value and bound, for the flow's gate-verdict artifact
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert len(checks) == 7 and checks["min_tsr"]["threshold"] == params.registry.gate.min_tsr
+    assert checks["min_tsr"]["passed"] and 0 < checks["min_tsr"]["observed"] < 0.85
     registry = open_registry(params.tracking)
     version = summary["version"]
     assert registry.aliases() == {"challenger": version}  # the champion waits for approval

@@ -73,6 +73,7 @@ class RegisterResult:
     auto_approved: bool = False
     seconds: float = 0.0
     reused: bool = False  # the same model and evaluation were registered before: no new version
+    checks: list[dict[str, Any]] = field(default_factory=list)  # each gate check: value, bound
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -454,4 +455,5 @@ def _gate_log_register(
         lineage=lineage.as_dict(),
         auto_approved=auto,
         seconds=round(time.perf_counter() - started, 2),
+        checks=verdict.as_dict()["checks"],
     )
