@@ -94,13 +94,27 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     pytest.fail(f"{url} not healthy after {SERVER_START_S} s:\n{log_tail(log)}")
 
 
+def die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when pytest dies without running its teardown (killed by
+    a timeout or by hand), instead of living on as an orphaned server."""
+    with suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextmanager
 def serving(argv: list[str], env: dict[str, str], health: str, log: Path) -> Iterator[None]:
     """A server process (its own process group: Prefect starts uvicorn as a child) for the
     duration of the block, stopped with SIGTERM, then SIGKILL."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     try:
         wait_healthy(proc, health, log)
@@ -149,7 +163,9 @@ def chromium() -> str:
         "'.[dev]' (docs/ui.md)",
     )
     found = find_chromium()
-    if not found or not Path(found).exists():
+    if found and not Path(found).exists():
+        pytest.skip(f"TRACETUNE_CHROMIUM={found} does not exist")
+    if not found:
         pytest.skip(
             "no Chromium binary found (apt-get install chromium, or set TRACETUNE_CHROMIUM to "
             f"a Chromium/Chrome executable; looked for {', '.join(CHROMIUM_NAMES)} on PATH)"
@@ -192,6 +208,7 @@ def prefect_run(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             capture_output=True,
             text=True,
             timeout=FLOW_TIMEOUT_S,
+            preexec_fn=die_with_parent,
         )
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("FLOW_RUN ")]
         assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-3000:])
