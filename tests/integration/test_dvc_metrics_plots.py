@@ -120,8 +120,11 @@ def test_metrics_diff_compares_the_workspace_with_head(repo: Path) -> None:
 
 
 def test_plots_show_needs_no_network_and_draws_every_split_and_arm(repo: Path) -> None:
-    dvc(repo, "plots", "show")  # the repo's .dvc/config names the vendored page
-    page = (repo / "dvc_plots" / "index.html").read_text()
+    # From a subdirectory: the page (.dvc/config) and the plot template (.dvc/plots) are found
+    # from anywhere in the repository, and the page DVC writes there is git-ignored.
+    dvc(repo / "docs", "plots", "show")
+    page = (repo / "docs" / "dvc_plots" / "index.html").read_text()
+    assert run(repo, "git", "check-ignore", "docs/dvc_plots/index.html").stdout.strip()
     srcs = re.findall(r"<script[^>]*\bsrc\s*=\s*[\"']?([^\"' >]+)", page, flags=re.I)
     assert srcs == [], srcs
     assert not re.search(r"<link[^>]+href\s*=\s*[\"']?https?:", page, flags=re.I)
