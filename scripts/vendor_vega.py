@@ -80,7 +80,7 @@ def _licence(tarballs: dict[str, Path], name: str) -> str:
 def _script(source: str, label: str) -> str:
     """One inline <script>; refuses code that would end the element or hit DVC's placeholders."""
     for bad in ("</script", PLOTS_PLACEHOLDER, REFRESH_PLACEHOLDER, "{scripts}"):
-        if bad in source:
+        if bad in source.lower():
             raise ValueError(f"{label} contains {bad!r}: it cannot be inlined as is")
     return f'    <script type="text/javascript">/* {label} */\n{source}\n    </script>'
 
