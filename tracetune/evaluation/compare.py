@@ -14,7 +14,7 @@ measured on different task sets do not belong side by side.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tracetune.evaluation.metrics import ROUND, wilson_interval
@@ -90,7 +90,7 @@ def family_rows(arms: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _families(blocks: Sequence[Mapping[str, Any]] | Any) -> list[str]:
+def _families(blocks: Iterable[Mapping[str, Any]]) -> list[str]:
     names: set[str] = set()
     for block in blocks:
         names.update(block.get("per_family", {}))
