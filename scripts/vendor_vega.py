@@ -1,4 +1,4 @@
-"""Write infra/dvc_plots/template.html: DVC's plot page with Vega, Vega-Lite and vega-embed inline.
+"""Write infra/vega/template.html: DVC's plot page with Vega, Vega-Lite and vega-embed inline.
 
 DVC's own page loads those three scripts from a CDN, so `dvc plots show` drew blank plots on a
 machine without internet. `.dvc/config` points `plots.html_template` at the page this writes;
@@ -8,7 +8,7 @@ the scripts are inlined (not linked) so the page works wherever `dvc plots show 
     python scripts/vendor_vega.py --from DIR       # use vega-*.tgz already in DIR
 
 All three are BSD-3-Clause (University of Washington Interactive Data Lab); their licence texts
-go to infra/dvc_plots/LICENSES/. The major versions are the ones DVC's templates are written for
+go to infra/vega/LICENSES/. The major versions are the ones DVC's templates are written for
 (Vega 5, Vega-Lite 5, vega-embed 6).
 """
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "infra" / "dvc_plots"
+OUT = REPO / "infra" / "vega"
 PACKAGES = {  # npm name -> (version, the browser build inside the package)
     "vega": ("5.33.1", "build/vega.min.js"),
     "vega-lite": ("5.23.0", "build/vega-lite.min.js"),
@@ -38,7 +38,7 @@ PAGE = """<!DOCTYPE html>
     {refresh_tag}
     <title>DVC Plot</title>
     <!-- Written by scripts/vendor_vega.py: {versions}, inline (BSD-3-Clause, see
-         infra/dvc_plots/LICENSES). No script is fetched from the network. -->
+         infra/vega/LICENSES). No script is fetched from the network. -->
 {inline}
     <style>
         table {{

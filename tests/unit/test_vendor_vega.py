@@ -68,8 +68,8 @@ def test_code_that_would_end_the_script_element_is_refused(tmp_path: Path) -> No
 
 def test_the_committed_page_is_what_dvc_is_configured_to_use() -> None:
     config = (REPO / ".dvc" / "config").read_text()
-    assert "html_template = ../infra/dvc_plots/template.html" in config
-    page = (REPO / "infra" / "dvc_plots" / "template.html").read_text()
+    assert "html_template = ../infra/vega/template.html" in config
+    page = (REPO / "infra" / "vega" / "template.html").read_text()
     assert "{plot_divs}" in page and "{scripts}" not in page
     assert not re.search(r"<script[^>]*\bsrc=", page)
     for name, (version, _) in vendor().PACKAGES.items():
