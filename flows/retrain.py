@@ -79,6 +79,7 @@ def retrain(
     run.stage("evaluate@sft")
     run.train("rlvr")  # GRPO; the stage applies the rule (SFT TSR < bar)
     run.stage("evaluate@rlvr")
+    run.stage("compare")  # the models beside production and the floor (dvc metrics/plots)
     run.eval_table()  # markdown comparison artifact
     run.stage("register")  # MLflow model version, alias `challenger`
     run.promote()  # gate-verdict artifact, gate tag; approval flow -> alias `champion`
@@ -354,6 +355,7 @@ TABLE_OF_CONTENTS = (
     "evaluate@sft",
     "rlvr",
     "evaluate@rlvr",
+    "compare",
     "register",
 )
 

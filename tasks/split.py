@@ -14,9 +14,10 @@ from tracetune.tracking import log_summary, stage_run
 from tracetune.trajectories.ingest import read_state
 from tracetune.trajectories.io import iter_lines
 from tracetune.trajectories.split import declared_test_tasks, logged_tasks, split_curated
-from tracetune.trajectories.summary import data_summary, write_token_histogram
+from tracetune.trajectories.summary import data_headline, data_summary, write_token_histogram
 
 SUMMARY = "data_summary.json"
+HEADLINE = "data.json"  # the data's row of `dvc metrics show` (tracked by git)
 TOKEN_PLOT = "token_lengths.csv"
 
 
@@ -38,6 +39,7 @@ def run(params: Params) -> dict[str, Any]:
     curate_metrics = json.loads((params.paths.metrics / CURATE_METRICS).read_text())
     summary = data_summary(read_state(params.paths.ingest_state), curate_metrics, report)
     write_json(params.paths.metrics / SUMMARY, summary)
+    write_json(params.paths.metrics / HEADLINE, data_headline(summary))
     write_token_histogram(params.paths.metrics / TOKEN_PLOT, report)
     return summary
 

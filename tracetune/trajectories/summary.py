@@ -1,7 +1,8 @@
 """The data summary: what came in, what each rule removed, what is left per family, how long.
 
-One JSON metric (`dvc metrics show`) and one CSV plot of the token-length histogram
-(`dvc plots show`), built from the stage reports; nothing here re-reads the data.
+The full summary (`metrics/data_summary.json`), its headline counts (`metrics/data.json`, one
+row of `dvc metrics show`) and one CSV plot of the token-length histogram (`dvc plots show`),
+built from the stage reports; nothing here re-reads the data.
 """
 
 from __future__ import annotations
@@ -66,14 +67,36 @@ def data_summary(
     }
 
 
+def data_headline(summary: dict[str, Any]) -> dict[str, int]:
+    """The data's row of `dvc metrics show`: what came in, what was kept, how it was split.
+
+    Flat short keys, so the row adds five columns to the table, not one per quarantine reason,
+    curation rule and family (those, duplicates and `accepted` stay in the full summary)."""
+    return {
+        "read": summary["ingest"].get("read", 0),
+        "quarantined": summary["ingest"].get("quarantined", 0),
+        "curated": summary["curation"].get("kept", 0),
+        "train": summary["split"].get("train", 0),
+        "heldout": summary["split"].get("heldout", 0),
+    }
+
+
+def histogram_rows(split: SplitReport) -> list[tuple[int, int, int]]:
+    """(bin start, train, held-out) up to one empty bin past the longest trajectory.
+
+    The fixed bins run to 3,072 tokens; curated data usually ends far below, and a plot of
+    every bin drew it squeezed into the left seventh of the axis."""
+    train, heldout = split.token_hist["train"], split.token_hist["heldout"]
+    used = [i for i in range(TOKEN_BINS + 1) if train[i] or heldout[i]]
+    last = min((used[-1] + 1) if used else 0, TOKEN_BINS)
+    return [(i * TOKEN_BIN, train[i], heldout[i]) for i in range(last + 1)]
+
+
 def write_token_histogram(path: Path, split: SplitReport) -> Path:
     """CSV for `dvc plots`: one row per 64-token bin, counts for train and held-out."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["approx_tokens", "train", "heldout"])
-        for i in range(TOKEN_BINS + 1):
-            writer.writerow(
-                [i * TOKEN_BIN, split.token_hist["train"][i], split.token_hist["heldout"][i]]
-            )
+        writer.writerows(histogram_rows(split))
     return path
