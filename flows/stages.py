@@ -22,6 +22,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tracetune.console import without_dvc_hints
+
 # Substrings of botocore/requests/DVC errors that a second try can cure. Anything else (a failed
 # gate, a bug, an OOM) fails the same way twice, so retrying it only delays the alarm.
 TRANSIENT_MARKERS = (
@@ -297,7 +299,7 @@ def reproduce(
         ) from None
     seconds = time.perf_counter() - started
     if capture:
-        print(tail(proc.stdout, proc.stderr, limit=20_000))
+        print(without_dvc_hints(tail(proc.stdout, proc.stderr, limit=20_000)))
     changed = before_lock is None or lock_entry(root, name) != before_lock
     return StageResult(name, "ran" if changed or force else "up-to-date", round(seconds, 3))
 

@@ -172,9 +172,6 @@ def _prompt_only(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m tasks.evaluate MODEL [PARAMS_FILE]", file=sys.stderr)
@@ -182,27 +179,46 @@ def main(argv: list[str] | None = None) -> None:
     model, rest = args[0], args[1:]
     params = stage_params(rest)
     payload = run(params, model)
-    table = Table(title=f"Evaluation of {model} on {payload['n_tasks']} held-out tasks")
-    table.add_column("arm")
-    for column in ("tsr", "95% CI", "over floor", "n", "cut", "steps", "cost/task $"):
-        table.add_column(column, justify="right")
-    floor_tsr = payload["baseline_floor"]["tsr"]
-    for arm in ("candidate", "baseline_prompt_only", "baseline_production", "baseline_floor"):
-        block = payload[arm]
-        tsr = block["tsr"]
-        gain = None if tsr is None or floor_tsr is None else tsr - floor_tsr
-        table.add_row(
-            arm,
-            "n/a" if tsr is None else f"{tsr:.3f}",
-            f"[{block['tsr_ci_low']:.3f}, {block['tsr_ci_high']:.3f}]",
-            "n/a" if gain is None else f"{gain:+.3f}",
-            str(block["n"]),
-            str(block.get("cut_by_turn_limit", "n/a")),
-            "n/a" if block["steps_mean"] is None else f"{block['steps_mean']:.2f}",
-            "n/a" if block["cost_per_task_usd"] is None else f"{block['cost_per_task_usd']:.6f}",
+    report = eval_paths(params, model)["out"] / "report.md"
+    print("\n".join(evaluation_lines(model, payload, report)))
+
+
+ARM_LABELS = {
+    "candidate": None,  # the model's own name
+    "baseline_prompt_only": "prompt-only",
+    "baseline_production": "production",
+    "baseline_floor": "floor",
+}
+
+
+def evaluation_lines(model: str, payload: dict[str, Any], report: Path) -> list[str]:
+    """A line per arm with rounded numbers, and where the full report is (per family, plots)."""
+    from tracetune.console import num
+
+    lines = [f"evaluation of {model} on {payload['n_tasks']} held-out tasks:"]
+    for arm, label in ARM_LABELS.items():
+        block = payload.get(arm)
+        if not isinstance(block, dict):
+            continue
+        tsr = block.get("tsr")
+        ci = f" [{num(block.get('tsr_ci_low'))}, {num(block.get('tsr_ci_high'))}]"
+        steps, cost = block.get("steps_mean"), block.get("cost_per_task_usd")
+        lines.append(
+            f"  {label or model:<12} TSR {'n/a' if tsr is None else num(tsr)}"
+            f"{ci if tsr is not None else ''}, "
+            f"{'n/a' if steps is None else num(steps)} steps/task, "
+            f"${'n/a' if cost is None else num(cost)}/task"
         )
-    Console().print(table)
-    Console().print(f"delta: {payload['delta']}")
+    delta = payload.get("delta") or {}
+    gains = [
+        f"{'+' if delta[k] > 0 else ''}{num(delta[k])} vs {name}"
+        for k, name in (("tsr_vs_production", "production"), ("tsr_vs_prompt_only", "prompt-only"))
+        if isinstance(delta.get(k), int | float)
+    ]
+    if gains:
+        lines.append("  TSR " + ", ".join(gains))
+    lines.append(f"  report: {report}")
+    return lines
 
 
 if __name__ == "__main__":
