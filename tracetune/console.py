@@ -62,11 +62,8 @@ def num(value: Any, digits: int = 3) -> str:
         return str(value)
     if value == 0:
         return "0"
-    size = abs(value)
-    if size >= 10**digits:
+    if abs(value) >= 10**digits:  # 4310, not 4.31e+03
         return f"{value:.0f}"
-    if size < 10 ** (-digits):
-        return f"{value:.1e}"
     return f"{value:.{digits}g}"
 
 
