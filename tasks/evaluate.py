@@ -183,40 +183,40 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(evaluation_lines(model, payload, report)))
 
 
-ARM_LABELS = {
-    "candidate": None,  # the model's own name
-    "baseline_prompt_only": "prompt-only",
-    "baseline_production": "production",
-    "baseline_floor": "floor",
-}
+BASELINES = (
+    ("baseline_production", "production"),
+    ("baseline_prompt_only", "prompt-only"),
+    ("baseline_floor", "floor"),
+)
 
 
 def evaluation_lines(model: str, payload: dict[str, Any], report: Path) -> list[str]:
-    """A line per arm with rounded numbers, and where the full report is (per family, plots)."""
+    """Three rounded lines: the model, the baselines' TSR, where the full report is.
+
+    Every arm's interval, steps and cost stay in the report and `metrics/eval_<model>.json`;
+    the flow's closing table puts the models side by side.
+    """
     from tracetune.console import num
 
-    lines = [f"evaluation of {model} on {payload['n_tasks']} held-out tasks:"]
-    for arm, label in ARM_LABELS.items():
-        block = payload.get(arm)
-        if not isinstance(block, dict):
-            continue
-        tsr = block.get("tsr")
-        ci = f" [{num(block.get('tsr_ci_low'))}, {num(block.get('tsr_ci_high'))}]"
-        steps, cost = block.get("steps_mean"), block.get("cost_per_task_usd")
-        lines.append(
-            f"  {label or model:<12} TSR {'n/a' if tsr is None else num(tsr)}"
-            f"{ci if tsr is not None else ''}, "
-            f"{'n/a' if steps is None else num(steps)} steps/task, "
-            f"${'n/a' if cost is None else num(cost)}/task"
-        )
-    delta = payload.get("delta") or {}
-    gains = [
-        f"{'+' if delta[k] > 0 else ''}{num(delta[k])} vs {name}"
-        for k, name in (("tsr_vs_production", "production"), ("tsr_vs_prompt_only", "prompt-only"))
-        if isinstance(delta.get(k), int | float)
-    ]
-    if gains:
-        lines.append("  TSR " + ", ".join(gains))
+    block = payload.get("candidate") or {}
+    tsr = block.get("tsr")
+    head = f"evaluation of {model} on {payload.get('n_tasks')} held-out tasks: TSR " + (
+        "n/a"
+        if tsr is None
+        else f"{num(tsr)} [{num(block.get('tsr_ci_low'))}, {num(block.get('tsr_ci_high'))}]"
+    )
+    for key, unit in (("steps_mean", " steps/task"), ("cost_per_task_usd", "/task")):
+        if block.get(key) is not None:
+            head += f", {'$' if unit == '/task' else ''}{num(block[key])}{unit}"
+    baselines = []
+    for arm, label in BASELINES:
+        other = (payload.get(arm) or {}).get("tsr")
+        if other is not None:
+            gap = "" if tsr is None else f" ({'+' if tsr - other > 0 else ''}{num(tsr - other)})"
+            baselines.append(f"{label} {num(other)}{gap}")
+    lines = [head]
+    if baselines:
+        lines.append("  baselines' TSR (this model's gap): " + ", ".join(baselines))
     lines.append(f"  report: {report}")
     return lines
 

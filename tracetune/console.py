@@ -16,7 +16,7 @@ from typing import Any
 
 # Trainer logs shown per training stage at most (first and last always): a 2,000-step SFT run
 # must not print 200 lines. Every logged step still reaches MLflow and the curve CSV.
-TRAINING_LINES = 15
+TRAINING_LINES = 10
 
 # (label, key in the trainer's log) per training stage, in the order printed.
 SFT_KEYS: tuple[tuple[str, str], ...] = (
@@ -43,8 +43,9 @@ QUIET_ENV = {
 # DVC prints after every stage that ran. `core.autostage` (.dvc/config) stages dvc.lock
 # instead of printing the git hint; no setting silences the push hint but `--quiet`, which
 # also hides DVC's own errors, so the stage output drops these lines instead. The flow
-# pushes to the remote itself.
+# pushes to the remote itself, and dvc.lock is rewritten after every stage that ran.
 DVC_HINTS = (
+    "Updating lock file 'dvc.lock'",
     "To track the changes with git, run:",
     "To enable auto staging, run:",
     "dvc config core.autostage true",
@@ -68,10 +69,17 @@ def num(value: Any, digits: int = 3) -> str:
 
 
 def quiet_libraries() -> None:
-    """Turn off library progress bars in a stage process (an exported value still wins)."""
+    """Turn off library progress bars in a stage process (an exported value still wins), and
+    the deprecation notices of library internals that nobody running the pipeline can act on."""
+    import sys
+    import warnings
+
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    import sys
+    # TRL calls transformers' old name; our own configs use the new one (activation_*).
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
     if "transformers" in sys.modules:  # imported before: its switch was read at import
         from transformers.utils import logging as hf_logging
