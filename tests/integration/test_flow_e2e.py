@@ -84,7 +84,10 @@ def check_lineage(root: Path, ran: list[str]) -> None:
 
 
 def test_main_command_runs_the_defined_stages_and_skips_the_rest(
-    harness: None, data_repo: Path, capfd: pytest.CaptureFixture[str]
+    harness: None,
+    data_repo: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from typer.testing import CliRunner
 
@@ -102,7 +105,10 @@ def test_main_command_runs_the_defined_stages_and_skips_the_rest(
     check_lineage(data_repo, ran)
     assert [s["note"] for s in record["stages"] if s["name"] == "dvc push"] == ["ingest", ""]
     assert 0 < record["stage_s"] <= record["wall_s"]
-    check_console(result.output + "".join(capfd.readouterr()), CONSOLE_LINES_DATA_HALF)
+    # The console: Prefect's log records (the flow's and the stages' captured output) and
+    # whatever a process wrote straight to the terminal.
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    check_console("\n".join([logged, result.output, *capfd.readouterr()]), CONSOLE_LINES_DATA_HALF)
 
 
 # The main job's console, data half of the pipeline (issue 22: a walk-through's log was 825
