@@ -212,10 +212,10 @@ def rlvr_lines(result: RLVRResult, params: Params) -> list[str]:
         f"{num(result.seconds_per_step)} s/step",
         f"  note: the training reward is the mean over {rl.group_size * rl.tasks_per_step} "
         f"episodes sampled at temperature {num(rl.temperature)} on the {rl.tasks_per_step} "
-        "training tasks each step drew",
-        "  (outcome +1/-1 plus shaping), so it moves with which tasks came up; held-out TSR "
-        f"(evaluate@rlvr) is {decoding} on tasks RLVR never",
-        "  trains on: judge the model by that, not by this reward (docs/training.md)",
+        "training tasks each step drew (outcome +1/-1 plus shaping): it moves with which tasks "
+        "came up;",
+        f"  held-out TSR (evaluate@rlvr) is {decoding} on tasks RLVR never trains on: judge the "
+        "model by that, not by this reward (docs/training.md)",
     ]
 
 
