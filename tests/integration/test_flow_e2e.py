@@ -119,6 +119,7 @@ CONSOLE_LINES_DATA_HALF = 80
 def check_console(printed: str, bound: int) -> None:
     """Short, rounded, no trainer dicts, no DVC hints, and the closing what-next block."""
     lines = printed.splitlines()
+    print(f"console: {len(lines)} lines")
     assert 10 < len(lines) < bound, f"{len(lines)} lines:\n{printed}"
     assert not [line for line in lines if "{'loss':" in line], printed
     for hint in ("To track the changes with git", "dvc config core.autostage", "Use `dvc push`"):
