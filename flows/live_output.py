@@ -27,29 +27,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracetune.console import is_dvc_hint
+
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 PERCENT = re.compile(r"(\d{1,3})%\|")  # tqdm: `desc:  40%|####      | 4/10 [...]`
 COUNTER = re.compile(r"\d+(?:\.\d+)?[kMG]?(?:it| examples)? \[\d")  # tqdm without a total
 DRAWN = re.compile(r"\d{1,3}%\|.*\]\s*$")  # a whole tqdm frame: it ends with `[...]`
 SEGMENT = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")
-DVC_HINTS = (
-    "To track the changes with git, run:",
-    "To enable auto staging, run:",
-    "git add ",
-    "dvc config core.autostage",
-    "Use `dvc push` to send your updates to remote storage.",
-)
 TAIL_LINES = 200
 
 
 def clean(text: str) -> str:
     """A segment without colour codes or trailing blanks."""
     return ANSI_ESCAPE.sub("", text).rstrip()
-
-
-def is_dvc_hint(text: str) -> bool:
-    """DVC's advice to a person at a terminal (`git add dvc.lock`, `dvc push`)."""
-    return text.strip().startswith(DVC_HINTS)
 
 
 def is_progress(text: str) -> bool:

@@ -27,10 +27,12 @@ from flows.stages import (
     StageFailed,
     StageResult,
     dvc_transfer,
+    eval_rows,
     publish_eval_table,
     run_stage,
     run_training_stage,
 )
+from flows.summary import eval_console_table, what_next
 from flows.verdict import REFUSED, REFUSED_TAG, publish_verdict, refusal_message, refuse_promotion
 from tracetune.config import Params, load_params, parse_params
 from tracetune.tracking import export_prefect_context
@@ -258,9 +260,10 @@ class Pipeline:
         self._transfer("push", list(targets), self.orchestrate.dvc_push)
 
     def eval_table(self) -> str:
-        table: str = publish_eval_table(str(self.root / self.params.paths.metrics))
-        if table:
-            print(f"Evaluation on held-out tasks:\n{table}")
+        metrics = self.root / self.params.paths.metrics
+        table: str = publish_eval_table(str(metrics))
+        if table:  # the artifact keeps every column; the console a rounded few
+            print(f"Evaluation on held-out tasks:\n{eval_console_table(eval_rows(metrics))}")
         return table
 
     def promote(self) -> StageResult:
@@ -329,6 +332,7 @@ class Pipeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(summary_table(record))
+        print(what_next(self.root, self.params, record["stages"]))
         if self.gate != REFUSED_TAG:
             return record
         refused = next(r.note for r in self.results if r.status == "refused")

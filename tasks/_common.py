@@ -11,7 +11,14 @@ from tracetune.config import Params, ParamsError, load_params
 
 
 def stage_params(argv: list[str] | None = None) -> Params:
-    """Load params.yaml (or the path given as the only argument) or exit with the key paths."""
+    """Load params.yaml (or the path given as the only argument) or exit with the key paths.
+
+    Also quiets library progress bars: every stage starts here, and the main job's console
+    carries every stage's output (tracetune/console.py).
+    """
+    from tracetune.console import quiet_libraries
+
+    quiet_libraries()
     args = sys.argv[1:] if argv is None else argv
     try:
         return load_params(args[0] if args else "params.yaml")

@@ -99,7 +99,6 @@ def _metrics(info: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     params = stage_params(argv)
@@ -118,12 +117,16 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"[red]error[/]: {exc}")
             raise SystemExit(2) from None
         log_summary(summary, "base_model.json")
-    table = Table(title=f"Base model ({summary['status']})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        table.add_row(key, str(value))
-    console.print(table)
+    console.print(base_model_line(summary), markup=False, soft_wrap=True)
+
+
+def base_model_line(summary: dict[str, Any]) -> str:
+    """One line for the console; every field stays in metrics/base_model.json."""
+    from tracetune.console import num
+
+    shown = ("path", "params", "vocab_size", "final_loss", "tokens_per_second", "seconds")
+    parts = [f"{k.replace('_', ' ')} {num(summary[k])}" for k in shown if summary.get(k)]
+    return f"base model ({summary.get('status')}): " + ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -272,9 +272,6 @@ def _prompt_only(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m tasks.evaluate MODEL [PARAMS_FILE]", file=sys.stderr)
@@ -282,27 +279,46 @@ def main(argv: list[str] | None = None) -> None:
     model, rest = args[0], args[1:]
     params = stage_params(rest)
     payload = run(params, model)
-    table = Table(title=f"Evaluation of {model} on {payload['n_tasks']} held-out tasks")
-    table.add_column("arm")
-    for column in ("tsr", "95% CI", "over floor", "n", "cut", "steps", "cost/task $"):
-        table.add_column(column, justify="right")
-    floor_tsr = payload["baseline_floor"]["tsr"]
-    for arm in ("candidate", "baseline_prompt_only", "baseline_production", "baseline_floor"):
-        block = payload[arm]
-        tsr = block["tsr"]
-        gain = None if tsr is None or floor_tsr is None else tsr - floor_tsr
-        table.add_row(
-            arm,
-            "n/a" if tsr is None else f"{tsr:.3f}",
-            f"[{block['tsr_ci_low']:.3f}, {block['tsr_ci_high']:.3f}]",
-            "n/a" if gain is None else f"{gain:+.3f}",
-            str(block["n"]),
-            str(block.get("cut_by_turn_limit", "n/a")),
-            "n/a" if block["steps_mean"] is None else f"{block['steps_mean']:.2f}",
-            "n/a" if block["cost_per_task_usd"] is None else f"{block['cost_per_task_usd']:.6f}",
-        )
-    Console().print(table)
-    Console().print(f"delta: {payload['delta']}")
+    report = eval_paths(params, model)["out"] / "report.md"
+    print("\n".join(evaluation_lines(model, payload, report)))
+
+
+BASELINES = (
+    ("baseline_production", "production"),
+    ("baseline_prompt_only", "prompt-only"),
+    ("baseline_floor", "floor"),
+)
+
+
+def evaluation_lines(model: str, payload: dict[str, Any], report: Path) -> list[str]:
+    """Three rounded lines: the model, the baselines' TSR, where the full report is.
+
+    Every arm's interval, steps and cost stay in the report and `metrics/eval_<model>.json`;
+    the flow's closing table puts the models side by side.
+    """
+    from tracetune.console import num
+
+    block = payload.get("candidate") or {}
+    tsr = block.get("tsr")
+    head = f"evaluation of {model} on {payload.get('n_tasks')} held-out tasks: TSR " + (
+        "n/a"
+        if tsr is None
+        else f"{num(tsr)} [{num(block.get('tsr_ci_low'))}, {num(block.get('tsr_ci_high'))}]"
+    )
+    for key, unit in (("steps_mean", " steps/task"), ("cost_per_task_usd", "/task")):
+        if block.get(key) is not None:
+            head += f", {'$' if unit == '/task' else ''}{num(block[key])}{unit}"
+    baselines = []
+    for arm, label in BASELINES:
+        other = (payload.get(arm) or {}).get("tsr")
+        if other is not None:
+            gap = "" if tsr is None else f" ({'+' if tsr - other > 0 else ''}{num(tsr - other)})"
+            baselines.append(f"{label} {num(other)}{gap}")
+    lines = [head]
+    if baselines:
+        lines.append("  baselines' TSR (this model's gap): " + ", ".join(baselines))
+    lines.append(f"  report: {report}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
+    from tracetune.console import quiet_libraries
+
+    quiet_libraries()  # as every stage does in stage_params: no library progress bars
     args = parse_args(argv)
     try:
         params = load_params(args.params)

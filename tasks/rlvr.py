@@ -182,19 +182,41 @@ def _mark_no_checkpoints(checkpoint_dir: Path, reason: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
-    result = run(stage_params(argv))
+    params = stage_params(argv)
+    result = run(params)
     console = Console()
     if not result.ran:
         console.print(f"[bold]RLVR[/bold] skipped: {result.decision['reason']}")
         return
-    console.print(
-        f"[bold]RLVR[/bold]: {result.steps} GRPO steps on {result.train_tasks} tasks, "
-        f"reward {result.reward_first} -> {result.reward_last}, "
-        f"train success {result.success_first} -> {result.success_last}, "
-        f"{result.episodes_per_second:.2f} episodes/s, {result.seconds_per_step:.1f} s/step"
-    )
+    for line in rlvr_lines(result, params):
+        console.print(line, soft_wrap=True)
     if result.stopped_early:
         console.print(f"[bold red]stopped early[/]: {result.stopped_early}")
+
+
+def rlvr_lines(result: RLVRResult, params: Params) -> list[str]:
+    """The stage's closing lines: what it did, then why its reward is not held-out TSR.
+
+    A walk-through saw the printed training reward fall (0.217 -> -0.514) while held-out TSR
+    rose: the two measure different things, and the console must say so where the reward is.
+    """
+    from tracetune.console import num
+
+    rl = params.rlvr
+    decoding = "greedy decoding" if params.evaluate.greedy else "sampled decoding"
+    return [
+        f"[bold]RLVR[/bold]: {result.steps} GRPO steps on {result.train_tasks} tasks, "
+        f"training reward {num(result.reward_first)} -> {num(result.reward_last)} "
+        f"(mean of the first / last 5 steps), training success {num(result.success_first)} -> "
+        f"{num(result.success_last)}, {num(result.episodes_per_second)} episodes/s, "
+        f"{num(result.seconds_per_step)} s/step",
+        f"  note: the training reward is the mean over {rl.group_size * rl.tasks_per_step} "
+        f"episodes sampled at temperature {num(rl.temperature)} on the {rl.tasks_per_step} "
+        "training tasks each step drew (outcome +1/-1 plus shaping): it moves with which tasks "
+        "came up;",
+        f"  held-out TSR (evaluate@rlvr) is {decoding} on tasks RLVR never trains on: judge the "
+        "model by that, not by this reward (docs/training.md)",
+    ]
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def run(params: Params) -> SFTResult:
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
+    from tracetune.console import num
+
     result = run(stage_params(argv))
     cuts = result.cuts
     windows = (
@@ -124,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     Console().print(
         f"[bold]SFT[/bold]: {result.examples} examples{windows}, {result.steps} steps, "
-        f"loss {result.first_loss} -> {result.final_loss}, "
-        f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s"
+        f"loss {num(result.first_loss)} -> {num(result.final_loss)}, "
+        f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s",
+        soft_wrap=True,
     )
 
 

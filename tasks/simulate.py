@@ -29,9 +29,9 @@ def run(params: Params, clean: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tracetune.reporting import print_simulation_summary
+    from tracetune.reporting import simulation_lines
 
-    print_simulation_summary(run(stage_params(argv)))
+    print("\n".join(simulation_lines(run(stage_params(argv)))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Console tables people read at the end of a stage (rich)."""
+"""What people read at the end of a stage or a run: tables (by hand), short lines (the main job)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def print_simulation_summary(summary: dict[str, Any]) -> None:
         faults.add_row(name, f"{rate:.3f}")
     console.print(faults)
     console.print("files: " + ", ".join(summary["files"]))
+
+
+def simulation_lines(summary: dict[str, Any]) -> list[str]:
+    """The simulate stage's summary in a few lines (the tables are `tracetune simulate-logs`'s)."""
+    from tracetune.console import num
+
+    families = summary.get("tsr_per_family") or {}
+    low = sorted(families.items(), key=lambda kv: kv[1])[:3]
+    return [
+        f"simulated {summary.get('trajectories')} production trajectories in "
+        f"{len(summary.get('files') or [])} files ({summary.get('corrupt_lines')} corrupt lines): "
+        f"TSR {num(summary.get('tsr'))}, {num(summary.get('steps_per_task'))} steps/task, "
+        f"${num(summary.get('cost_per_task_usd'))}/task, {num(summary.get('seconds'))} s",
+        "  weakest families: " + ", ".join(f"{name} {num(tsr)}" for name, tsr in low),
+    ]

@@ -89,7 +89,10 @@ def check_lineage(root: Path, ran: list[str]) -> None:
 
 
 def test_main_command_runs_the_defined_stages_and_skips_the_rest(
-    harness: None, data_repo: Path
+    harness: None,
+    data_repo: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from typer.testing import CliRunner
 
@@ -108,6 +111,10 @@ def test_main_command_runs_the_defined_stages_and_skips_the_rest(
     assert [s["note"] for s in record["stages"] if s["name"] == "dvc push"] == ["ingest", ""]
     assert 0 < record["stage_s"] <= record["wall_s"]
     check_mlflow_story(data_repo, [n for n in ran if n != "simulate"])
+    # The console: Prefect's log records (the flow's and the stages' captured output) and
+    # whatever a process wrote straight to the terminal.
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    check_console("\n".join([logged, result.output, *capfd.readouterr()]), CONSOLE_LINES_DATA_HALF)
 
 
 def check_mlflow_story(root: Path, stages: list[str]) -> None:
@@ -131,6 +138,24 @@ def check_mlflow_story(root: Path, stages: list[str]) -> None:
         tags = children[name].data.tags
         assert tags["prefect.flow_run_id"] == flow_run_id
         assert children[name].info.status == "FINISHED" and children[name].data.metrics, name
+
+
+# The main job's console, data half of the pipeline (issue 22: a walk-through's log was 825
+# lines; the whole pipeline should print under ~150).
+CONSOLE_LINES_DATA_HALF = 90
+
+
+def check_console(printed: str, bound: int) -> None:
+    """Short, rounded, no trainer dicts, no DVC hints, and the closing what-next block."""
+    lines = printed.splitlines()
+    print(f"console: {len(lines)} lines")
+    assert 10 < len(lines) < bound, f"{len(lines)} lines:\n{printed}"
+    assert not [line for line in lines if "{'loss':" in line], printed
+    for hint in ("To track the changes with git", "dvc config core.autostage", "Use `dvc push`"):
+        assert hint not in printed, printed
+    block = printed[printed.index("What next (commands run from") :]
+    for expected in ("dvc metrics show", "mlflow ui --backend-store-uri", "registry status"):
+        assert expected in block, block
 
 
 def test_bad_batch_fails_the_run_links_the_report_and_registers_nothing(

@@ -78,7 +78,9 @@ def sft_dir(tiny_base: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_grpo_steps_change_the_weights_and_log_health(sft_dir: Path, tmp_path: Path) -> None:
+def test_grpo_steps_change_the_weights_and_log_health(
+    sft_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -97,6 +99,12 @@ def test_grpo_steps_change_the_weights_and_log_health(sft_dir: Path, tmp_path: P
         assert not [key for key in LOGGED if key not in row]
     assert 0 < sum(r["health/success_rate"] for r in result.history) < 2  # the verifier varied
     assert set(result.train_success_by_family) == {"order_status", "customer_tier"}
+    captured = capsys.readouterr()  # one short line per step, never TRL's log dict
+    printed = captured.out + captured.err
+    lines = [line for line in printed.splitlines() if line.startswith("rlvr step ")]
+    assert [line.split("  ")[0] for line in lines] == ["rlvr step 1/2", "rlvr step 2/2"], printed
+    assert all(" reward " in line and " kl " in line for line in lines), lines
+    assert "{'loss'" not in printed and "'reward'" not in printed
 
     before = AutoModelForCausalLM.from_pretrained(str(sft_dir / "merged")).state_dict()
     after = AutoModelForCausalLM.from_pretrained(str(out / "merged")).state_dict()

@@ -53,7 +53,9 @@ def test_loss_mask_trains_only_assistant_output_and_its_end_token(
         assert not mask[ends[0]]  # the system turn's end is not
 
 
-def test_full_finetune_loss_falls(tiny_base: Path, golden_train: Path, tmp_path: Path) -> None:
+def test_full_finetune_loss_falls(
+    tiny_base: Path, golden_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = train_sft(
         _params(max_steps=10),
         str(tiny_base),
@@ -67,6 +69,13 @@ def test_full_finetune_loss_falls(tiny_base: Path, golden_train: Path, tmp_path:
     assert result.final_loss < result.first_loss * 0.9
     assert (tmp_path / "sft" / "merged" / "config.json").exists()
     assert not (tmp_path / "sft" / "adapter").exists()
+    # The console: one short rounded line per logged step, never TRL's log dict.
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    lines = [line for line in printed.splitlines() if line.startswith("sft step ")]
+    assert len(lines) == 10 and lines[-1].startswith("sft step 10/10  loss "), printed
+    assert "{'loss'" not in printed and "train_runtime" not in printed
+    assert all(len(line) < 100 for line in lines), lines
 
 
 def test_lora_trains_adapter_only_and_merge_matches(

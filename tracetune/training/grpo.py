@@ -615,7 +615,8 @@ def grpo_config(
         disable_dropout=True,
         bf16=cuda,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5's name (the old one warns)
+        dataloader_pin_memory=cuda,  # pinning on CPU only warns
         logging_steps=1,  # the health callback judges every step
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -751,6 +752,7 @@ def train_rlvr(
     """
     import torch
 
+    from tracetune.console import RLVR_KEYS, compact_trainer_output
     from tracetune.training.sft import prepare_checkpoints, save_model, train_or_restore
 
     started = time.perf_counter()
@@ -793,6 +795,7 @@ def train_rlvr(
             callbacks=[health, *callbacks],
             rollout_func=rollout,
         )
+    compact_trainer_output(trainer, "rlvr", RLVR_KEYS)  # one short line per shown step
     train_start = time.perf_counter()
     output = train_or_restore(trainer, resume)  # a finished checkpoint: nothing trains
     train_seconds = time.perf_counter() - train_start

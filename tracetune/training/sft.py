@@ -267,7 +267,8 @@ def trainer_config(
         train_sampling_strategy="group_by_length" if params.batching == "grouped" else "random",
         bf16=cuda,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5's name (the old one warns)
+        dataloader_pin_memory=cuda,  # pinning on CPU only warns
         logging_steps=params.logging_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -379,6 +380,7 @@ def train_sft(
     from trl import SFTTrainer
 
     from tracetune.agent.model import load_model, model_fingerprint
+    from tracetune.console import SFT_KEYS, compact_trainer_output
 
     started = time.perf_counter()
     model, tokenizer = load_model(base_model)
@@ -415,6 +417,7 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    compact_trainer_output(trainer, "sft", SFT_KEYS)  # one short line per shown log step
     train_start = time.perf_counter()
     output = train_or_restore(trainer, resume)
     train_seconds = time.perf_counter() - train_start
