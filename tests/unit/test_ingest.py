@@ -23,7 +23,12 @@ from tracetune.trajectories.ingest import (
 )
 from tracetune.trajectories.io import read_trajectories
 from tracetune.trajectories.pii import PiiKeyMissing, find_pii, has_pseudonym
-from tracetune.trajectories.sources import RACY_NS, SourceUnavailable, stat_fingerprint
+from tracetune.trajectories.sources import (
+    RACY_NS,
+    SourceUnavailable,
+    is_stat_fingerprint,
+    stat_fingerprint,
+)
 
 
 def good(i: int, **changes: object) -> dict:
@@ -279,6 +284,79 @@ def test_a_just_written_file_is_checked_again() -> None:
     assert stat_fingerprint(old, RACY_NS * 10) == stat_fingerprint(old, RACY_NS * 11) == "s10m1c5i7"
     fresh = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=RACY_NS * 10, st_ino=7)
     assert stat_fingerprint(fresh, RACY_NS * 10 + 1) != stat_fingerprint(fresh, RACY_NS * 10 + 2)
+
+
+def test_the_exported_watermark_stays_the_same_while_no_log_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export is a DVC dependency of validate_raw and split: logs written just before a run
+    (racily clean), then settled, then touched, must not change it, or a flow that found nothing
+    new reruns the data stages. The index still checks the racy file's bytes on the next run."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    log = src / "a.jsonl"
+    log.write_bytes(b"".join(line(good(i)) for i in range(5)) + line(good(5)).rstrip(b"\n"))
+    first = ingest(params(src), paths)
+    assert (first.accepted, first.held_back) == (5, 1)
+    exported, written = paths.state.read_bytes(), paths.state.stat().st_mtime_ns
+    with sqlite3.connect(paths.index) as db:
+        (racy,) = db.execute("SELECT fingerprint FROM files").fetchone()
+    assert "racy" in racy  # just written: the next run must look at its bytes
+
+    again = ingest(params(src), paths)  # still racy, with another listing time
+    monkeypatch.setattr(sources, "RACY_NS", 0)
+    settled = ingest(params(src), paths)  # minutes later: the plain stat signature
+    os.utime(log, ns=(1, 2))
+    touched = ingest(params(src), paths)
+    for report in (again, settled, touched):  # each time the prefix hash was checked
+        assert (report.read, report.batch, report.held_back) == (0, None, 1)
+    assert paths.state.read_bytes() == exported
+    assert paths.state.stat().st_mtime_ns == written  # not even rewritten with the same bytes
+    with sqlite3.connect(paths.index) as db:
+        (now,) = db.execute("SELECT fingerprint FROM files").fetchone()
+    assert now != racy and "racy" not in now  # the index did renew its mark
+
+    with log.open("ab") as writer:  # the pending line's newline: now the export moves
+        writer.write(b"\n")
+    assert ingest(params(src), paths).accepted == 1
+    assert read_state(paths.state)["files"][str(log)] == {"offset": log.stat().st_size, "lines": 6}
+
+
+def test_a_just_written_or_touched_gzip_is_not_read_again(tmp_path: Path) -> None:
+    """A .gz is read whole on any change: racily clean after its first run, or touched, the
+    hash of its stored bytes says it did not change (no batch of duplicates); new bytes of the
+    same size and times are still read."""
+    src, paths = tmp_path / "logs", make_paths(tmp_path)
+    src.mkdir()
+    log = src / "a.jsonl.gz"
+    log.write_bytes(gzip.compress(b"".join(line(good(i)) for i in range(5)), 0, mtime=0))
+    assert ingest(params(src), paths).accepted == 5
+    exported = paths.state.read_bytes()
+    again = ingest(params(src), paths)  # racy: its fingerprint cannot match
+    os.utime(log, ns=(1, 2))
+    touched = ingest(params(src), paths)
+    before = log.stat()
+    for report in (again, touched):
+        assert (report.files, report.read, report.batch) == ({"unchanged": 1}, 0, None)
+    assert paths.state.read_bytes() == exported
+
+    new = gzip.compress(b"".join(line(good(i)) for i in range(3, 8)), 0, mtime=0)
+    assert len(new) == before.st_size
+    log.write_bytes(new)
+    os.utime(log, ns=(before.st_atime_ns, before.st_mtime_ns))
+    report = ingest(params(src), paths)
+    assert report.files == {"rewritten": 1}
+    assert (report.accepted, report.duplicates) == (3, 2)
+
+
+def test_only_content_fingerprints_are_exported() -> None:
+    """A stat signature (racy or not) stays in the index; an ETag or a trace's state names
+    content and is exported."""
+    times = SimpleNamespace(st_size=10, st_mtime_ns=1, st_ctime_ns=RACY_NS * 10, st_ino=7)
+    assert is_stat_fingerprint(stat_fingerprint(times, RACY_NS * 10 + 1))
+    assert is_stat_fingerprint(stat_fingerprint(times, RACY_NS * 100))
+    for content in ("9b2cf535f27731c974343645a3985328", "9b2cf535f27731c9-3", "OK:2", "ERROR:0"):
+        assert not is_stat_fingerprint(content)
 
 
 def test_a_fingerprint_never_reads_as_a_card_number() -> None:

@@ -50,7 +50,12 @@ from tracetune.trajectories.readers import (
     open_log_source,
 )
 from tracetune.trajectories.schema import Trajectory
-from tracetune.trajectories.sources import LogSource, SourceObject, SourceUnavailable
+from tracetune.trajectories.sources import (
+    LogSource,
+    SourceObject,
+    SourceUnavailable,
+    is_stat_fingerprint,
+)
 from tracetune.trajectories.usage import UsageEstimator, estimator_from_params
 
 CHUNK_LINES = 500
@@ -290,12 +295,19 @@ class IngestIndex:
         self.conn.execute("INSERT INTO batches VALUES (?, ?)", (batch, json.dumps(report)))
 
     def export(self) -> dict[str, Any]:
-        """The watermark as JSON: what was read of each object, and every batch's counts."""
+        """The watermark as JSON: what was read of each object, and every batch's counts.
+
+        Only what depends on the logs' content goes in: the stages after ingest depend on this
+        file (dvc.yaml), so a run that read nothing new must leave it byte for byte as it was. A
+        local file's stat signature (renewed when the file is only touched, different on every
+        run while the file is racily clean) therefore stays in the index alone.
+        """
         batches = [
             json.loads(r[0]) for r in self.conn.execute("SELECT report FROM batches ORDER BY id")
         ]
         files = {
-            uri: {"fingerprint": fp, "offset": off, "lines": n}
+            uri: {"offset": off, "lines": n}
+            | ({} if is_stat_fingerprint(fp) else {"fingerprint": fp})
             for uri, fp, _head, off, n in self.conn.execute("SELECT * FROM files ORDER BY uri")
         }
         totals: Counter[str] = Counter()
@@ -330,6 +342,7 @@ class ReadPlan:
     first_line: int  # line number of the first line read (1-based)
     kind: str  # new / appended / rewritten / unchanged (touched: only the mark is renewed)
     hasher: Any = None  # appended: the hash of the bytes before `offset`, fed on while reading
+    head: str = ""  # not appendable: `LogSource.content_hash`, taken before reading
 
 
 def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> list[ReadPlan]:
@@ -338,21 +351,43 @@ def plan_reads(source: LogSource, index: IngestIndex, report: IngestReport) -> l
     for obj in source.objects():
         mark = index.mark(obj.uri)
         if mark is None:
-            plans.append(ReadPlan(obj, 0, 1, "new"))
+            plans.append(ReadPlan(obj, 0, 1, "new", head=_content_hash(source, obj)))
         elif mark.fingerprint == obj.fingerprint:
             report.files["unchanged"] += 1
             if obj.appendable and obj.size > mark.offset:
                 report.held_back += 1  # its last line still waits for its newline
         elif obj.appendable and obj.size >= mark.offset:
-            hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
+            try:
+                hasher = source.prefix_hasher(obj, mark.offset)  # same bytes up to the mark?
+            except OSError as exc:
+                raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
             if hasher.hexdigest() == mark.head:  # grew, or only touched: read on from the mark
                 kind = "appended" if obj.size > mark.offset else "unchanged"
                 plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, kind, hasher))
             else:
                 plans.append(ReadPlan(obj, 0, 1, "rewritten"))
-        else:
+        elif obj.appendable:  # shrank: rewritten
             plans.append(ReadPlan(obj, 0, 1, "rewritten"))
+        elif (head := _content_hash(source, obj)) and head == mark.head:
+            # A local .gz only touched, or listed racily clean last time: same bytes, not read.
+            plans.append(ReadPlan(obj, mark.offset, mark.lines + 1, "unchanged", head=head))
+        else:
+            plans.append(ReadPlan(obj, 0, 1, "rewritten", head=head))
     return plans
+
+
+def _content_hash(source: LogSource, obj: SourceObject) -> str:
+    """The whole-object hash of an object that is read whole ("" where its fingerprint is one).
+
+    Taken before the object is read: should it change in between, the mark holds the old hash,
+    which no longer matches, and the next run reads it again (duplicates, never a loss).
+    """
+    if obj.appendable:
+        return ""  # its mark is the hash of exactly the bytes read, fed while reading
+    try:
+        return source.content_hash(obj)
+    except OSError as exc:  # the disk or mount failed: fail, commit nothing
+        raise SourceUnavailable(f"reading {obj.uri}: {type(exc).__name__}: {exc}") from exc
 
 
 def iter_planned_lines(
@@ -377,6 +412,9 @@ def iter_planned_lines(
     for plan in plans:
         obj = plan.obj
         report.files[plan.kind] += 1
+        if plan.kind == "unchanged" and not obj.appendable:  # the same bytes: renew the mark
+            marks[obj.uri] = FileMark(obj.fingerprint, plan.head, plan.offset, plan.first_line - 1)
+            continue
         position = [plan.offset, plan.first_line - 1]  # byte offset, lines (items) read
         hasher = source.prefix_hasher(obj, 0) if plan.hasher is None else plan.hasher
         detected: Detected | None = None
@@ -397,7 +435,7 @@ def iter_planned_lines(
                 name = detected.reader.name if detected is not None else "tracetune"
                 yield from _line_units(source, plan, name, position, hasher, report)
         offset, number = position
-        head = hasher.hexdigest() if obj.appendable else ""
+        head = hasher.hexdigest() if obj.appendable else plan.head
         marks[obj.uri] = FileMark(obj.fingerprint, head, offset, number)
 
 
@@ -567,9 +605,13 @@ def _take(parsed: Parsed, index: IngestIndex, out: Any, qout: Any, report: Inges
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
+    """Replace the export atomically, and not at all when its text is the same (times too)."""
+    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() == text:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import io
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from tracetune.trajectories.io import JSONL_SUFFIXES
 LOG_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 READ_BUFFER = 1 << 20
 RACY_NS = 2_000_000_000  # a file changed this recently may change again unseen
+STAT_SIGNATURE = re.compile(r"s\d+m\d+c\d+i\d+(?:racy\d+)?")  # what `stat_fingerprint` writes
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +89,15 @@ class LogSource(ABC):
         """
         return new_hasher()
 
+    def content_hash(self, obj: SourceObject) -> str:
+        """A hash of the whole stored object, for one that is read whole (not appendable).
+
+        Only where the fingerprint may change while the bytes do not (a local file's stat
+        signature): the same hash then means "touched, not changed". "" (the default) where the
+        fingerprint names the content already (an ETag).
+        """
+        return ""
+
 
 def _is_log(name: str) -> bool:
     return name.endswith(LOG_SUFFIXES)
@@ -119,6 +130,9 @@ class LocalSource(LogSource):
                 n -= len(block)
         return hasher
 
+    def content_hash(self, obj: SourceObject) -> str:
+        return str(self.prefix_hasher(obj, obj.size).hexdigest())  # the stored (gzip) bytes
+
     def open(self, obj: SourceObject, offset: int = 0) -> IO[bytes]:
         handle = open(obj.uri, "rb", buffering=READ_BUFFER)  # noqa: SIM115 - the caller closes it
         if obj.compressed:
@@ -145,6 +159,17 @@ def stat_fingerprint(st: Any, now_ns: int) -> str:
     if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
         return f"{signature}racy{now_ns}"
     return signature
+
+
+def is_stat_fingerprint(fingerprint: str) -> bool:
+    """A local file's stat signature, which says when to look again, not what the file holds.
+
+    It changes when a file is only touched, and a racy one differs on every run, so it stays in
+    the index and out of the exported watermark: that file is a DVC dependency of the stages
+    after ingest, and must not change when no log did. An ETag (hex digits) or a trace's state
+    (`OK:2`) cannot match; those name content, so they are exported.
+    """
+    return STAT_SIGNATURE.fullmatch(fingerprint) is not None
 
 
 class _ShortBody(Exception):

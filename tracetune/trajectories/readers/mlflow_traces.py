@@ -290,3 +290,6 @@ class WithTraces(LogSource):
 
     def prefix_hasher(self, obj: SourceObject, n: int) -> Any:
         return self._of(obj).prefix_hasher(obj, n)
+
+    def content_hash(self, obj: SourceObject) -> str:
+        return self._of(obj).content_hash(obj)
