@@ -505,3 +505,72 @@ def test_the_shape_shortcut_never_covers_pii_beside_a_timestamp_or_id(scrubber: 
         "+1 555 123 4567",
     ):
         assert scrubber.scrub_text(text) != text, text
+
+
+# Characters the prefilter's alternatives are made of, a few others, non-ASCII digits and letters.
+_PREFILTER_TEXT = st.text(alphabet="0123456789 ().-@+ax:_\u0660\u0661é", max_size=40)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_PREFILTER_TEXT)
+def test_the_class_string_prefilter_is_the_regex_prefilter(text: str) -> None:
+    """The faster prefilter (ASCII text mapped to character classes) answers exactly as the
+    regex it replaces, digit groups and separator runs of every length included."""
+    from tracetune.trajectories.pii import _PREFILTER, _prefilter_passes
+
+    assert _prefilter_passes(text) == (_PREFILTER.search(text) is not None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "555-123-4567",
+        "(555) 123 4567",
+        "030 123456",
+        "123-45-6789",
+        "12-345678",
+        "123  45  678",
+        "123---45-678",
+        "1234567",
+        "2026-03-10",
+        "x+1",
+        "a@b",
+        "\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
+    ],
+)
+def test_the_class_string_prefilter_on_the_shapes_it_names(text: str) -> None:
+    from tracetune.trajectories.pii import _PREFILTER, _prefilter_passes
+
+    assert _prefilter_passes(text) == (_PREFILTER.search(text) is not None)
+
+
+_HINT_TEXT = st.text(alphabet='"NAMEnamezipZIP_ \u212a\u017fKks{}:', max_size=30)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_HINT_TEXT)
+def test_the_lowered_key_hint_is_the_case_insensitive_one(text: str) -> None:
+    """ASCII text lowered and searched case-sensitively finds a quoted PII key exactly when
+    the case-insensitive regex does; other text (the Kelvin sign, a long s) takes the regex."""
+    scrubber = Scrubber(PiiParams(keys=["zip", "Kind"], keys_beside={"name": ["id"]}), key=b"k")
+    hint = scrubber._key_hint
+    assert hint is not None
+    assert scrubber._has_key_hint(text) == (hint.search(text) is not None)
+
+
+def test_keyed_values_are_replaced_everywhere_after_the_faster_pass(scrubber: Scrubber) -> None:
+    """The pass that replaces keyed values across the trajectory still reaches every string
+    holding one (a loop over the values instead of a generator per string)."""
+    result = json.dumps({"customer_id": "C-1", "name": "Ana Smith", "tier": "gold"})
+    record = {
+        "messages": [
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": "Ana Smith is gold."},
+            {"role": "assistant", "content": "Nothing here."},
+        ]
+    }
+    scrubber.scrub_obj(record)
+    tag = scrubber.pseudonym("name", "Ana Smith")
+    assert record["messages"][1]["content"] == f"{tag} is gold."
+    assert record["messages"][2]["content"] == "Nothing here."
+    assert json.loads(record["messages"][0]["content"])["name"] == tag

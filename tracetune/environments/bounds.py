@@ -25,6 +25,10 @@ MAX_DEPTH = 32  # nesting of objects and arrays (the arguments object itself is 
 MAX_NODES = 10_000  # values in one arguments object, all levels together
 MAX_NUMBER = 10**15  # |number|: exact as a float64, above any amount, id or count
 _MAX_INT_DIGITS = len(str(MAX_NUMBER))
+# Tuples, not `int | float`: a union in `isinstance` is built again on every call (ingest checks
+# every logged call's arguments).
+_NUMBERS = (int, float)
+_CONTAINERS = (dict, list)
 
 
 class OutOfBounds(ValueError):
@@ -66,12 +70,12 @@ def check_value(value: Any) -> None:
             raise OutOfBounds(f"arguments hold more than {MAX_NODES:,} values")
         if isinstance(item, bool) or item is None:
             continue
-        if isinstance(item, int | float):
+        if isinstance(item, _NUMBERS):
             _number(item)
         elif isinstance(item, str):
             if len(item) > MAX_ARGUMENT_CHARS:
                 raise OutOfBounds(f"an argument string is longer than {MAX_ARGUMENT_CHARS:,} chars")
-        elif isinstance(item, dict | list):
+        elif isinstance(item, _CONTAINERS):
             if depth > MAX_DEPTH:
                 raise OutOfBounds(f"arguments nested deeper than {MAX_DEPTH} levels")
             if isinstance(item, dict):
