@@ -19,6 +19,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRACETUNE_PII_KEY", "tests-only-pii-pseudonym-key")
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored() -> Iterator[None]:
+    """Each test leaves the process as it found it: the environment variables, and MLflow's
+    global tracking URI (`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which
+    tracetune reads as an override; the flow exports TRACETUNE_PREFECT_* for its stages).
+    Without this, a test's outcome depended on which tests ran before it in the process."""
+    import sys
+
+    saved = dict(os.environ)
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    uri = getattr(utils, "_tracking_uri", None)
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and getattr(utils, "_tracking_uri", None) != uri:
+        utils._tracking_uri = uri  # without set_tracking_uri: it would export the variable
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def env() -> SupportDesk:
     return SupportDesk()

@@ -31,12 +31,27 @@ def tracking_uri(params: TrackingParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
 
 
+def set_uri_not_exported(uri: str) -> None:
+    """`mlflow.set_tracking_uri`, minus its side effect of exporting MLFLOW_TRACKING_URI: that
+    variable is the user's override (`tracking_uri`), and once exported, the next stage run in
+    the same process or started from it (the in-process flow, a test session) wrote its runs
+    into this stage's store whatever its own params said."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def configure(params: TrackingParams) -> str:
     """Point mlflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
     uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
+    set_uri_not_exported(uri)
     location = params.artifact_location
     if "://" not in location:
         location = Path(location).resolve().as_uri()

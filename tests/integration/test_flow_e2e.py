@@ -433,8 +433,9 @@ def test_a_training_stage_logs_to_its_task_run_while_it_runs(harness: None, tmp_
     assert 3 <= len(bar) <= 12, bar  # 300 frames redrawn; logged: first, each 10%, last
     assert bar[-1].startswith("pre-training: 100%")
     assert all("\r" not in m and "\n" not in m for m in messages)
-    assert not [m for m in messages if "git add" in m or "dvc push" in m], messages
-    assert {"trained", "Updating lock file 'dvc.lock'"} <= set(messages)
+    hints = ("git add", "dvc push", "Updating lock file")  # DVC's news for a person at a shell
+    assert not [m for m in messages if any(h in m for h in hints)], messages
+    assert "trained" in messages
     spread = logs[-1].timestamp - logs[0].timestamp
     assert spread.total_seconds() > 0.5, [(log.timestamp, log.message) for log in logs]
 

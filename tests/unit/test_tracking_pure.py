@@ -143,3 +143,22 @@ def test_register_finds_the_plots_the_evaluate_stage_wrote(tmp_path: Path) -> No
     (report / "extra.png").write_bytes(b"\x89PNG")
     paths = CandidatePaths(tmp_path / "eval_sft.json", tmp_path / "m", report, plots)
     assert [p.name for p in report_plots(paths)] == ["cost.png", "tsr.png", "extra.png"]
+
+
+def test_configuring_a_stage_does_not_export_its_store(tmp_path: Path, monkeypatch: Any) -> None:
+    """MLFLOW_TRACKING_URI is the user's override; `mlflow.set_tracking_uri` exports it, and the
+    next stage run in (or started from) the same process then wrote into this stage's store."""
+    from tracetune.config import TrackingParams
+    from tracetune.tracking import configure, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = TrackingParams(
+        tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", artifact_location=str(tmp_path / "a")
+    )
+    configure(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = TrackingParams(tracking_uri=f"sqlite:///{tmp_path / 'b.db'}")
+    assert tracking_uri(second) == second.tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first.tracking_uri)  # a real override stays
+    configure(second)
+    assert os.environ["MLFLOW_TRACKING_URI"] == first.tracking_uri

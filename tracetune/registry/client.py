@@ -105,16 +105,15 @@ def open_registry(
     tracking: TrackingParams, name: str | None = None, lock_timeout_s: float = 120.0
 ) -> Registry:
     """A registry handle on the configured store (`MLFLOW_TRACKING_URI` wins, tracking.py)."""
-    import mlflow
     from mlflow import MlflowClient
 
-    from tracetune.tracking import tracking_uri
+    from tracetune.tracking import set_uri_not_exported, tracking_uri
 
     uri = tracking_uri(tracking)
     # Not `mlflow.set_registry_uri`: it exports MLFLOW_REGISTRY_URI, which would then outrank
     # the params of every later call in this process. MLflow's default registry is the store.
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
-    mlflow.set_tracking_uri(uri)
+    set_uri_not_exported(uri)
     with store_init_lock(uri, lock_timeout_s):
         client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
         client.search_registered_models(max_results=1)  # opens the registry store too
