@@ -69,8 +69,8 @@ class _Bar:
 class Condenser:
     """Turns console segments into the lines worth logging (see the module docstring)."""
 
-    every_s: float = 30.0
-    step_pct: int = 10
+    every_s: float = 120.0
+    step_pct: int = 25
     quiet_s: float = 300.0  # a line saying the stage is alive after this long without output
     clock: Callable[[], float] = time.monotonic
     bars: dict[str, _Bar] = field(default_factory=dict)

@@ -49,7 +49,7 @@ TRANSIENT_MARKERS = (
     "replaced after it was listed",  # ingest: an S3 object overwritten mid-run; the rerun lists it
 )
 OUTPUT_TAIL_CHARS = 4000
-PROGRESS_EVERY_S = 30.0  # the default of `orchestrate.progress_every_s`
+PROGRESS_EVERY_S = 120.0  # the default of `orchestrate.progress_every_s`
 
 
 class StageFailed(RuntimeError):
@@ -292,7 +292,9 @@ def run_logged(
     from flows.live_output import Condenser, stream_process
 
     log = stage_logger()
-    condenser = Condenser(every_s=progress_every_s, quiet_s=10 * progress_every_s)
+    # A whole pipeline's console stays near 150 lines (issue 22): bars at quarters, and a
+    # silent stage says it is alive after 5 minutes (or one progress interval, if longer).
+    condenser = Condenser(every_s=progress_every_s, quiet_s=max(300.0, progress_every_s))
     return stream_process(argv, root, stage_env(), log.info, condenser)
 
 

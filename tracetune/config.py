@@ -703,7 +703,7 @@ class OrchestrateParams(Section):
     transient_retries: int = Field(3, ge=0, description="S3/network retries; training: never")
     retry_delay_s: float = Field(10.0, ge=0)
     progress_every_s: float = Field(
-        30.0, gt=0, description="a progress bar's line in the run log: per 10% or this often"
+        120.0, gt=0, description="a progress bar's line in the run log: per 25% or this often"
     )
     training_stages: list[str] = Field(
         default_factory=lambda: ["base_model", "sft", "rlvr"],

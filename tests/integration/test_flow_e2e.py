@@ -430,7 +430,7 @@ def test_a_training_stage_logs_to_its_task_run_while_it_runs(harness: None, tmp_
     logs = task_run_logs(seen[0].task_run_id)
     messages = [log.message for log in logs]
     bar = [m for m in messages if m.startswith("pre-training:")]
-    assert 3 <= len(bar) <= 12, bar  # 300 frames redrawn; logged: first, each 10%, last
+    assert 3 <= len(bar) <= 12, bar  # 300 frames redrawn; logged: first, each quarter, last
     assert bar[-1].startswith("pre-training: 100%")
     assert all("\r" not in m and "\n" not in m for m in messages)
     hints = ("git add", "dvc push", "Updating lock file")  # DVC's news for a person at a shell

@@ -26,7 +26,7 @@ def frames(total: int, desc: str = "train") -> list[str]:
     ]
 
 
-def test_a_bar_becomes_its_first_frame_one_per_ten_percent_and_its_last() -> None:
+def test_a_bar_becomes_its_first_frame_one_per_quarter_and_its_last() -> None:
     condenser = Condenser(every_s=1000, clock=Clock())
     shown: list[str] = []
     *redrawn, last = frames(200)
@@ -34,8 +34,8 @@ def test_a_bar_becomes_its_first_frame_one_per_ten_percent_and_its_last() -> Non
         shown += condenser.frame(frame)
     shown += condenser.line(last)  # tqdm ends a bar with its last frame and a newline
     assert shown[0].startswith("train:   0%") and shown[-1].startswith("train: 100%")
-    assert len(shown) == 11, shown  # 0, 10, ..., 90 as they were crossed, then 100
-    assert [s.split("%")[0][-3:].strip() for s in shown][:3] == ["0", "10", "20"]
+    assert len(shown) == 5, shown  # 0, 25, 50, 75 as they were crossed, then 100
+    assert [s.split("%")[0][-3:].strip() for s in shown] == ["0", "25", "50", "75", "100"]
 
 
 def test_a_slow_bar_shows_a_frame_every_so_many_seconds() -> None:
