@@ -34,6 +34,8 @@ PERCENT = re.compile(r"(\d{1,3})%\|")  # tqdm: `desc:  40%|####      | 4/10 [...
 COUNTER = re.compile(r"\d+(?:\.\d+)?[kMG]?(?:it| examples)? \[\d")  # tqdm without a total
 DRAWN = re.compile(r"\d{1,3}%\|.*\]\s*$")  # a whole tqdm frame: it ends with `[...]`
 SEGMENT = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")
+# DVC's "Running stage 'sft':": the run log already names the stage's task run on every line.
+RUNNING_STAGE = re.compile(r"Running stage '[^']+':$")
 TAIL_LINES = 200
 
 
@@ -78,7 +80,7 @@ class Condenser:
     def line(self, raw: str) -> list[str]:
         """A newline-ended segment: an ordinary line, a hint, or a bar's last frame."""
         text = clean(raw)
-        if not text.strip() or is_dvc_hint(text):
+        if not text.strip() or is_dvc_hint(text) or RUNNING_STAGE.match(text.strip()):
             return []
         if is_progress(text):
             return self._frame(text, final=True)

@@ -38,6 +38,7 @@ RLVR_KEYS: tuple[tuple[str, str], ...] = (
 QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables...", etc.
 }
 
 # DVC prints after every stage that ran. `core.autostage` (.dvc/config) stages dvc.lock
