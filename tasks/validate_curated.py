@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from tasks._common import stage_params, write_json
+from tasks._common import run_gate_stage, stage_params, write_json
 from tracetune.config import Params
 from tracetune.data.features import CURATED_COLUMNS, curated_row
 from tracetune.data.gates import GateFailed, curated_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
-from tracetune.tracking import log_summary, stage_run
 from tracetune.trajectories.curation import exact_key
 from tracetune.trajectories.pii import pii_in
 from tracetune.trajectories.split import HELDOUT_FILE, TRAIN_FILE, read_heldout_tasks
@@ -68,14 +66,7 @@ def run(params: Params) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv)
-    with stage_run(params.tracking, "validate_curated"):  # the MLflow run spans the gate
-        try:
-            metrics = run(params)
-        except GateFailed as exc:
-            log_summary(exc.result.metrics(), METRICS)
-            print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
-            raise SystemExit(1) from None
-        log_summary(metrics, METRICS)
+    metrics = run_gate_stage(params, "validate_curated", METRICS, run)
     print(
         f"GX gate 'curated' PASSED on {metrics['rows']} rows ({metrics['evaluated']} expectations)"
     )

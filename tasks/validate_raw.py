@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from tasks._common import stage_params, write_json
+from tasks._common import run_gate_stage, stage_params, write_json
 from tracetune.config import Params
 from tracetune.data.features import RAW_COLUMNS, raw_rows, with_origins
 from tracetune.data.gates import GateFailed, raw_checks, run_gate, utc_now
 from tracetune.environments.base import load_environment
-from tracetune.tracking import log_summary, stage_run
 from tracetune.trajectories.ingest import last_batch_file, read_origins
 from tracetune.trajectories.tool_errors import build_rule
 
@@ -59,14 +57,7 @@ def run(params: Params) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv)
-    with stage_run(params.tracking, "validate_raw"):  # the MLflow run spans the gate
-        try:
-            metrics = run(params)
-        except GateFailed as exc:
-            log_summary(exc.result.metrics(), METRICS)
-            print(exc.result.summary(params.gates.failed_rows_shown), file=sys.stderr)
-            raise SystemExit(1) from None
-        log_summary(metrics, METRICS)
+    metrics = run_gate_stage(params, "validate_raw", METRICS, run)
     if metrics["status"] == NOTHING_TO_VALIDATE:
         print(f"GX gate 'raw': NOTHING TO VALIDATE, {metrics['note']}")
         return
