@@ -331,7 +331,7 @@ def register_candidate(
     Idempotent: the same model files and evaluation registered again return the earlier
     version (`reused`), so a retried or repeated `dvc repro` never duplicates versions."""
     from tracetune.registry.locking import registry_lock
-    from tracetune.tracking import configure
+    from tracetune.tracking import configure, stage_run
 
     started = time.perf_counter()
     eval_path = eval_file or candidate_paths(params, candidate).eval_file
@@ -358,36 +358,16 @@ def register_candidate(
         earlier = find_version(registry, key)
         if earlier is not None:
             return reused_result(registry, earlier, started)
-        return _register_new(
-            params, registry, candidate, paths, metrics, key, started, dvc_lock, params_file
-        )
+        # The `register` run spans the gate, logging the model, the version and the aliases,
+        # so its duration is the stage's.
+        with stage_run(params.tracking, "register", {CANDIDATE_TAG: candidate}) as run:
+            return _register_new(
+                params, registry, candidate, paths, metrics, key, started, dvc_lock,
+                params_file, run.info.run_id,
+            )  # fmt: skip
 
 
 def _register_new(
-    params: Params,
-    registry: Registry,
-    candidate: str,
-    paths: CandidatePaths,
-    metrics: dict[str, Any],
-    key: str,
-    started: float,
-    dvc_lock: Path,
-    params_file: Path | None,
-) -> RegisterResult:
-    """Gate, log and register a candidate not registered before (the caller holds the lock).
-
-    The `register` run spans all of it (gate, logging the model, the version, the aliases), so
-    its duration is the stage's."""
-    from tracetune.tracking import stage_run
-
-    with stage_run(params.tracking, "register", {CANDIDATE_TAG: candidate}) as run:
-        return _gate_log_register(
-            params, registry, candidate, paths, metrics, key, started, dvc_lock, params_file,
-            run.info.run_id,
-        )  # fmt: skip
-
-
-def _gate_log_register(
     params: Params,
     registry: Registry,
     candidate: str,
