@@ -317,6 +317,13 @@ class RLVRParams(Section):
         1024, ge=16, description="model + tool tokens after the prompt; longer episodes are cut"
     )
     rollout_batch_size: int = Field(32, ge=1, description="episodes decoded together")
+    train_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="episodes per forward/backward in the loss, the step's gradient accumulated"
+        " over the rest (a pretrained model's long traces need ~1 GB per episode); none: all"
+        " of a step's episodes at once",
+    )
     screen_episodes: int = Field(
         0,
         ge=0,

@@ -589,21 +589,38 @@ def trainer_class() -> Any:
     return _TRAINER_CLASS
 
 
+def micro_batches(params: RLVRParams) -> tuple[int, int]:
+    """(episodes per loss forward, forwards per optimizer step): one generation batch per step.
+
+    Peak memory in the loss grows with episodes x trace length (attention and vocabulary-wide
+    logits kept for backward), so a pretrained model's long traces need smaller forwards; the
+    step still sees every episode of its generation batch through gradient accumulation.
+    """
+    episodes = params.group_size * params.tasks_per_step
+    micro = params.train_micro_batch or episodes
+    if episodes % micro:
+        raise ValueError(
+            f"rlvr.train_micro_batch={micro} must divide the episodes per step "
+            f"(group_size x tasks_per_step = {episodes})"
+        )
+    return micro, episodes // micro
+
+
 def grpo_config(
     params: RLVRParams, output_dir: Path, cuda: bool, report_to: list[str], weights: list[float]
 ) -> Any:
     """TRL config: one optimizer step per generation batch; bf16 and checkpointing off on CPU."""
     from trl import GRPOConfig
 
-    episodes = params.group_size * params.tasks_per_step
+    micro, accumulate = micro_batches(params)
     return GRPOConfig(
         output_dir=str(output_dir),
         max_steps=params.steps,
         learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler,
         warmup_steps=0,
-        per_device_train_batch_size=episodes,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulate,  # TRL then generates once per optimizer step
         num_generations=params.group_size,
         beta=params.beta,
         epsilon=params.epsilon,
