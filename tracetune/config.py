@@ -324,6 +324,11 @@ class RLVRParams(Section):
         " over the rest (a pretrained model's long traces need ~1 GB per episode); none: all"
         " of a step's episodes at once",
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in backward instead of keeping them:"
+        " ~30% more compute, a fraction of the memory (long traces on a pretrained model)",
+    )
     screen_episodes: int = Field(
         0,
         ge=0,

@@ -279,9 +279,10 @@ def test_stage_keeps_the_sft_model_when_the_screen_finds_no_signal(
     assert "no task with both" in (tmp_path / "models" / "rlvr_checkpoints" / "SKIPPED").read_text()
 
 
-def test_micro_batches_accumulate_to_the_same_step(sft_dir: Path, tmp_path: Path) -> None:
-    """`train_micro_batch` splits the loss forward (a pretrained model's long traces ran out of
-    24 GB at 8 episodes per forward) without changing the step: same episodes, same update."""
+def test_micro_batches_and_checkpointing_keep_the_same_step(sft_dir: Path, tmp_path: Path) -> None:
+    """`train_micro_batch` and `activation_checkpointing` cut the loss's memory (a pretrained
+    model's long traces ran out of 24 GB at 8 episodes per forward) without changing the step:
+    same episodes, same update."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -291,19 +292,22 @@ def test_micro_batches_accumulate_to_the_same_step(sft_dir: Path, tmp_path: Path
     factory = functools.partial(ParityDesk, max_steps=2)
     before = AutoModelForCausalLM.from_pretrained(str(sft_dir / "merged")).state_dict()
     deltas, episodes = [], []
-    for micro in (None, 2):
-        out = tmp_path / f"rlvr-{micro}"
-        params = _params(steps=1, train_micro_batch=micro, beta=0.0)
-        checkpoints = tmp_path / f"ck-{micro}"
+    for micro, recompute in ((None, False), (2, False), (2, True)):
+        out = tmp_path / f"rlvr-{micro}-{recompute}"
+        params = _params(
+            steps=1, train_micro_batch=micro, activation_checkpointing=recompute, beta=0.0
+        )
+        checkpoints = tmp_path / f"ck-{micro}-{recompute}"
         result = train_rlvr(params, sft_dir, tasks, factory, out, checkpoints, decision)
         episodes.append(result.episodes)
         after = AutoModelForCausalLM.from_pretrained(str(out / "merged")).state_dict()
         deltas.append(torch.cat([(after[k] - before[k]).flatten() for k in before]))
-    assert episodes == [8, 8]
+    assert episodes == [8, 8, 8]
     assert deltas[0].norm() > 0
-    cosine = torch.nn.functional.cosine_similarity(deltas[0], deltas[1], dim=0)
-    assert cosine > 0.99, float(cosine)
-    assert 0.9 < float(deltas[1].norm() / deltas[0].norm()) < 1.1
+    for delta in deltas[1:]:
+        cosine = torch.nn.functional.cosine_similarity(deltas[0], delta, dim=0)
+        assert cosine > 0.99, float(cosine)
+        assert 0.9 < float(delta.norm() / deltas[0].norm()) < 1.1
 
 
 def test_micro_batch_must_divide_the_step() -> None:

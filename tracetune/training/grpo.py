@@ -632,7 +632,7 @@ def grpo_config(
         disable_dropout=True,
         bf16=cuda,
         fp16=False,
-        activation_checkpointing=False,  # transformers 5's name (the old one warns)
+        activation_checkpointing=params.activation_checkpointing,  # transformers 5's name
         dataloader_pin_memory=cuda,  # pinning on CPU only warns
         logging_steps=1,  # the health callback judges every step
         save_strategy="steps",
@@ -770,8 +770,10 @@ def train_rlvr(
     import torch
 
     from tracetune.console import RLVR_KEYS, compact_trainer_output
+    from tracetune.training.memory import fix_mmap_threshold
     from tracetune.training.sft import prepare_checkpoints, save_model, train_or_restore
 
+    fix_mmap_threshold()  # long runs: RSS tracks use, not fragmentation
     started = time.perf_counter()
     model, tokenizer = load_policy(sft_dir, params)
     screening = None

@@ -381,7 +381,9 @@ def train_sft(
 
     from tracetune.agent.model import load_model, model_fingerprint
     from tracetune.console import SFT_KEYS, compact_trainer_output
+    from tracetune.training.memory import fix_mmap_threshold
 
+    fix_mmap_threshold()  # long runs: RSS tracks use, not fragmentation
     started = time.perf_counter()
     model, tokenizer = load_model(base_model)
     tokenizer.padding_side = "right"
