@@ -2,7 +2,7 @@
 
     python bench/bench_data.py                                  # 100k and 300k, 2 workers
     python bench/bench_data.py --sizes 1000000                  # the 1M run
-    python bench/bench_data.py --sizes 100000 --compare /tmp/base_wt --rounds 3   # vs a tree
+    python bench/bench_data.py --compare /tmp/base_wt --compare-sizes 100000   # vs another tree
 
 Logs: 20,000 episodes are simulated once (4 seeds, ~1% corrupt lines); every further trajectory
 is a distinct variant of one of them (`vary`): its ids (order, customer, product), the email's
@@ -400,6 +400,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="runs per size (and per tree)")
     parser.add_argument("--compare", type=Path, help="another tree, run interleaved with ours")
+    parser.add_argument(
+        "--compare-sizes", type=int, nargs="+", help="sizes the other tree runs at (default all)"
+    )
     parser.add_argument("--nice", type=int, default=0, help="run the children under nice -n")
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "tracetune-bench"
@@ -420,6 +423,8 @@ def main() -> None:
         logs = make_logs(n, args.cache, max(1, args.workers))
         for round_ in range(args.rounds):
             for name, tree in trees.items():
+                if name == "compare" and args.compare_sizes and n not in args.compare_sizes:
+                    continue
                 r = _child(tree, logs, args.workers, args.nice)
                 runs[name].setdefault(str(n), []).append(r)
                 print(_row(f"{name} ({round_ + 1})", r), flush=True)
