@@ -252,8 +252,13 @@ def _curated_rows(curated: Path, heldout_fraction_params: Any) -> Any:
 
 def run_once(logs: Path, workers: int) -> dict[str, Any]:
     """One measured run: the reference, then ingest -> raw gate -> curate -> curated gate."""
-    from tracetune.config import CuratedGateParams, CurateParams, IngestParams, RawGateParams
-    from tracetune.config import SplitParams
+    from tracetune.config import (
+        CuratedGateParams,
+        CurateParams,
+        IngestParams,
+        RawGateParams,
+        SplitParams,
+    )
     from tracetune.data.features import CURATED_COLUMNS, RAW_COLUMNS, raw_rows
     from tracetune.data.gates import curated_checks, raw_checks, run_gate, utc_now
     from tracetune.environments.support_desk import SupportDesk
@@ -472,7 +477,8 @@ def _figures(runs: dict[str, Any], args: argparse.Namespace, figure: Any) -> lis
                 f"CPU per trajectory, {int(n):,}",
                 r["cpu_us_per_trajectory"]["total"],
                 "CPU us/trajectory (all 4 stages, all processes)",
-                ours_setting + "; per stage: "
+                ours_setting
+                + "; per stage: "
                 + ", ".join(f"{k} {r['cpu_us_per_trajectory'][k]}" for k in STAGES),
                 note=note,
             )

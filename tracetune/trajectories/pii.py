@@ -739,9 +739,7 @@ def find_pii(text: str) -> list[str]:
     pattern = detector._pattern
     if pattern is None or not _prefilter_passes(text):
         return []
-    return [
-        m.group(0) for m in detector._finditer(text) if detector._replace(m) != m.group(0)
-    ]
+    return [m.group(0) for m in detector._finditer(text) if detector._replace(m) != m.group(0)]
 
 
 def pii_in(obj: Any) -> list[str]:
