@@ -4,10 +4,11 @@
     python bench/bench_data.py --sizes 1000000                  # the 1M run
     python bench/bench_data.py --compare /tmp/base_wt --compare-sizes 100000   # vs another tree
 
-Logs: 20,000 episodes are simulated once (4 seeds, ~1% corrupt lines); every further trajectory
-is a distinct variant of one of them (`vary`): its ids (order, customer, product), the email's
-local part, its trajectory id, timestamp, latency and cost change with the variant number, so
-exact and near-duplicate removal keep every golden one and the PII scrub sees new values. The
+Logs: 20,000 episodes are simulated once (4 seeds, ~1% corrupt lines); line i is a variant of
+episode i mod 20,000 (`render`): its ids (order, customer, product) and the email's local part
+take letters unique to the line, and its trajectory id, timestamp and latency change with the
+variant number, so exact and near-duplicate removal keep every golden one (even where the
+simulator solved one task twice the same way) and the PII scrub sees new values. The
 generator is not timed. Each run is a fresh process (`--child`); memory is the peak of the SUM
 of resident memory over the main process and its worker processes, sampled every 0.1 s (RSS
 counts pages shared with the forked workers once per process; PSS, also reported, splits them).
@@ -110,18 +111,21 @@ def template(line: str) -> Template:
     return [*out, ("", line[at:])]
 
 
-def render(parts: Template, variant: int) -> str:
-    if not variant:
+def render(parts: Template, variant: int, unique: int = 0) -> str:
+    """Variant `variant` of a templated line; its ids and emails carry the letters of `unique`
+    (default: of `variant`), so that lines given different `unique` numbers never repeat an
+    episode, not even one the simulator logged twice (the same task solved the same way)."""
+    if not variant and not unique:
         return "".join(text for _, text in parts)
-    tag = _letters(variant)
+    tag = _letters(unique or variant)
     edit = {
         "": lambda t: t,
-        "tid": lambda t: f"{t}-{variant}",
-        "ts": lambda t: _shift(t, variant),
-        "lat": lambda t: f"{float(t) + variant / 1000:.3f}",
+        "tid": lambda t: f"{t}-{variant}" if variant else t,
+        "ts": lambda t: _shift(t, variant) if variant else t,
+        "lat": lambda t: f"{float(t) + variant / 1000:.3f}" if variant else t,
         "id": lambda t: t + tag,
         "email": lambda t: t + tag.lower(),
-        "user": lambda t: f"(customer C-{variant}) ",
+        "user": lambda t: f"(customer C-{unique or variant}) ",
     }
     return "".join(edit[kind](text) for kind, text in parts)
 
@@ -135,7 +139,7 @@ def _shift(stamp: str, variant: int) -> str:
 
 def make_logs(n: int, cache: Path, workers: int) -> Path:
     """`n` distinct trajectories' log lines in 4 files under cache/distinct-n (made once)."""
-    out = cache / f"distinct-{n}"
+    out = cache / f"unique-{n}"
     if (out / "done").exists():
         return out
     base_file = cache / "simulated-20000.jsonl"
@@ -149,7 +153,7 @@ def make_logs(n: int, cache: Path, workers: int) -> Path:
     handles = [(out / f"logs-{k:02d}.jsonl").open("w") for k in range(4)]
     for i in range(n):
         variant, index = divmod(i, len(base))
-        handles[i * 4 // n].write(render(base[index], variant) + "\n")
+        handles[i * 4 // n].write(render(base[index], variant, i + 1) + "\n")
     for handle in handles:
         handle.close()
     (out / "done").write_text("ok")

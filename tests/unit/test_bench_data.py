@@ -72,6 +72,24 @@ def test_variants_are_distinct_for_dedupe_and_keep_the_episode(
     assert len(near) == 5 * len(simulated_near)  # no variant duplicates another trajectory
 
 
+def test_lines_with_unique_numbers_are_never_duplicates(
+    bench: ModuleType, simulated: list[str]
+) -> None:
+    """What the bench writes (line i tagged i + 1): no two golden-eligible lines share an exact
+    or near key, though the simulator itself solved some tasks twice the same way."""
+    lines = [line for line in simulated if line.startswith("{")]
+    records = []
+    for i in range(3 * len(lines)):
+        variant, index = divmod(i, len(lines))
+        try:
+            records.append(json.loads(bench.render(bench.template(lines[index]), variant, i + 1)))
+        except ValueError:
+            continue  # a corrupt line stays corrupt
+    assert len({near_key(r) for r in records}) == len(records)
+    assert len({exact_key(r) for r in records}) == len(records)
+    assert len({r["trajectory_id"] for r in records}) == len(records)
+
+
 def test_letters_count_like_spreadsheet_columns(bench: ModuleType) -> None:
     assert [bench._letters(n) for n in (1, 26, 27, 52, 53, 702, 703)] == [
         "A",
