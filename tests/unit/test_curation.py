@@ -253,3 +253,46 @@ def test_tool_error_verdict_cache_keeps_verdicts_and_stays_out_of_pickles() -> N
         rule.matches(f'{{"i": {i}}}')
     assert len(rule._verdicts) <= tool_errors._VERDICTS_LIMIT
     assert rule.matches('{"error": "order not found"}')
+
+
+def _parsed_verdict(rule: object, text: str) -> bool:
+    """The rule's answer the slow way: parse every JSON object, else the text patterns."""
+    import re
+
+    from tracetune.trajectories.tool_errors import ToolErrorRule, _json_object, _truthy
+
+    assert isinstance(rule, ToolErrorRule)
+    payload = _json_object(text)
+    if payload is not None:
+        return any(_truthy(payload.get(key)) for key in rule.json_keys)
+    return any(re.search(p, text) for p in rule.text_patterns)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"order_id": "O-1", "status": "shipped"}',
+        '{"error": "order O-9 not found"}',
+        '{"error": null, "result": 1}',
+        '{"\\u0065rror": "escaped key"}',
+        '{"note": "the word \\"error\\" in a value"}',
+        '{"isError": true, "content": []}',
+        "  {not json at all Error",
+        "{ FAILED: not JSON }",
+        '{"fault": 1}',
+        "Error: timeout",
+        "FAILED to reach the service",
+        "all good",
+    ],
+)
+def test_tool_error_rule_without_a_key_in_the_text_answers_as_parsing_would(text: str) -> None:
+    """Results naming none of the rule's keys skip the JSON parse; the verdict is the parsed
+    one (escaped keys, invalid JSON that a text pattern matches, custom keys and patterns)."""
+    from tracetune.trajectories.tool_errors import ToolErrorRule
+
+    for rule in (
+        ToolErrorRule(),
+        ToolErrorRule(json_keys=("fault",), text_patterns=(r"FAILED", r"^\s*\{ FAILED")),
+        ToolErrorRule(json_keys=("error",), text_patterns=()),
+    ):
+        assert rule._matches(text) == _parsed_verdict(rule, text), (rule, text)

@@ -378,3 +378,46 @@ def test_call_problem_verdict_cache_gives_the_same_answer_and_stays_bounded() ->
         bounds.call_problem("lookup", f'{{"i": {i}}}')
     assert len(bounds._VERDICTS) <= bounds._VERDICTS_LIMIT
     assert bounds.call_problem("lookup", hostile) == first
+
+
+def _parsed_problem(arguments: str) -> str | None:
+    """The bounds verdict the slow way: always decode (strict, bounded) and walk."""
+    from tracetune.environments import bounds
+
+    try:
+        bounds.check_value(bounds.decode_arguments(arguments))
+    except bounds.OutOfBounds as exc:
+        return str(exc)
+    except json.JSONDecodeError:
+        return None
+    return None
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"order_id": "O-10299"}',
+        '{"amount": 999999999999999}',
+        '{"amount": 9999999999999999}',
+        '{"amount": -1234567890123456.5}',
+        '{"x": 1e999}',
+        '{"x": 1E3}',
+        '{"x": NaN}',
+        '{"x": -Infinity}',
+        '{"x": "text with NaN and 1e9 inside a string"}',
+        "[" * 32 + "]" * 32,
+        "[" * 33 + "]" * 33,
+        '{"a": [' + "[" * 31 + "]" * 31 + "]}",
+        '{"unclosed": [1, 2',
+        "not json",
+        '{"id": "12345678901234567"}',
+    ],
+)
+def test_short_arguments_skip_parsing_only_when_no_bound_can_break(arguments: str) -> None:
+    """Short argument texts with no long digit run, exponent, non-finite constant or deep
+    bracketing are not parsed; every text gets the verdict that decoding it gives."""
+    from tracetune.environments import bounds
+
+    assert bounds._arguments_problem(arguments) == _parsed_problem(arguments), arguments
+    if bounds._surely_in_bounds(arguments):
+        assert _parsed_problem(arguments) is None

@@ -574,3 +574,45 @@ def test_keyed_values_are_replaced_everywhere_after_the_faster_pass(scrubber: Sc
     assert record["messages"][1]["content"] == f"{tag} is gold."
     assert record["messages"][2]["content"] == "Nothing here."
     assert json.loads(record["messages"][0]["content"])["name"] == tag
+
+
+# Every character a detector's pattern or lookbehind names, letters (ASCII, accented, a non-ASCII
+# digit) and line breaks: the shapes where "where can a match start" could go wrong.
+_DETECTOR_TEXT = st.text(alphabet="0123456789 .-+()@:/,_%aZé\u0661\n", max_size=40)
+
+
+_ONE_SCRUBBER: list[Scrubber] = []  # built once: a Scrubber per example was most of the time
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_DETECTOR_TEXT)
+def test_detectors_tried_at_match_starts_find_what_the_regex_finds(text: str) -> None:
+    """The detectors run only where a match can start (`_match_starts`), yet find exactly the
+    matches, kinds and replacements of the combined regex run over every position."""
+    if not _ONE_SCRUBBER:
+        _ONE_SCRUBBER.append(Scrubber(PiiParams(), key=b"k"))
+    scrubber = _ONE_SCRUBBER[0]
+    pattern = scrubber._pattern
+    assert pattern is not None
+    ours = [(m.span(), m.lastgroup) for m in scrubber._finditer(text)]
+    assert ours == [(m.span(), m.lastgroup) for m in pattern.finditer(text)]
+    assert scrubber._sub(text) == pattern.sub(scrubber._replace, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "write to ana.smith1@example.com or +1-555-123-4567",
+        "x.y@a.b@c.de",
+        "(555) 123-4567 / 4111 1111 1111 1111 and 123-45-6789",
+        "ring +44 20 7946 0958, or 030 1234567",
+        "a-1234567 a.1234567 +1234567 (1234567",
+    ],
+)
+def test_detector_start_positions_on_the_shapes_they_skip(text: str) -> None:
+    scrubber = Scrubber(PiiParams(), key=b"k")
+    pattern = scrubber._pattern
+    assert pattern is not None
+    assert [m.span() for m in scrubber._finditer(text)] == [
+        m.span() for m in pattern.finditer(text)
+    ]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
@@ -136,7 +136,8 @@ def near_key(record: dict[str, Any]) -> str:
 
 
 class Judged(NamedTuple):
-    line: str
+    """A worker's verdict on one line (the line itself stays in the main process)."""
+
     family: str
     failures: list[str]
     exact: str
@@ -155,7 +156,7 @@ def judge_chunk(args: tuple[list[str], CurateParams, ToolErrorRule]) -> list[Jud
         near = near_key(record) if golden and params.dedupe_near else ""
         messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
         errors = rule.count(messages)
-        out.append(Judged(line, str(record.get("family")), failures, exact, near, errors))
+        out.append(Judged(str(record.get("family")), failures, exact, near, errors))
     return out
 
 
@@ -199,11 +200,17 @@ def curate(
     """
     report = CurateReport()
     exact_seen, near_seen = DiskSet(), DiskSet()
+    sent: deque[list[str]] = deque()  # chunks in flight, in order: verdicts come back alone
+
+    def jobs() -> Iterator[tuple[list[str], CurateParams, ToolErrorRule]]:
+        for part in chunked(lines, chunk):
+            sent.append(part)
+            yield part, params, rule
+
     try:
-        jobs = ((c, params, rule) for c in chunked(lines, chunk))
-        for judged in ordered_map(judge_chunk, jobs, workers):
-            for item in judged:
-                _keep_or_drop(item, params, exact_seen, near_seen, report, out)
+        for judged in ordered_map(judge_chunk, jobs(), workers):
+            for line, item in zip(sent.popleft(), judged, strict=True):
+                _keep_or_drop(line, item, params, exact_seen, near_seen, report, out)
     finally:
         exact_seen.close()
         near_seen.close()
@@ -211,6 +218,7 @@ def curate(
 
 
 def _keep_or_drop(
+    line: str,
     item: Judged,
     params: CurateParams,
     exact_seen: DiskSet,
@@ -233,4 +241,4 @@ def _keep_or_drop(
         return
     report.kept += 1
     report.families_kept[item.family] += 1
-    out.write(item.line + "\n")
+    out.write(line + "\n")

@@ -196,6 +196,12 @@ _NO_PII_SHAPE = re.compile(
     r"|[A-Za-z_]+(?:-\d+)+",
     re.ASCII,
 )
+# Where a detector match can start (a superset; `_match_starts`): a digit, `+` or `(` after
+# none of `\w.,+-` (every digit detector's lookbehind refuses those), or the first character of
+# the run of email characters right before an `@`. The combined detector regex tries its four
+# alternatives, each behind a lookbehind, at every position of a string (~5 µs over a
+# 26-character answer); trying it only at these positions finds the same matches.
+_DIGIT_START = re.compile(r"[\d+(](?<![\w.,+-].)")
 # JSON escapes in raw (undecodable) text: the scrub runs between them.
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.S)
 _UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
@@ -438,10 +444,9 @@ class Scrubber:
         return _is_json_shaped(text) and bool(self._keyed_of(text))
 
     def _any_pii(self, text: str) -> bool:
-        pattern = self._pattern
-        if pattern is None or not _prefilter_passes(text):
+        if self._pattern is None or not _prefilter_passes(text):
             return False
-        return any(self._detected(m) is not None for m in pattern.finditer(text))
+        return any(self._detected(m) is not None for m in self._finditer(text))
 
     def _scrub_string(self, text: str) -> str:
         """One string: JSON inside is scrubbed value by value, other text by the detectors."""
@@ -455,8 +460,31 @@ class Scrubber:
             if isinstance(decoded, dict | list):
                 return self._scrub_json(text, decoded)
         if self._pattern is not None and _prefilter_passes(text):
-            text = self._pattern.sub(self._replace, text)
+            text = self._sub(text)
         return text
+
+    def _sub(self, text: str) -> str:
+        """`self._pattern.sub(self._replace, text)`, the same result (no match is empty)."""
+        out: list[str] = []
+        at = 0
+        for match in self._finditer(text):
+            out += [text[at : match.start()], self._replace(match)]
+            at = match.end()
+        if not out:
+            return text
+        out.append(text[at:])
+        return "".join(out)
+
+    def _finditer(self, text: str) -> Iterator[re.Match[str]]:
+        """`self._pattern.finditer(text)`, the same matches, tried only where one can start."""
+        pattern = self._pattern
+        if pattern is None:
+            return
+        match, end = pattern.match, 0
+        for start in _match_starts(text):
+            if start >= end and (found := match(text, start)) is not None:
+                yield found
+                end = found.end()
 
     def _scrub_json(self, text: str, decoded: Any) -> str:
         """JSON text -> the same JSON with PII values replaced, in the text's own style."""
@@ -491,7 +519,7 @@ class Scrubber:
         pattern = self._pattern
         if pattern is None or not any(_prefilter_passes(k) for k in node):
             return False
-        renamed = {pattern.sub(self._replace, k): v for k, v in node.items()}
+        renamed = {self._sub(k): v for k, v in node.items()}
         if list(renamed) == list(node):
             return False
         node.clear()
@@ -711,7 +739,7 @@ def find_pii(text: str) -> list[str]:
     pattern = detector._pattern
     if pattern is None or not _prefilter_passes(text):
         return []
-    return [m.group(0) for m in pattern.finditer(text) if detector._replace(m) != m.group(0)]
+    return [m.group(0) for m in detector._finditer(text) if detector._replace(m) != m.group(0)]
 
 
 def pii_in(obj: Any) -> list[str]:
@@ -735,6 +763,28 @@ def has_pseudonym(text: str) -> bool:
     if "<" in text and _TAG.search(text):
         return True
     return "@" in text and any(is_email_pseudonym(m) for m in re.findall(_EMAIL, text))
+
+
+def _match_starts(text: str) -> list[int]:
+    """Every position where a detector match may start, in order (`_DIGIT_START`).
+
+    An email match starts after none of `\\w.%+-` and runs over `\\w.%+-` to its `@`: it can
+    only start where the run of those characters before an `@` starts (`\\w` is `isalnum()`
+    or `_`, as in `re`).
+    """
+    starts = [m.start() for m in _DIGIT_START.finditer(text)]
+    at = text.find("@")
+    if at < 0:
+        return starts
+    emails = set()
+    while at >= 0:
+        i = at
+        while i and (text[i - 1].isalnum() or text[i - 1] in "_.%+-"):
+            i -= 1
+        if i < at:
+            emails.add(i)
+        at = text.find("@", at + 1)
+    return sorted(emails.union(starts))
 
 
 def _ascii_key_hint(names: list[str]) -> re.Pattern[str] | None:

@@ -72,11 +72,22 @@ class ToolErrorRule:
         return {k: v for k, v in self.__dict__.items() if k != "_verdicts"}
 
     def _matches(self, text: str) -> bool:
+        regex = self._regex
+        if "\\" not in text and not self._names_a_key(text):
+            # Without escapes, a key of the decoded object is in the text as it is: none of
+            # `json_keys` is, so a JSON object here is no error, and other text is one only
+            # when a pattern matches (parsing every tool result was most of this rule's time).
+            if regex is None or regex.search(text) is None:
+                return False
+            return _json_object(text) is None
         payload = _json_object(text)
         if payload is not None:
             return any(_truthy(payload.get(key)) for key in self.json_keys)
-        regex = self._regex
         return regex is not None and regex.search(text) is not None
+
+    def _names_a_key(self, text: str) -> bool:
+        """One of `json_keys` in quotes somewhere in `text`."""
+        return any(f'"{key}"' in text for key in self.json_keys)
 
     def message(self, content: Any) -> str | None:
         """The error's text (the JSON key's value, or the text itself); None when no error."""
