@@ -175,7 +175,8 @@ def bench_model(
     print(f"batched / one at a time: {ratio:.2f}x  (identical trajectories: {identical})")
 
     work = (f"{args.tasks} support-desk tasks (seed {args.seed}), greedy, max_new_tokens "
-            f"{args.max_new_tokens}, max_turns {args.max_turns}, model {label} ({path})")  # fmt: skip
+            f"{args.max_new_tokens}, max_turns {args.max_turns}, "
+            f"model {label} ({path})")  # fmt: skip
     load = f"load {load_before[0]:.2f} -> {load_after[0]:.2f}"
     figures = [
         Figure(
