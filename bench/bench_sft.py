@@ -209,7 +209,8 @@ def describe(config: Any, share: bool) -> str:
         f"torch threads {torch.get_num_threads()} (default), {precision}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"batch {config.per_device_train_batch_size} ({order}), lr {config.learning_rate:g} "
-        f"({config.lr_scheduler_type}), {config.max_steps} steps, "
+        f"({getattr(config.lr_scheduler_type, 'value', config.lr_scheduler_type)}), max length {config.max_length}, "
+        f"{config.max_steps} steps, "
         f"shared prefix {'on' if share else 'off'}"
     )
 
@@ -335,14 +336,28 @@ def main() -> None:
             found = run_one(kind, base, dataset, config, evalset, share)
             print({k: v for k, v in found.items() if k != "curve"}, flush=True)
             runs[kind].append(found)
+        # Written after every round: a run cut short still leaves its finished rounds.
+        report(record, runs, settings, dataset, args, base, round_ + 1)
+
+
+def report(
+    record: Any,
+    runs: dict[str, list[dict[str, Any]]],
+    settings: dict[str, str],
+    dataset: Any,
+    args: argparse.Namespace,
+    base: str,
+    rounds: int,
+) -> None:
+    """Print both sides' settings and the figures; write the record (all arms only)."""
     per_row = sum(len(x) for x in dataset["input_ids"]) / len(dataset)
     data = (
         f"{len(dataset)} examples from {args.train}, {per_row:.0f} tokens per row, base {base}, "
-        f"median of {max(1, args.repeat)} interleaved rounds"
+        f"median of {rounds} interleaved rounds"
     )
     figs = figures(runs, settings, data) if set(ARMS) <= set(runs) else []
     details = {
-        "budget": f"{args.steps} steps per arm, {max(1, args.repeat)} rounds, "
+        "budget": f"{args.steps} steps per arm, {rounds} of {max(1, args.repeat)} rounds, "
         f"{len(dataset)} examples",
         "data": data,
         "settings": settings,
@@ -356,7 +371,7 @@ def main() -> None:
         print(f"  {arm}: {words}")
     if figs:
         print_figures(figs)
-        print(f"record: {write_record(record, figs, details)}")
+        print(f"record: {write_record(record, figs, details)}", flush=True)
 
 
 if __name__ == "__main__":
