@@ -205,11 +205,12 @@ def describe(config: Any, share: bool) -> str:
 
     order = "length-grouped" if config.train_sampling_strategy == "group_by_length" else "random"
     precision = "bf16 autocast" if config.bf16 else "fp32"
+    scheduler = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
     return (
         f"torch threads {torch.get_num_threads()} (default), {precision}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"batch {config.per_device_train_batch_size} ({order}), lr {config.learning_rate:g} "
-        f"({getattr(config.lr_scheduler_type, 'value', config.lr_scheduler_type)}), max length {config.max_length}, "
+        f"({scheduler}), max length {config.max_length}, "
         f"{config.max_steps} steps, "
         f"shared prefix {'on' if share else 'off'}"
     )
