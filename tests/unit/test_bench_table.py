@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def modules(monkeypatch: pytest.MonkeyPatch) -> tuple:
     return _record, table
 
 
-def _write(rec_mod, results: Path, bench: str, figures: list) -> Path:
+def _write(rec_mod: Any, results: Path, bench: str, figures: list) -> Path:
     record = rec_mod.start_record(bench, ["bench/" + bench + ".py", "--steps", "3"])
     return rec_mod.write_record(
         record, figures, {"budget": "3 steps"}, out=results / f"{bench}.json"
