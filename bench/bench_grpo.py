@@ -415,7 +415,15 @@ def main() -> None:
             print(f"== round {round_ + 1}, {arm}", flush=True)
             runs[arm].append(run_arm(arm, args.model, tasks, rl, Path(args.out)))
             print(runs[arm][-1], flush=True)
-    settings = {arm: describe(arm, rl) for arm in args.arms}
+        # Written after every round: a run cut short still leaves its finished rounds.
+        report(record, runs, args, rl, round_ + 1)
+
+
+def report(
+    record: Any, runs: dict[str, list[dict[str, Any]]], args: Any, rl: RLVRParams, rounds: int
+) -> None:
+    """Print both sides' settings and the figures; write the record (TRL and another arm)."""
+    settings = {arm: describe(arm, rl) for arm in runs}
     print(json.dumps({"model": args.model, "settings": vars(args), "runs": runs}, indent=2))
     print("\nsettings:")
     for arm, words in settings.items():
@@ -424,13 +432,13 @@ def main() -> None:
         figs = figures(runs, settings)
         print_figures(figs)
         details = {
-            "budget": f"{args.steps} GRPO steps per arm x {max(1, args.repeat)} rounds, "
-            f"{args.tasks_per_step} tasks x {args.group} episodes per step",
+            "budget": f"{args.steps} GRPO steps per arm x {rounds} of {max(1, args.repeat)} "
+            f"rounds, {args.tasks_per_step} tasks x {args.group} episodes per step",
             "model": args.model,
             "settings": settings,
             "runs": runs,
         }
-        print(f"record: {write_record(record, figs, details)}")
+        print(f"record: {write_record(record, figs, details)}", flush=True)
 
 
 if __name__ == "__main__":
