@@ -161,11 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the built copy")
     args = parser.parse_args(argv)
-    record = start_record("bench_dvc_noop", None if argv is None else ["bench_dvc_noop.py", *argv])
 
     work = Path(tempfile.mkdtemp(prefix="tracetune-bench-dvc-"))
     try:
         root = build(work) if args.build else args.repo.resolve()
+        # Stamped after the build: the load average is the measurement's, not the build's.
+        command = None if argv is None else ["bench_dvc_noop.py", *argv]
+        record = start_record("bench_dvc_noop", command)
         env = stage_env(root)
         first, first_cpu, _ = timed([sys.executable, "-m", "dvc", "repro"], root, env)
         py = [sys.executable]
