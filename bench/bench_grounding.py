@@ -9,7 +9,10 @@ greedy decoding and batch, in one run: `free` (the plain reference: no mask) and
 each, and each mode's median run is reported with every run's time beside it. Printed: seconds,
 episodes/s, new tokens/s (the fair speed: the modes write different episodes), TSR, the tokens
 decoded under the mask and those where it overrode the model's first choice, and the ratios
-grounded / free.
+grounded / free. Both modes run in one process under the same thread setting: the engine's
+automatic policy (one thread for a small model's small forwards, torch's count for the wide
+ones), or `--threads N` for every forward; the record (bench/results/bench_grounding.json)
+names it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import platform
 from typing import Any
 
+from _record import Figure, print_figures, start_record, write_record
 from bench_rollout import _median, _run
 
 
@@ -30,7 +34,9 @@ def main() -> None:
     parser.add_argument("--max-turns", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="task draw seed")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per mode, interleaved")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
     args = parser.parse_args()
+    record = start_record("bench_grounding")
 
     import torch
 
@@ -39,7 +45,8 @@ def main() -> None:
     from tracetune.environments.support_desk import SupportDesk
 
     policy = ModelPolicy.from_pretrained(args.model, name="bench", grounding=False,
-                                         max_new_tokens=args.max_new_tokens)  # fmt: skip
+                                         max_new_tokens=args.max_new_tokens,
+                                         cpu_threads=args.threads)  # fmt: skip
     tasks = SupportDesk().tasks(args.tasks, seed=args.seed)
     pool = EnvPool(env_factory_from_params(EnvironmentParams())).warm(args.batch)
     for grounding in (False, True):  # warm-up: the vocabulary index is built once per policy
@@ -77,6 +84,53 @@ def main() -> None:
         f"grounded / free: time {grounded['seconds'] / free['seconds']:.2f}x, "
         f"new tokens/s {speed:.2f}x, TSR {grounded['tsr']:.3f} vs {free['tsr']:.3f}"
     )
+    threads = (
+        f"torch threads {args.threads} for every forward"
+        if args.threads
+        else "the engine's thread policy (1 thread for small forwards of a small model, "
+        f"torch's {torch.get_num_threads()} for wide ones when the machine has room)"
+    )
+    common = (
+        f"{threads}; {args.model}; {args.tasks} tasks (seed {args.seed}), greedy, batch "
+        f"{args.batch}, max_new_tokens {args.max_new_tokens}, max_turns {args.max_turns}"
+    )
+    ours = f"grounded arguments: {common}"
+    ref = f"free decoding (no mask): {common}"
+    print(f"\nsettings:\n  grounded: {ours}\n  free: {ref}")
+    runs_note = f"median of {args.repeat} interleaved runs"
+    figs = [
+        Figure(
+            name="grounded arguments vs free decoding, new tokens/s",
+            value=round(grounded["new_tokens_per_s"], 1),
+            unit="new tokens/s",
+            ours=ours,
+            reference=ref,
+            reference_value=round(free["new_tokens_per_s"], 1),
+            ratio=round(speed, 2),
+            note=f"{runs_note}; the modes write different episodes, so new tokens/s is the "
+            f"fair speed; seconds {grounded['seconds']:.2f} vs {free['seconds']:.2f}",
+        ),
+        Figure(
+            name="grounded arguments vs free decoding, TSR on the same tasks",
+            value=round(grounded["tsr"], 3),
+            unit="TSR",
+            ours=ours,
+            reference=ref,
+            reference_value=round(free["tsr"], 3),
+            ratio=round(grounded["tsr"] / free["tsr"], 2) if free["tsr"] else None,
+            note=f"{counts.get('constrained', 0)} tokens under the mask, "
+            f"{counts.get('overridden', 0)} overrode the model's first choice",
+        ),
+    ]
+    print_figures(figs)
+    details = {
+        "budget": f"{args.tasks} tasks x {args.repeat} runs per mode",
+        "runs": {
+            name: [{k: v for k, v in r.items() if k != "trajectories"} for r in found]
+            for name, found in runs.items()
+        },
+    }
+    print(f"record: {write_record(record, figs, details)}")
 
 
 if __name__ == "__main__":

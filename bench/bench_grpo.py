@@ -10,12 +10,19 @@ group size, temperature, per-episode turn limit and learning rate; only the roll
   KV-cached decode loop with a shared system-prompt cache, token-in/token-out episodes, the
   same parser and verifier as evaluation.
 
+Threads: the TRL arm runs at torch's default threads (what a plain user gets). The `tracetune`
+arm runs at torch's default threads too (the engine's automatic policy switched off), so the
+pair differs only in the rollout path; `tracetune_auto` is the same with the engine's own policy
+(one thread for a small model's small forwards, torch's count for the wide ones while the
+machine has room), reported separately and labelled. The arms take turns `--repeat` times;
+medians are reported, and the record (bench/results/bench_grpo.json) names both sides' settings.
+
 Reported per arm: rollout episodes per second inside RLVR (episodes generated / seconds spent
 generating them, tool execution included), seconds per GRPO step (rollouts + scoring + the
 optimizer step), the share of the step spent in rollouts, and the episodes' success rate and
 tool calls per episode (a sanity check that both arms run the same kind of episodes).
 
-    .venv/bin/python bench/bench_grpo.py --model models/sft/merged --steps 4
+    .venv/bin/python bench/bench_grpo.py --model models/sft/merged --steps 4 --repeat 2
 """
 
 from __future__ import annotations
@@ -24,8 +31,12 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from _record import Figure, print_figures, start_record, write_record
 
 from tracetune.config import RLVRParams
 from tracetune.environments.base import Call
@@ -178,7 +189,55 @@ class Timer:
         trainer._generate = timed
 
 
+ARMS = ("trl", "tracetune", "tracetune_auto")
+
+
+@contextmanager
+def engine_threads(auto: bool) -> Iterator[None]:
+    """The rollout engine at torch's default threads (auto=False) or its own policy (True)."""
+    from tracetune.agent import rollout
+
+    if auto:
+        yield
+        return
+    saved = rollout.auto_cpu_threads
+    rollout.auto_cpu_threads = lambda model: None
+    try:
+        yield
+    finally:
+        rollout.auto_cpu_threads = saved
+
+
+def describe(name: str, rl: RLVRParams) -> str:
+    """An arm's settings in words (threads, rollout path, GRPO settings)."""
+    import torch
+
+    threads = {
+        "trl": f"torch threads {torch.get_num_threads()} (default)",
+        "tracetune": f"torch threads {torch.get_num_threads()} (default; engine policy off)",
+        "tracetune_auto": "the engine's thread policy (1 thread for small forwards, torch's "
+        f"{torch.get_num_threads()} for wide ones when the machine has room)",
+    }[name]
+    path = (
+        "TRL environment_factory tool loop, model.generate per tool round"
+        if name == "trl"
+        else "rollout_func= tracetune's batched KV-cached engine"
+    )
+    return (
+        f"{threads}; {path}; {rl.steps} GRPO steps, {rl.tasks_per_step} tasks x group "
+        f"{rl.group_size}, temperature {rl.temperature}, lr {rl.learning_rate:g}, "
+        f"{rl.max_episode_steps} turns, {rl.max_completion_tokens} completion tokens, fp32"
+    )
+
+
 def run_arm(
+    name: str, model_path: str, tasks: list[Any], rl: RLVRParams, out: Path
+) -> dict[str, Any]:
+    with engine_threads(auto=name == "tracetune_auto"):
+        return _run_arm(name, model_path, tasks, rl, out)
+
+
+def _run_arm(
     name: str, model_path: str, tasks: list[Any], rl: RLVRParams, out: Path
 ) -> dict[str, Any]:
     from datasets import Dataset
@@ -274,6 +333,56 @@ def run_arm(
     }
 
 
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 3)
+
+
+def figures(runs: dict[str, list[dict[str, Any]]], settings: dict[str, str]) -> list[Figure]:
+    """Each tracetune arm against the TRL arm: rollout episodes/s and seconds per GRPO step."""
+    out = []
+    trl = runs["trl"]
+    for arm, label in (
+        ("tracetune", "both at default threads"),
+        ("tracetune_auto", "ours at its own thread policy"),
+    ):
+        if arm not in runs:
+            continue
+        ours = runs[arm]
+        sanity = (
+            f"success {_median(ours, 'success_rate')} vs {_median(trl, 'success_rate')}, "
+            f"tool calls/episode {_median(ours, 'tool_calls_per_episode')} vs "
+            f"{_median(trl, 'tool_calls_per_episode')}, model tokens/episode "
+            f"{_median(ours, 'model_tokens_per_episode')} vs "
+            f"{_median(trl, 'model_tokens_per_episode')}; median of {len(ours)} interleaved runs"
+        )
+        eps, ref_eps = _median(ours, "episodes_per_s"), _median(trl, "episodes_per_s")
+        step, ref_step = _median(ours, "s_per_step"), _median(trl, "s_per_step")
+        out += [
+            Figure(
+                name=f"RLVR rollout episodes/s vs TRL environment_factory, {label}",
+                value=eps,
+                unit="episodes/s",
+                ours=f"{arm}: {settings[arm]}",
+                reference=f"trl: {settings['trl']}",
+                reference_value=ref_eps,
+                ratio=round(eps / ref_eps, 2),
+                note=sanity,
+            ),
+            Figure(
+                name=f"GRPO seconds per step vs TRL environment_factory, {label} (ratio: x faster)",
+                value=step,
+                unit="s/step",
+                ours=f"{arm}: {settings[arm]}",
+                reference=f"trl: {settings['trl']}",
+                reference_value=ref_step,
+                ratio=round(ref_step / step, 2),
+                note="ratio = reference seconds per step / ours; rollout share "
+                f"{_median(ours, 'rollout_share')} vs {_median(trl, 'rollout_share')}",
+            ),
+        ]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/sft/merged", help="the policy to train (a path)")
@@ -284,9 +393,11 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6, help="assistant turns per episode")
     ap.add_argument("--max-completion", type=int, default=1024, help="tokens after the prompt")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
-    ap.add_argument("--arms", nargs="*", default=["trl", "tracetune"])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all arms, interleaved")
     ap.add_argument("--out", default="/tmp/tracetune-bench-grpo")
     args = ap.parse_args()
+    record = start_record("bench_grpo")
     rl = RLVRParams(
         steps=args.steps,
         group_size=args.group,
@@ -298,13 +409,36 @@ def main() -> None:
         beta=0.0,
     )
     tasks = SupportDesk().tasks(args.steps * args.tasks_per_step, seed=1, families=args.families)
-    results = [run_arm(arm, args.model, tasks, rl, Path(args.out)) for arm in args.arms]
-    summary: dict[str, Any] = {"model": args.model, "settings": vars(args), "arms": results}
-    if len(results) == 2:
-        trl, ours = results
-        summary["episodes_per_s_ratio"] = round(ours["episodes_per_s"] / trl["episodes_per_s"], 2)
-        summary["s_per_step_ratio"] = round(trl["s_per_step"] / ours["s_per_step"], 2)
-    print(json.dumps(summary, indent=2))
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in args.arms}
+    for round_ in range(max(1, args.repeat)):
+        for arm in args.arms:
+            print(f"== round {round_ + 1}, {arm}", flush=True)
+            runs[arm].append(run_arm(arm, args.model, tasks, rl, Path(args.out)))
+            print(runs[arm][-1], flush=True)
+        # Written after every round: a run cut short still leaves its finished rounds.
+        report(record, runs, args, rl, round_ + 1)
+
+
+def report(
+    record: Any, runs: dict[str, list[dict[str, Any]]], args: Any, rl: RLVRParams, rounds: int
+) -> None:
+    """Print both sides' settings and the figures; write the record (TRL and another arm)."""
+    settings = {arm: describe(arm, rl) for arm in runs}
+    print(json.dumps({"model": args.model, "settings": vars(args), "runs": runs}, indent=2))
+    print("\nsettings:")
+    for arm, words in settings.items():
+        print(f"  {arm}: {words}")
+    if "trl" in runs and len(runs) > 1:
+        figs = figures(runs, settings)
+        print_figures(figs)
+        details = {
+            "budget": f"{args.steps} GRPO steps per arm x {rounds} of {max(1, args.repeat)} "
+            f"rounds, {args.tasks_per_step} tasks x {args.group} episodes per step",
+            "model": args.model,
+            "settings": settings,
+            "runs": runs,
+        }
+        print(f"record: {write_record(record, figs, details)}", flush=True)
 
 
 if __name__ == "__main__":

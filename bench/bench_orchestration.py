@@ -18,6 +18,10 @@ command adds what happens before and after the flow (imports, the temporary API)
     .venv/bin/python bench/bench_orchestration.py              # the embedded default
     .venv/bin/python bench/bench_orchestration.py --tiny       # scaled-down params, seconds
     .venv/bin/python bench/bench_orchestration.py --with-dvc   # also the plain `dvc repro`
+
+Both sides run as a plain user runs them: the same stage commands at torch's default threads
+(unless params.yaml sets them), one after the other, never at the same time. The record
+(bench/results/bench_orchestration.json) names both sides' settings.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _record import Figure, print_figures, start_record, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SHARE = 0.05
@@ -123,6 +129,41 @@ def report(command_s: float, record: dict[str, Any], dvc_s: float | None) -> str
     return "\n".join(lines)
 
 
+def figures(
+    command_s: float, record: dict[str, Any], dvc_s: float | None, params: str
+) -> list[Figure]:
+    """The flow's overhead over its own stages, and the README command against `dvc repro`."""
+    stage_s, flow_s = record["stage_s"], record["wall_s"]
+    flow = f"the Prefect flow (scripts/dev.sh run), fresh copy, {params}, stage defaults"
+    out = [
+        Figure(
+            name="orchestration overhead: flow wall time over its stages' own time",
+            value=round(flow_s, 1),
+            unit="s",
+            ours=flow,
+            reference="the same stages' own time (sum of their dvc repro/push subprocesses)",
+            reference_value=round(stage_s, 1),
+            ratio=round(flow_s / stage_s, 3),
+            note=f"overhead {100 * (flow_s - stage_s) / flow_s:.1f}% of the flow "
+            f"(target <= {100 * TARGET_SHARE:.0f}%); the whole command {command_s:.1f} s",
+        )
+    ]
+    if dvc_s is not None:
+        out.append(
+            Figure(
+                name="README command vs plain `dvc repro` of the same pipeline",
+                value=round(command_s, 1),
+                unit="s",
+                ours=f"{flow}, timed from outside (imports, Prefect's temporary API included)",
+                reference=f"`python -m dvc repro` on another fresh copy, {params}, no Prefect",
+                reference_value=round(dvc_s, 1),
+                ratio=round(command_s / dvc_s, 3),
+                note="one run each, one after the other",
+            )
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tests' scaled-down params")
@@ -134,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the copies and logs")
     args = parser.parse_args(argv)
+    record_ = start_record(
+        "bench_orchestration", None if argv is None else ["bench_orchestration.py", *argv]
+    )
 
     work = Path(tempfile.mkdtemp(prefix="tracetune-bench-orch-"))
     try:
@@ -156,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"orchestration benchmark: {params}, fresh copy at {clone}")
         print(f"load average after: {os.getloadavg()[0]:.1f} (CPU cores: {os.cpu_count()})")
         print(report(command_s, record, dvc_s))
+        figs = figures(command_s, record, dvc_s, params)
+        print_figures(figs)
+        details = {"budget": f"one run of each side, params: {params}", "flow": record}
+        print(f"record: {write_record(record_, figs, details)}")
     finally:
         if args.keep:
             print(f"kept {work}")
