@@ -84,3 +84,9 @@ def test_a_file_that_is_not_a_record_is_refused(tmp_path: Path, modules: tuple) 
     (tmp_path / "x.json").write_text('{"name": 1}')
     with pytest.raises(SystemExit, match="not a bench record"):
         table.read_records(tmp_path)
+
+
+def test_the_committed_table_matches_the_committed_records(modules: tuple) -> None:
+    """CI fails when a bench record changed and docs/benchmarks.md was not regenerated."""
+    _, table = modules
+    assert table.main(["--check"]) == 0
