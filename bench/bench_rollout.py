@@ -40,6 +40,11 @@ from typing import Any
 from _record import Figure, print_figures, start_record, write_record
 
 
+def _sig(value: float) -> float:
+    """Four significant digits: a slow run's episodes/s keep their ratio (3 decimals did not)."""
+    return float(f"{value:.4g}")
+
+
 def _run(
     policy: Any, tasks: list[Any], pool: Any, batch: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -181,11 +186,11 @@ def bench_model(
     figures = [
         Figure(
             name=f"rollouts, {label} model: batched ({args.batch}) / one at a time",
-            value=round(batched["episodes_per_s"], 3),
+            value=_sig(batched["episodes_per_s"]),
             unit="episodes/s",
             ours=f"rollout engine, batch {args.batch}, {settings[batched_name]}; {work}",
             reference=f"the same engine, batch 1, {settings[single_name]}; same work",
-            reference_value=round(single["episodes_per_s"], 3),
+            reference_value=_sig(single["episodes_per_s"]),
             ratio=round(ratio, 3),
             note=f"median of {args.repeat} interleaved runs; identical trajectories: "
             f"{identical}; {load}",
@@ -197,12 +202,12 @@ def bench_model(
         figures.append(
             Figure(
                 name=f"rollouts, {label} model: batched ({args.batch}) / plain model.generate",
-                value=round(batched["episodes_per_s"], 3),
+                value=_sig(batched["episodes_per_s"]),
                 unit="episodes/s",
                 ours=f"rollout engine, batch {args.batch}, {settings[batched_name]}; {work}",
                 reference="model.generate, one episode at a time, "
                 f"{settings['one at a time, model.generate']}; same work",
-                reference_value=round(plain["episodes_per_s"], 3),
+                reference_value=_sig(plain["episodes_per_s"]),
                 ratio=round(batched["episodes_per_s"] / plain["episodes_per_s"], 3),
                 note=f"median of {args.repeat} interleaved runs; identical trajectories: "
                 f"{same}; {load}",
