@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench_base_build.py --full          # both whole builds, A B (~15 min)
 
 Both sides are the same code, corpus, tokenizer and per-step work; they differ only in
-`base_model.build` (ours: params.yaml; the reference: the same with `--reference-steps`
-general pre-training steps, 1,200 being the default before issue 23). So the question is how
+`base_model.build` (ours: params.yaml; the reference: the same with the `--reference`
+settings, by default those before issue 23: 1,200 general steps of batch 4). So the question is how
 many tokens each side trains on and what a token costs:
 
 - default mode: replays each side's batch plan exactly (the seeded length batches `pretrain`
@@ -112,25 +112,65 @@ def project(ours: Any, reference: Any, sample_steps: int, repeat: int) -> dict[s
     }
     model = bm.new_model(tokenizer, ours)
     pad = int(tokenizer.pad_token_id)
-    per_token: dict[str, list[float]] = {"drills": [], "corpus": []}
+    sides = {"ours": ours, "reference": reference}
+    runs: dict[str, list[float]] = {}
     loads: list[float] = []
     time_steps(model, pools["corpus"], ours.batch_size, 2, pad, ours)  # warm-up
-    for _ in range(max(1, repeat)):
-        for phase, size in (("drills", 2 * ours.batch_size), ("corpus", ours.batch_size)):
-            loads.append(os.getloadavg()[0])
-            per_token[phase].append(time_steps(model, pools[phase], size, sample_steps, pad, ours))
-    cost = {phase: statistics.median(found) for phase, found in per_token.items()}
+    for _ in range(max(1, repeat)):  # each side's batch sizes in turn: s/token depends on batch
+        for side, build in sides.items():
+            for phase, _, size in phase_plan(build, len(pools["drills"])):
+                loads.append(os.getloadavg()[0])
+                spent = time_steps(model, pools[phase], size, sample_steps, pad, build)
+                runs.setdefault(f"{side}/{phase}", []).append(spent)
+    cost = {key: statistics.median(found) for key, found in runs.items()}
     seconds = {
-        side: sum(n * cost[phase] for phase, n in plan.items()) for side, plan in tokens.items()
+        side: sum(n * cost[f"{side}/{phase}"] for phase, n in plan.items())
+        for side, plan in tokens.items()
     }
     return {
         "tokens": tokens,
         "seconds_per_token": cost,
-        "seconds_per_token_runs": per_token,
+        "seconds_per_token_runs": runs,
         "projected_pretrain_s": seconds,
         "fixed_s": fixed,
         "loads": loads,
     }
+
+
+def compare_threads(build: Any, sample_steps: int, repeat: int) -> dict[str, Any]:
+    """Seconds per token of whole-corpus steps at 1 and at 2 torch threads, in turns.
+
+    Why: on a machine whose other jobs keep both cores busy, two threads wait on each other
+    (OpenMP barriers) while a single thread just takes its share; the quiet demo wants two.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from tracetune.agent import base_model as bm
+    from tracetune.agent.corpus import generate_corpus
+
+    corpus = generate_corpus(400, build.seed)
+    rendered = bm.render_corpus(corpus)
+    with tempfile.TemporaryDirectory() as work:
+        texts = [t for t, _ in rendered]
+        bm.train_tokenizer(texts, build.vocab_size, build.pretokenizer).save_pretrained(work)
+        tokenizer = AutoTokenizer.from_pretrained(work)
+    pool = [
+        (i[: build.seq_len], lab[: build.seq_len])
+        for i, lab in bm.encode_with_labels(tokenizer, rendered)
+    ]
+    model = bm.new_model(tokenizer, build)
+    pad = int(tokenizer.pad_token_id)
+    runs: dict[str, list[float]] = {"1": [], "2": []}
+    loads: list[float] = []
+    for _ in range(max(1, repeat)):
+        for threads in runs:
+            torch.set_num_threads(int(threads))
+            loads.append(os.getloadavg()[0])
+            runs[threads].append(
+                time_steps(model, pool, build.batch_size, sample_steps, pad, build)
+            )
+    return {"seconds_per_token": runs, "loads": loads}
 
 
 def full_builds(ours: Any, reference: Any, repeat: int) -> dict[str, Any]:
@@ -151,18 +191,24 @@ def full_builds(ours: Any, reference: Any, repeat: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference-steps", type=int, default=1200,
-                        help="the reference's base_model.build.pretrain_steps")  # fmt: skip
+    parser.add_argument("--reference", action="append", metavar="KEY=VALUE",
+                        help="a base_model.build setting of the reference (default: the settings "
+                        "before issue 23, pretrain_steps=1200 batch_size=4)")  # fmt: skip
     parser.add_argument("--sample-steps", type=int, default=8, help="timed steps per phase turn")
     parser.add_argument("--repeat", type=int, default=3, help="turns (projection) or A B builds")
     parser.add_argument("--full", action="store_true", help="build both models in turn")
+    parser.add_argument("--threads", action="store_true",
+                        help="only 1 against 2 torch threads, whole-corpus steps")  # fmt: skip
     args = parser.parse_args()
-    record = start_record("bench_base_build")
+    record = start_record("bench_base_build_threads" if args.threads else "bench_base_build")
 
     from tracetune.config import Params
 
     ours = Params().base_model.build
-    reference = ours.model_copy(update={"pretrain_steps": args.reference_steps})
+    pairs = args.reference or ["pretrain_steps=1200", "batch_size=4"]
+    reference = type(ours).model_validate(
+        {**ours.model_dump(), **dict(p.split("=", 1) for p in pairs)}
+    )
     words = {
         side: f"pretrain_steps {b.pretrain_steps}, copy_warmup {b.copy_warmup}, batch "
         f"{b.batch_size} (drills {2 * b.batch_size}), lr {b.lr}, seq_len {b.seq_len}, corpus "
@@ -170,7 +216,16 @@ def main() -> None:
         for side, b in (("ours", ours), ("reference", reference))
     }
     figures: list[Figure] = []
-    if args.full:
+    if args.threads:
+        details = compare_threads(ours, args.sample_steps, args.repeat)
+        rate = {k: 1 / statistics.median(v) for k, v in details["seconds_per_token"].items()}
+        loads = details["loads"]
+        figures.append(Figure("pre-training tokens/s, 1 torch thread", round(rate["1"]),
+                              "tokens/s", f"{words['ours']}; torch.set_num_threads(1)",
+                              "the same; torch.set_num_threads(2)", round(rate["2"]),
+                              round(rate["1"] / rate["2"], 2),
+                              f"load {min(loads):.1f}-{max(loads):.1f}"))  # fmt: skip
+    elif args.full:
         runs = full_builds(ours, reference, args.repeat)
         mid = {side: statistics.median(r["wall_s"] for r in found) for side, found in runs.items()}
         figures.append(Figure("base build wall time (median)", round(mid["ours"], 1), "s",
@@ -181,7 +236,7 @@ def main() -> None:
                 print(f"{side}: {r['wall_s']:.1f} s (load {r['load']:.1f}), pre-training "
                       f"{r['pretrain']['seconds']} s, tokens {r['pretrain']['tokens_seen']:,}, "
                       f"probes {r['probes']}")  # fmt: skip
-        details: dict[str, Any] = {"runs": runs}
+        details = {"runs": runs}
     else:
         details = project(ours, reference, args.sample_steps, args.repeat)
         tokens = {side: sum(plan.values()) for side, plan in details["tokens"].items()}
