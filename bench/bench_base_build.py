@@ -1,11 +1,13 @@
 """Benchmark: the embedded base model's build, the default step budget against a reference one.
 
-    .venv/bin/python bench/bench_base_build.py                 # projection, ~3 min quiet
-    .venv/bin/python bench/bench_base_build.py --full          # both whole builds, A B (~15 min)
+    .venv/bin/python bench/bench_base_build.py --ours pretrain_steps=600          # projection
+    .venv/bin/python bench/bench_base_build.py --ours pretrain_steps=600 --full   # both builds
+    .venv/bin/python bench/bench_base_build.py --threads      # 1 against 2 torch threads
 
 Both sides are the same code, corpus, tokenizer and per-step work; they differ only in
-`base_model.build` (ours: params.yaml; the reference: the same with the `--reference`
-settings, by default those before issue 23: 1,200 general steps of batch 4). So the question is how
+`base_model.build` (ours: params.yaml with the `--ours` settings, e.g. `--ours
+pretrain_steps=600`; the reference: params.yaml with the `--reference` settings, by default
+1,200 general steps of batch 4, the shipped default). So the question is how
 many tokens each side trains on and what a token costs:
 
 - default mode: replays each side's batch plan exactly (the seeded length batches `pretrain`
@@ -191,6 +193,12 @@ def full_builds(ours: Any, reference: Any, repeat: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ours",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a base_model.build setting of the candidate (default: params.yaml)",
+    )
     parser.add_argument("--reference", action="append", metavar="KEY=VALUE",
                         help="a base_model.build setting of the reference (default: the settings "
                         "before issue 23, pretrain_steps=1200 batch_size=4)")  # fmt: skip
@@ -204,11 +212,15 @@ def main() -> None:
 
     from tracetune.config import Params
 
-    ours = Params().base_model.build
-    pairs = args.reference or ["pretrain_steps=1200", "batch_size=4"]
-    reference = type(ours).model_validate(
-        {**ours.model_dump(), **dict(p.split("=", 1) for p in pairs)}
-    )
+    shipped = Params().base_model.build
+
+    def settings(pairs: list[str]) -> Any:
+        return type(shipped).model_validate(
+            {**shipped.model_dump(), **dict(p.split("=", 1) for p in pairs)}
+        )
+
+    ours = settings(args.ours or [])
+    reference = settings(args.reference or ["pretrain_steps=1200", "batch_size=4"])
     words = {
         side: f"pretrain_steps {b.pretrain_steps}, copy_warmup {b.copy_warmup}, batch "
         f"{b.batch_size} (drills {2 * b.batch_size}), lr {b.lr}, seq_len {b.seq_len}, corpus "

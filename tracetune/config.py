@@ -120,7 +120,7 @@ class BaseModelBuild(Section):
         ge=0,
         description="copy-drill-only steps first, as a fraction of pretrain_steps (batch 2x)",
     )
-    pretrain_steps: int = Field(600, ge=1, description="steps over the whole corpus after that")
+    pretrain_steps: int = Field(1200, ge=1, description="steps over the whole corpus after that")
     batch_size: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     prompt_loss_weight: float = Field(
