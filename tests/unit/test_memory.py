@@ -46,3 +46,26 @@ def test_freed_tensors_leave_resident_memory_with_a_fixed_threshold() -> None:
 
     assert grown("fixed") < 20
     assert grown("default") > 60  # the fragmentation the fix prevents is real on this libc
+
+
+BOUND = """
+import sys, torch
+from tracetune.training.memory import bound_heap_for
+size = int(sys.argv[1])
+model = torch.nn.Embedding(size, 1000, device="meta")  # counted, never allocated
+print(bound_heap_for(model))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_only_pretrained_size_models_fix_the_threshold() -> None:
+    """The tiny default keeps glibc's dynamic threshold (a fixed one cost it CPU, see memory.py)."""
+
+    def applied(rows: int) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", BOUND, str(rows)], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+
+    assert applied(800) == "False"  # 0.8M parameters: the embedded default's size
+    assert applied(135_000) == "True"  # 135M: SmolLM2-135M

@@ -770,12 +770,12 @@ def train_rlvr(
     import torch
 
     from tracetune.console import RLVR_KEYS, compact_trainer_output
-    from tracetune.training.memory import fix_mmap_threshold
+    from tracetune.training.memory import bound_heap_for
     from tracetune.training.sft import prepare_checkpoints, save_model, train_or_restore
 
-    fix_mmap_threshold()  # long runs: RSS tracks use, not fragmentation
     started = time.perf_counter()
     model, tokenizer = load_policy(sft_dir, params)
+    bound_heap_for(model)  # a long run's RSS tracks use, not fragmentation
     screening = None
     if params.screen_episodes:
         tasks, found = screen_tasks(model, tokenizer, tasks, env_factory, params)

@@ -381,11 +381,11 @@ def train_sft(
 
     from tracetune.agent.model import load_model, model_fingerprint
     from tracetune.console import SFT_KEYS, compact_trainer_output
-    from tracetune.training.memory import fix_mmap_threshold
+    from tracetune.training.memory import bound_heap_for
 
-    fix_mmap_threshold()  # long runs: RSS tracks use, not fragmentation
     started = time.perf_counter()
     model, tokenizer = load_model(base_model)
+    bound_heap_for(model)  # a long run's RSS tracks use, not fragmentation
     tokenizer.padding_side = "right"
     model.train()
     trajectories = read_trajectories(train_path, params.max_examples)
