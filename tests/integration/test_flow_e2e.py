@@ -34,7 +34,7 @@ DATA_STAGES = ("simulate", "ingest", "validate_raw", "curate", "split", "validat
 def harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         yield
 
 

@@ -75,7 +75,7 @@ def test_simulated_logs_stay_out_of_the_dvc_cache_and_remote(tmp_path: Path) -> 
 def harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         yield
 
 

@@ -352,7 +352,7 @@ def test_the_profile_command_runs_every_stage_on_the_real_weights(tmp_path: Path
 
     root = copy_worktree(tmp_path / "repo")
     sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY_BUDGETS.items()]
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         result = CliRunner().invoke(
             app,
             [

@@ -31,7 +31,7 @@ def _own_store(monkeypatch: pytest.MonkeyPatch) -> None:
 def prefect_api() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         yield
 
 

@@ -62,7 +62,7 @@ def s3_url() -> Iterator[str]:
 def harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         yield
 
 

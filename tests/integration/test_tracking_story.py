@@ -115,7 +115,7 @@ def test_runs_under_a_prefect_flow_link_to_its_flow_run(tmp_path: Path) -> None:
         )  # fmt: skip
         return {"id": str(flow_run.id), "name": str(flow_run.name)}
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # loaded 2 cores: > 90 s seen
         ran = pipeline()
         with stage_run(params, "after_flow"):  # same process, outside the flow: no link
             pass
