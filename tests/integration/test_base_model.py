@@ -137,8 +137,10 @@ def test_tiny_build_learns_and_is_cached_by_config_hash(
     assert info["pretrain"]["final_loss"] < info["pretrain"]["first_loss"]  # it learned
     assert set(info["probes"]) == {
         "user_to_call_copied",
+        "user_to_call_digits",
         "user_to_call_exact",
         "result_to_call_copied",
+        "result_to_call_digits",
         "result_to_call_exact",
         "result_to_answer_copied",
     }
@@ -174,8 +176,12 @@ def test_stage_leaves_hub_ids_and_foreign_models_alone(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_base_model_copies_unseen_ids_into_tool_calls(tmp_path: Path) -> None:
-    """Behavioural: the real default copies an id from the user's text into a call of a tool
-    whose name and argument name it has never seen (chance is ~0 for an exact match)."""
+    """Behavioural: the real default copies the digits of an id from the user's text (and, less
+    often, from a tool result) into a call of a tool whose name and argument name it has never
+    seen; chance is ~0 for a run of 3 to 6 digits. It redraws the letters (`YM37920` ->
+    `WC37920`), so the exact copy stays rare: measured on the 2026-12-07 default build, n=40,
+    seed 123: digits 0.875 / 0.300, exact copies 0.025 / 0.025. Halving the pre-training
+    (docs/benchmarks.md) took the digits to 0 and cost SFT 0.175 of TSR."""
     build = Params().base_model.build
     path = Path("models/base")
     if not is_built(path, build):
@@ -183,5 +189,5 @@ def test_default_base_model_copies_unseen_ids_into_tool_calls(tmp_path: Path) ->
         build_base_model(build, path, progress=False, probes_per_kind=1)
     model, tokenizer = load_model(path, device="cpu")
     rates = run_probes(model, tokenizer, n=40, seed=123)
-    assert rates["user_to_call_copied"] >= 0.3, rates
-    assert rates["result_to_call_copied"] >= 0.1, rates
+    assert rates["user_to_call_digits"] >= 0.6, rates
+    assert rates["result_to_call_digits"] >= 0.15, rates

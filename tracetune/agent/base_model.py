@@ -474,6 +474,10 @@ def probe_scores(probe: Probe, reply: str) -> dict[str, bool]:
     - `copied`: the call's first argument value (an id never seen in training) appears exactly
       as an argument value of the model's first call; or, for answers, the value from the tool
       result appears in the final answer;
+    - `digits`: for calls, every digit of that value, in order, is among the digits of the
+      first call's argument values. The default base copies an unseen id digit by digit and
+      redraws its letters (`YM37920` -> `WC37920`, docs/training.md): this is the skill SFT
+      then sharpens into exact copies, and what a cheaper pre-training loses first;
     - `exact`: the first call has the right tool name and exactly the right arguments. For
       unseen tools this also needs the tool name and argument names copied from the schema,
       which the base model does less well than values (SFT teaches the environment's names).
@@ -482,24 +486,34 @@ def probe_scores(probe: Probe, reply: str) -> dict[str, bool]:
 
     turn = parse_assistant_output(reply)
     if turn.error is not None:
-        return {"copied": False, "exact": False}
+        return {"copied": False, "digits": False, "exact": False}
     if probe.text is not None:
         ok = turn.is_final and probe.text in (turn.content or "")
-        return {"copied": ok, "exact": ok}
+        return {"copied": ok, "digits": ok, "exact": ok}
     if not turn.tool_calls or not probe.arguments:
-        return {"copied": False, "exact": False}
+        return {"copied": False, "digits": False, "exact": False}
     args = json.loads(turn.tool_calls[0].arguments)
     wanted = next(iter(probe.arguments.values()))
     return {
         "copied": wanted in args.values(),
+        "digits": _digits_copied(str(wanted), args),
         "exact": turn.tool_calls[0].name == probe.name and args == probe.arguments,
     }
+
+
+def _digits_copied(wanted: str, args: dict[str, Any]) -> bool:
+    """Is the wanted value's digit string inside the digit string of some argument value?"""
+    digits = "".join(ch for ch in wanted if ch.isdigit())
+    if not digits:
+        return wanted in args.values()
+    return any(digits in "".join(ch for ch in str(v) if ch.isdigit()) for v in args.values())
 
 
 def run_probes(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int = 30, seed: int = 0
 ) -> dict[str, float]:
-    """Rates per probe kind: `<kind>_copied` and, for calls, `<kind>_exact` (`probe_scores`)."""
+    """Rates per probe kind: `<kind>_copied` and, for calls, `<kind>_digits` and `<kind>_exact`
+    (`probe_scores`)."""
     probes = make_probes(n, seed)
     replies = generate_replies(model, tokenizer, [(p.messages, p.tools) for p in probes])
     rates: dict[str, float] = {}
@@ -507,7 +521,8 @@ def run_probes(
         scores = [
             probe_scores(p, r) for p, r in zip(probes, replies, strict=True) if p.kind == kind
         ]
-        for measure in ("copied", "exact") if kind != "result_to_answer" else ("copied",):
+        measures = ("copied", "digits", "exact") if kind != "result_to_answer" else ("copied",)
+        for measure in measures:
             hits = sum(s[measure] for s in scores)
             rates[f"{kind}_{measure}"] = round(hits / max(1, len(scores)), 3)
     return rates
