@@ -181,7 +181,8 @@ def test_default_base_model_copies_unseen_ids_into_tool_calls(tmp_path: Path) ->
     seen; chance is ~0 for a run of 3 to 6 digits. It redraws the letters (`YM37920` ->
     `WC37920`), so the exact copy stays rare: measured on the 2026-12-07 default build, n=40,
     seed 123: digits 0.875 / 0.300, exact copies 0.025 / 0.025. Halving the pre-training
-    (docs/benchmarks.md) took the digits to 0 and cost SFT 0.175 of TSR."""
+    (docs/benchmarks.md) gave bases that write ids of their own (`L-3338` for `YM37920`) and
+    cost SFT 0.175 of TSR."""
     build = Params().base_model.build
     path = Path("models/base")
     if not is_built(path, build):
