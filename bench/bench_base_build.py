@@ -377,11 +377,11 @@ def main() -> None:
     }
     figures: list[Figure] = []
     if args.compile:
-        cold = None if args.warm_cache else tempfile.mkdtemp(prefix="inductor-cold-")
-        if cold:  # read by inductor when it first compiles, so a run never reuses another's
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold
-        details = compare_compile(ours, args.sample_steps, args.repeat, args.compile_warmup)
-        figures.extend(compile_figures(details, words["ours"], warm_cache=not cold))
+        with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cold:
+            if not args.warm_cache:  # read by inductor when it first compiles: nothing reused
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold
+            details = compare_compile(ours, args.sample_steps, args.repeat, args.compile_warmup)
+        figures.extend(compile_figures(details, words["ours"], warm_cache=args.warm_cache))
     elif args.threads:
         details = compare_threads(ours, args.sample_steps, args.repeat)
         rate = {k: 1 / statistics.median(v) for k, v in details["seconds_per_token"].items()}
