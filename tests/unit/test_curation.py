@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracetune.config import CurateParams
 from tracetune.trajectories.curation import (
@@ -16,6 +19,7 @@ from tracetune.trajectories.curation import (
     golden_failures,
     near_key,
     redundant_calls,
+    words_only,
 )
 
 
@@ -296,3 +300,15 @@ def test_tool_error_rule_without_a_key_in_the_text_answers_as_parsing_would(text
         ToolErrorRule(json_keys=("error",), text_patterns=()),
     ):
         assert rule._matches(text) == _parsed_verdict(rule, text), (rule, text)
+
+
+_WORDISH = st.text(st.sampled_from([*"aZ09_ \t\n|.,:;{}[]\"'-+@/\\\x00\x7f", "é", "ß", "٣"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_WORDISH, st.text(st.characters(max_codepoint=127)), st.text()))
+def test_words_only_is_the_regex(text: str) -> None:
+    """The ASCII fast path of `near_key`'s normalisation gives what the regex gave, on ASCII
+    and non-ASCII text alike (whitespace, punctuation, control characters, Unicode digits)."""
+    assert words_only(text) == re.sub(r"\W+", " ", text).strip()
+    assert words_only(text.lower()) == re.sub(r"\W+", " ", text.lower()).strip()

@@ -42,6 +42,28 @@ RULES = (
 _NON_WORD = re.compile(r"\W+")
 
 
+def _ascii_non_word_table() -> bytes:
+    """`bytes.translate` table: every ASCII character `\\W` matches becomes a space."""
+    word = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+    return bytes(c if c in word else 32 for c in range(256))
+
+
+_ASCII_NON_WORD = _ascii_non_word_table()
+
+
+def words_only(text: str) -> str:
+    """`_NON_WORD.sub(" ", text).strip()`: runs of non-word characters become one space.
+
+    ASCII text (nearly every trajectory) is mapped byte by byte and re-split instead: the
+    regex over a trajectory's whole text was most of `near_key`'s time. In ASCII, `\\w` is
+    `[A-Za-z0-9_]` and every whitespace character is a non-word one, so splitting the mapped
+    text on whitespace gives exactly the runs of word characters (a test compares the two).
+    """
+    if text.isascii():
+        return " ".join(text.encode("ascii").translate(_ASCII_NON_WORD).decode("ascii").split())
+    return _NON_WORD.sub(" ", text).strip()
+
+
 def canonical_arguments(arguments: Any) -> str:
     """Arguments as canonical JSON (sorted keys), or the raw text when they do not parse."""
     if isinstance(arguments, str):
@@ -131,8 +153,7 @@ def near_key(record: dict[str, Any]) -> str:
             function = call.get("function") or {}
             parts.append(str(function.get("name")))
             parts.append(canonical_arguments(function.get("arguments")))
-    text = _NON_WORD.sub(" ", " | ".join(parts).lower()).strip()
-    return _digest(text.encode())
+    return _digest(words_only(" | ".join(parts).lower()).encode())
 
 
 class Judged(NamedTuple):
