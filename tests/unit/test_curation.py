@@ -312,3 +312,43 @@ def test_words_only_is_the_regex(text: str) -> None:
     and non-ASCII text alike (whitespace, punctuation, control characters, Unicode digits)."""
     assert words_only(text) == re.sub(r"\W+", " ", text).strip()
     assert words_only(text.lower()) == re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def test_disk_set_add_many_answers_as_add_one_at_a_time() -> None:
+    """`DiskSet.add_many` (curation's dedupe asks it once per chunk) says what `add` per key
+    said: a key of an earlier call or repeated within the list is not new; over 500 keys too."""
+    import random
+
+    from tracetune.trajectories.io import DiskSet
+
+    rng = random.Random(3)
+    one, many = DiskSet(), DiskSet()
+    for size in (0, 1, 499, 500, 501, 1300):
+        keys = [f"k{rng.randrange(1800)}" for _ in range(size)]
+        assert many.add_many(keys) == [one.add(key) for key in keys]
+    assert len(many) == len(one)
+
+
+@pytest.mark.parametrize(("exact", "near"), [(True, True), (False, True), (True, False)])
+def test_dedupe_per_chunk_drops_what_one_at_a_time_dropped(exact: bool, near: bool) -> None:
+    """Exact and near copies inside one chunk and across chunks (chunk of 2): the first stays,
+    every later copy is dropped under the rule one-at-a-time dedupe named (a near key is only
+    asked when the exact key was new)."""
+    a, exact_copy = record("t-1"), record("t-1-dup")
+    near_copy = record("t-2")
+    near_copy["messages"][4]["content"] = "order o-1 is SHIPPED"
+    other = record("t-3", task="order_status:O-2:x")
+    other["messages"][1]["content"] = "Where is order O-2?"
+    other["messages"][4]["content"] = "Order O-2 is late."
+    again = [a | {"trajectory_id": "t-4"}, other | {"trajectory_id": "t-5"}]
+    lines = [json.dumps(r) for r in (a, exact_copy, other, near_copy, *again)]
+    params = CurateParams(dedupe_exact=exact, dedupe_near=near)
+    out = io.StringIO()
+    report = curate(lines, params, out, workers=1, chunk=2)
+    expected_dropped = {
+        (True, True): {"exact_duplicate": 3, "near_duplicate": 1},
+        (False, True): {"near_duplicate": 4},
+        (True, False): {"exact_duplicate": 3},
+    }[(exact, near)]
+    assert {k: v for k, v in report.as_dict()["dropped_by_rule"].items() if v} == expected_dropped
+    assert report.kept == 6 - sum(expected_dropped.values())
