@@ -17,10 +17,13 @@ from tracetune.trajectories.curation import (
     error_retries,
     exact_key,
     golden_failures,
+    judge_chunk,
     near_key,
     redundant_calls,
+    retries_and_errors,
     words_only,
 )
+from tracetune.trajectories.tool_errors import DEFAULT_RULE, ToolErrorRule
 
 
 def call(i: int, name: str, args: dict | str) -> dict:
@@ -352,3 +355,49 @@ def test_dedupe_per_chunk_drops_what_one_at_a_time_dropped(exact: bool, near: bo
     }[(exact, near)]
     assert {k: v for k, v in report.as_dict()["dropped_by_rule"].items() if v} == expected_dropped
     assert report.kept == 6 - sum(expected_dropped.values())
+
+
+_TOOL_CONTENT = st.sampled_from(["ok", "Error: no", '{"error": "x"}', '{"error": null}', "", None])
+_CURATION_MESSAGE = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.just("tool")},
+        optional={"content": st.one_of(_TOOL_CONTENT, st.lists(st.just({"text": "Error"})))},
+    ),
+    st.fixed_dictionaries(
+        {"role": st.just("assistant")},
+        optional={"tool_calls": st.sampled_from([None, [], [{"id": "c"}]]), "content": st.text()},
+    ),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", None])}),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_CURATION_MESSAGE, max_size=10))
+def test_retries_and_errors_is_both_walks(messages: list[dict]) -> None:
+    """One walk gives what `error_retries` and the rule's `count` give walking alone."""
+    for rule in (DEFAULT_RULE, ToolErrorRule(json_keys=(), text_patterns=(r"^Error",))):
+        assert retries_and_errors(messages, rule) == (
+            error_retries(messages, rule),
+            rule.count(messages),
+        )
+
+
+def test_judged_lines_name_rules_and_errors_as_before(sim_lines: list[str]) -> None:
+    """Each simulated trajectory's verdict: the golden rules it fails and its failed calls, as
+    `golden_failures` and the rule's own count say (every setting of the rules)."""
+    records = []
+    for line in sim_lines:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("steps"), int):  # what ingest lets in
+            records.append((line, value))
+    assert len(records) > 100
+    for params in (CurateParams(), CurateParams(keep_pseudonymised=False, max_error_retries=1)):
+        lines = [line for line, _ in records]
+        judged = judge_chunk((lines, params, DEFAULT_RULE))
+        for (line, record), item in zip(records, judged, strict=True):
+            messages = [m for m in record["messages"] if isinstance(m, dict)]
+            assert item.failures == golden_failures(record, params, line, DEFAULT_RULE)
+            assert item.tool_errors == DEFAULT_RULE.count(messages)

@@ -114,13 +114,41 @@ def golden_failures(
     rule: ToolErrorRule = DEFAULT_RULE,
 ) -> list[str]:
     """The golden-filter rules `record` fails, in rule order (empty: it is golden)."""
+    return _judge_record(record, params, text, rule)[0]
+
+
+def retries_and_errors(
+    messages: Sequence[dict[str, Any]], rule: ToolErrorRule = DEFAULT_RULE
+) -> tuple[int, int]:
+    """(`error_retries(messages, rule)`, `rule.count(messages)`) from one walk: both ask the
+    rule about every tool message, and curation needs both for every trajectory."""
+    retries, failed_pending, errors = 0, False, 0
+    for message in messages:
+        role = message.get("role")
+        if role == "tool" and rule.matches(message.get("content")):
+            failed_pending = True
+            errors += 1
+        elif role == "assistant" and message.get("tool_calls"):
+            retries += failed_pending
+            failed_pending = False
+        elif role == "assistant":
+            failed_pending = False
+    return retries, errors
+
+
+def _judge_record(
+    record: dict[str, Any], params: CurateParams, text: str, rule: ToolErrorRule
+) -> tuple[list[str], int]:
+    """`golden_failures` and the count of failed tool calls, the messages walked once for
+    both (they were collected twice and asked about twice per trajectory)."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     failures = []
     if params.require_success and not record.get("success"):
         failures.append("success")
     if int(record.get("steps") or 0) >= params.step_limit:
         failures.append("step_limit")
-    retries = max(int(record.get("error_retries") or 0), error_retries(messages, rule))
+    retried, errors = retries_and_errors(messages, rule)
+    retries = max(int(record.get("error_retries") or 0), retried)
     if retries > params.max_error_retries:
         failures.append("error_retries")
     if params.drop_redundant_calls and redundant_calls(messages):
@@ -129,7 +157,7 @@ def golden_failures(
         failures.append("empty_turns")
     if not params.keep_pseudonymised and has_pseudonym(text or json.dumps(record)):
         failures.append("pseudonymised")
-    return failures
+    return failures, errors
 
 
 def _digest(data: bytes) -> str:
@@ -171,12 +199,10 @@ def judge_chunk(args: tuple[list[str], CurateParams, ToolErrorRule]) -> list[Jud
     out = []
     for line in lines:
         record = orjson.loads(line)
-        failures = golden_failures(record, params, line, rule)
+        failures, errors = _judge_record(record, params, line, rule)
         golden = not failures  # only golden trajectories take part in dedupe: key them alone
         exact = exact_key(record) if golden and params.dedupe_exact else ""
         near = near_key(record) if golden and params.dedupe_near else ""
-        messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
-        errors = rule.count(messages)
         out.append(Judged(str(record.get("family")), failures, exact, near, errors))
     return out
 
