@@ -412,3 +412,20 @@ def test_rows_point_at_the_log_line_or_say_they_do_not(tmp_path: Path) -> None:
 
     sqlite3.connect(old).execute("CREATE TABLE ids (id TEXT PRIMARY KEY)").connection.close()
     assert read_origins(old, ["a"]) == {}
+
+
+@pytest.mark.parametrize("columns", [{"a": "TEXT"}, {"a": "TEXT", "b": "INTEGER", "c": "REAL"}])
+def test_load_rows_stores_each_column_of_each_row(tmp_path: Path, columns: dict[str, str]) -> None:
+    """Rows with extra keys and in any key order land column by column (one column too), over
+    more than one insert batch."""
+    import sqlite3
+
+    from tracetune.data.gates import INSERT_BATCH, TABLE, load_rows
+
+    n = INSERT_BATCH + 3
+    rows = [{"z": "extra", "c": i / 2, "b": i, "a": f"t-{i}"} for i in range(n)]
+    assert load_rows(tmp_path / "r.sqlite", columns, iter(rows)) == n
+    conn = sqlite3.connect(tmp_path / "r.sqlite")
+    stored = conn.execute(f"SELECT {', '.join(columns)} FROM {TABLE} ORDER BY _row").fetchall()
+    conn.close()
+    assert stored == [tuple(row[c] for c in columns) for row in rows]

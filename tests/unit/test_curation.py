@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tracetune.config import CurateParams
 from tracetune.trajectories.curation import (
@@ -14,9 +17,13 @@ from tracetune.trajectories.curation import (
     error_retries,
     exact_key,
     golden_failures,
+    judge_chunk,
     near_key,
     redundant_calls,
+    retries_and_errors,
+    words_only,
 )
+from tracetune.trajectories.tool_errors import DEFAULT_RULE, ToolErrorRule
 
 
 def call(i: int, name: str, args: dict | str) -> dict:
@@ -296,3 +303,101 @@ def test_tool_error_rule_without_a_key_in_the_text_answers_as_parsing_would(text
         ToolErrorRule(json_keys=("error",), text_patterns=()),
     ):
         assert rule._matches(text) == _parsed_verdict(rule, text), (rule, text)
+
+
+_WORDISH = st.text(st.sampled_from([*"aZ09_ \t\n|.,:;{}[]\"'-+@/\\\x00\x7f", "é", "ß", "٣"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_WORDISH, st.text(st.characters(max_codepoint=127)), st.text()))
+def test_words_only_is_the_regex(text: str) -> None:
+    """The ASCII fast path of `near_key`'s normalisation gives what the regex gave, on ASCII
+    and non-ASCII text alike (whitespace, punctuation, control characters, Unicode digits)."""
+    assert words_only(text) == re.sub(r"\W+", " ", text).strip()
+    assert words_only(text.lower()) == re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def test_disk_set_add_many_answers_as_add_one_at_a_time() -> None:
+    """`DiskSet.add_many` (curation's dedupe asks it once per chunk) says what `add` per key
+    said: a key of an earlier call or repeated within the list is not new; over 500 keys too."""
+    import random
+
+    from tracetune.trajectories.io import DiskSet
+
+    rng = random.Random(3)
+    one, many = DiskSet(), DiskSet()
+    for size in (0, 1, 499, 500, 501, 1300):
+        keys = [f"k{rng.randrange(1800)}" for _ in range(size)]
+        assert many.add_many(keys) == [one.add(key) for key in keys]
+    assert len(many) == len(one)
+
+
+@pytest.mark.parametrize(("exact", "near"), [(True, True), (False, True), (True, False)])
+def test_dedupe_per_chunk_drops_what_one_at_a_time_dropped(exact: bool, near: bool) -> None:
+    """Exact and near copies inside one chunk and across chunks (chunk of 2): the first stays,
+    every later copy is dropped under the rule one-at-a-time dedupe named (a near key is only
+    asked when the exact key was new)."""
+    a, exact_copy = record("t-1"), record("t-1-dup")
+    near_copy = record("t-2")
+    near_copy["messages"][4]["content"] = "order o-1 is SHIPPED"
+    other = record("t-3", task="order_status:O-2:x")
+    other["messages"][1]["content"] = "Where is order O-2?"
+    other["messages"][4]["content"] = "Order O-2 is late."
+    again = [a | {"trajectory_id": "t-4"}, other | {"trajectory_id": "t-5"}]
+    lines = [json.dumps(r) for r in (a, exact_copy, other, near_copy, *again)]
+    params = CurateParams(dedupe_exact=exact, dedupe_near=near)
+    out = io.StringIO()
+    report = curate(lines, params, out, workers=1, chunk=2)
+    expected_dropped = {
+        (True, True): {"exact_duplicate": 3, "near_duplicate": 1},
+        (False, True): {"near_duplicate": 4},
+        (True, False): {"exact_duplicate": 3},
+    }[(exact, near)]
+    assert {k: v for k, v in report.as_dict()["dropped_by_rule"].items() if v} == expected_dropped
+    assert report.kept == 6 - sum(expected_dropped.values())
+
+
+_TOOL_CONTENT = st.sampled_from(["ok", "Error: no", '{"error": "x"}', '{"error": null}', "", None])
+_CURATION_MESSAGE = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.just("tool")},
+        optional={"content": st.one_of(_TOOL_CONTENT, st.lists(st.just({"text": "Error"})))},
+    ),
+    st.fixed_dictionaries(
+        {"role": st.just("assistant")},
+        optional={"tool_calls": st.sampled_from([None, [], [{"id": "c"}]]), "content": st.text()},
+    ),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", None])}),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_CURATION_MESSAGE, max_size=10))
+def test_retries_and_errors_is_both_walks(messages: list[dict]) -> None:
+    """One walk gives what `error_retries` and the rule's `count` give walking alone."""
+    for rule in (DEFAULT_RULE, ToolErrorRule(json_keys=(), text_patterns=(r"^Error",))):
+        assert retries_and_errors(messages, rule) == (
+            error_retries(messages, rule),
+            rule.count(messages),
+        )
+
+
+def test_judged_lines_name_rules_and_errors_as_before(sim_lines: list[str]) -> None:
+    """Each simulated trajectory's verdict: the golden rules it fails and its failed calls, as
+    `golden_failures` and the rule's own count say (every setting of the rules)."""
+    records = []
+    for line in sim_lines:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("steps"), int):  # what ingest lets in
+            records.append((line, value))
+    assert len(records) > 100
+    for params in (CurateParams(), CurateParams(keep_pseudonymised=False, max_error_retries=1)):
+        lines = [line for line, _ in records]
+        judged = judge_chunk((lines, params, DEFAULT_RULE))
+        for (line, record), item in zip(records, judged, strict=True):
+            messages = [m for m in record["messages"] if isinstance(m, dict)]
+            assert item.failures == golden_failures(record, params, line, DEFAULT_RULE)
+            assert item.tool_errors == DEFAULT_RULE.count(messages)

@@ -588,3 +588,38 @@ def test_no_name_email_or_phone_of_the_simulated_world_reaches_the_data(
         for m in t["messages"]:
             if m["role"] == "tool" and (m.get("content") or "").startswith("{"):
                 json.loads(m["content"])
+
+
+def test_add_ids_answers_as_add_id_one_at_a_time(tmp_path: Path) -> None:
+    """The chunked index write (`IngestIndex.add_ids`) says what `add_id` per id said: a
+    repeat within the list, or an id of an earlier call, is not new; over 500 ids too."""
+    import random
+
+    from tracetune.trajectories.ingest import IngestIndex
+
+    rng = random.Random(7)
+    one, many = IngestIndex(tmp_path / "a.sqlite"), IngestIndex(tmp_path / "b.sqlite")
+    for size in (0, 3, 499, 500, 501, 1200):
+        ids = [f"t-{rng.randrange(1500)}" for _ in range(size)]
+        assert many.add_ids(ids) == [one.add_id(tid) for tid in ids]
+    rows = "SELECT id FROM ids ORDER BY id"
+    assert many.conn.execute(rows).fetchall() == one.conn.execute(rows).fetchall()
+
+
+def test_a_repeat_within_one_chunk_is_a_duplicate(tmp_path: Path) -> None:
+    """The same id twice among the lines of one chunk: the first is accepted with its own log
+    line as origin, the second quarantined as a duplicate (as when the index was written per
+    line)."""
+    src = tmp_path / "logs"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(line(good(1)) + line(good(2)) + line(good(1)) + line(good(3)))
+    paths = make_paths(tmp_path)
+    report = ingest(params(src, max_quarantine_rate=0.5), paths)
+    assert (report.read, report.accepted, report.duplicates) == (4, 3, 1)
+    a = str(src / "a.jsonl")
+    assert read_origins(paths.index, ["t-1", "t-3"]) == {"t-1": (a, 1), "t-3": (a, 4)}
+    assert [t.trajectory_id for t in read_trajectories(paths.batches)] == ["t-1", "t-2", "t-3"]
+    quarantined = [
+        json.loads(x) for x in next(paths.quarantine.glob("*.jsonl")).read_text().split("\n") if x
+    ]
+    assert [(r["line"], r["reason"]) for r in quarantined] == [(3, "duplicate_trajectory_id")]

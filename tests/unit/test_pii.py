@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 from tracetune.config import PiiParams
 from tracetune.trajectories.pii import (
+    _MIN_PII_CHARS,
     PiiKeyMissing,
     Scrubber,
+    _pii_in_recursive,
     find_pii,
     has_pseudonym,
     is_demo_source,
@@ -616,3 +618,51 @@ def test_detector_start_positions_on_the_shapes_they_skip(text: str) -> None:
     assert [m.span() for m in scrubber._finditer(text)] == [
         m.span() for m in pattern.finditer(text)
     ]
+
+
+_PII_LEAVES = st.one_of(
+    st.sampled_from(
+        [
+            "ana.smith1@example.com",
+            "a@b.cd",
+            "call +1 415 555 0132",
+            "(415) 555-0132",
+            "4111 1111 1111 1111",
+            "123-45-6789",
+            "0.04999999999999716",
+            "2026-11-01T00:00:21+00:00",
+            "jürgen.müller@example.de",
+            "mara.lind0381742290156317@example.com",
+        ]
+    ),
+    _DETECTOR_TEXT,
+    st.integers(),
+    st.none(),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.recursive(
+        _PII_LEAVES,
+        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids),
+        max_leaves=14,
+    )
+)
+def test_pii_in_finds_what_the_recursive_walk_found(value: Any) -> None:
+    """The stack walk with its length and prefilter tests finds the same values in the same
+    order as calling `find_pii` on every string (short strings and the prefilter included)."""
+    assert pii_in(value) == _pii_in_recursive(value)
+    assert pii_in({"messages": [value]}) == _pii_in_recursive({"messages": [value]})
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(alphabet="0123456789 .-+()@:/,_%aZé\u0661\n", max_size=_MIN_PII_CHARS - 1))
+def test_no_detector_matches_under_the_minimum_length(text: str) -> None:
+    """`pii_in` skips strings shorter than `_MIN_PII_CHARS`: no detector matches in one."""
+    if not _ONE_SCRUBBER:
+        _ONE_SCRUBBER.append(Scrubber(PiiParams(), key=b"k"))
+    pattern = _ONE_SCRUBBER[0]._pattern
+    assert pattern is not None and pattern.search(text) is None
+    assert find_pii("a@b.cd") == ["a@b.cd"]  # the shortest match is exactly this long

@@ -183,7 +183,90 @@ def raw_row(
 
     Estimated usage and cost (ingest fills them in for logs without any) are NULL here: range
     checks skip NULLs, so a gate never fails a row for a number tracetune estimated itself.
+    The message columns come from one pass over the messages (`_message_columns`), the same
+    values as the column functions above give (`_raw_row_reference`, compared in tests).
     """
+    messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
+    columns = _message_columns(messages, known_tools, rule)
+    usage = record.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    estimated = bool(usage.get("estimated"))
+    tokens = [_number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
+    logged_tokens = int(sum(tokens)) if None not in tokens else None  # type: ignore[arg-type]
+    steps = record.get("steps")
+    return {
+        "source": source,
+        "line": line,
+        "trajectory_id": record.get("trajectory_id"),
+        "task_id": record.get("task_id"),
+        "family": record.get("family"),
+        "missing_fields": missing_fields(record),
+        "roles_ok": columns[0],
+        "tool_calls": columns[1],
+        "bad_arguments": columns[2],
+        "unknown_tools": columns[3],
+        "unanswered_calls": columns[4],
+        "orphan_tool_messages": columns[5],
+        "tool_errors": columns[6],
+        "steps": steps if isinstance(steps, int) else None,
+        "steps_consistent": int(steps == columns[7]),
+        "usage_estimated": int(estimated),
+        "total_tokens": None if estimated else logged_tokens,
+        "cost_usd": None if record.get("cost_estimated") else _number(record.get("cost_usd")),
+        "latency_s": _number(record.get("latency_s")),
+        "timestamp": iso_timestamp(record.get("timestamp")),
+    }
+
+
+def _message_columns(
+    messages: Sequence[dict[str, Any]], known_tools: frozenset[str], rule: ToolErrorRule
+) -> tuple[int, int, int, int, int, int, int, int]:
+    """(roles_ok, tool_calls, bad_arguments, unknown_tools, unanswered_calls,
+    orphan_tool_messages, tool_errors, assistant turns) in one pass over the messages.
+
+    Each column function walks the messages again (seven passes per trajectory, most of the
+    raw gate's per-row cost); this is their loops fused, in the same order, so that each
+    counts what it counted: roles are tested as `all()` tests them (up to the first unknown),
+    a call's id joins the answered / called sets when its message is reached.
+    """
+    roles_known = True
+    assistants = n_calls = bad = unknown = orphans = errors = 0
+    call_ids: list[str] = []
+    called: set[str] = set()
+    answered: set[str] = set()
+    for message in messages:
+        role = message.get("role")
+        if roles_known and role not in KNOWN_ROLES:
+            roles_known = False
+        if role == "assistant":
+            assistants += 1
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                call_id = str(call.get("id"))
+                call_ids.append(call_id)
+                called.add(call_id)
+                n_calls += 1
+                unknown += str(function.get("name")) not in known_tools
+                bad += not arguments_ok(function.get("arguments"))
+        elif role == "tool":
+            answer = str(message.get("tool_call_id"))
+            answered.add(answer)
+            orphans += answer not in called
+            errors += rule.matches(message.get("content"))
+    unanswered = sum(1 for call_id in call_ids if call_id not in answered)
+    roles = int(roles_known and assistants > 0)
+    return roles, n_calls, bad, unknown, unanswered, orphans, errors, assistants
+
+
+def _raw_row_reference(
+    record: dict[str, Any],
+    known_tools: frozenset[str],
+    line: int = 0,
+    rule: ToolErrorRule = DEFAULT_RULE,
+    source: str = "",
+) -> dict[str, Any]:
+    """`raw_row` column by column, as it was first written (the reference its tests compare
+    with)."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     calls = tool_calls(messages)
     usage = record.get("usage")

@@ -16,12 +16,13 @@ GX is imported inside `run_gate` only: it takes seconds to import.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,8 +374,14 @@ def load_rows(db: Path, columns: dict[str, str], rows: Iterable[dict[str, Any]])
     conn.execute(f"CREATE TABLE {TABLE} (_row INTEGER PRIMARY KEY, {cols})")
     insert = f"INSERT INTO {TABLE} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
     count, buffer = 0, []
+    # One C call per row instead of a generator over the columns (the gates' main process
+    # loads every trajectory's row); a single column still gives a 1-tuple.
+    names = list(columns)
+    values: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+        operator.itemgetter(*names) if len(names) > 1 else _one_column(names[0])
+    )
     for row in rows:
-        buffer.append(tuple(row[c] for c in columns))
+        buffer.append(values(row))
         if len(buffer) >= INSERT_BATCH:
             conn.executemany(insert, buffer)
             count += len(buffer)
@@ -384,6 +391,10 @@ def load_rows(db: Path, columns: dict[str, str], rows: Iterable[dict[str, Any]])
     conn.commit()
     conn.close()
     return count
+
+
+def _one_column(column: str) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    return lambda row: (row[column],)
 
 
 def run_gate(

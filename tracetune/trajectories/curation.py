@@ -42,6 +42,28 @@ RULES = (
 _NON_WORD = re.compile(r"\W+")
 
 
+def _ascii_non_word_table() -> bytes:
+    """`bytes.translate` table: every ASCII character `\\W` matches becomes a space."""
+    word = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+    return bytes(c if c in word else 32 for c in range(256))
+
+
+_ASCII_NON_WORD = _ascii_non_word_table()
+
+
+def words_only(text: str) -> str:
+    """`_NON_WORD.sub(" ", text).strip()`: runs of non-word characters become one space.
+
+    ASCII text (nearly every trajectory) is mapped byte by byte and re-split instead: the
+    regex over a trajectory's whole text was most of `near_key`'s time. In ASCII, `\\w` is
+    `[A-Za-z0-9_]` and every whitespace character is a non-word one, so splitting the mapped
+    text on whitespace gives exactly the runs of word characters (a test compares the two).
+    """
+    if text.isascii():
+        return " ".join(text.encode("ascii").translate(_ASCII_NON_WORD).decode("ascii").split())
+    return _NON_WORD.sub(" ", text).strip()
+
+
 def canonical_arguments(arguments: Any) -> str:
     """Arguments as canonical JSON (sorted keys), or the raw text when they do not parse."""
     if isinstance(arguments, str):
@@ -92,13 +114,41 @@ def golden_failures(
     rule: ToolErrorRule = DEFAULT_RULE,
 ) -> list[str]:
     """The golden-filter rules `record` fails, in rule order (empty: it is golden)."""
+    return _judge_record(record, params, text, rule)[0]
+
+
+def retries_and_errors(
+    messages: Sequence[dict[str, Any]], rule: ToolErrorRule = DEFAULT_RULE
+) -> tuple[int, int]:
+    """(`error_retries(messages, rule)`, `rule.count(messages)`) from one walk: both ask the
+    rule about every tool message, and curation needs both for every trajectory."""
+    retries, failed_pending, errors = 0, False, 0
+    for message in messages:
+        role = message.get("role")
+        if role == "tool" and rule.matches(message.get("content")):
+            failed_pending = True
+            errors += 1
+        elif role == "assistant" and message.get("tool_calls"):
+            retries += failed_pending
+            failed_pending = False
+        elif role == "assistant":
+            failed_pending = False
+    return retries, errors
+
+
+def _judge_record(
+    record: dict[str, Any], params: CurateParams, text: str, rule: ToolErrorRule
+) -> tuple[list[str], int]:
+    """`golden_failures` and the count of failed tool calls, the messages walked once for
+    both (they were collected twice and asked about twice per trajectory)."""
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     failures = []
     if params.require_success and not record.get("success"):
         failures.append("success")
     if int(record.get("steps") or 0) >= params.step_limit:
         failures.append("step_limit")
-    retries = max(int(record.get("error_retries") or 0), error_retries(messages, rule))
+    retried, errors = retries_and_errors(messages, rule)
+    retries = max(int(record.get("error_retries") or 0), retried)
     if retries > params.max_error_retries:
         failures.append("error_retries")
     if params.drop_redundant_calls and redundant_calls(messages):
@@ -107,7 +157,7 @@ def golden_failures(
         failures.append("empty_turns")
     if not params.keep_pseudonymised and has_pseudonym(text or json.dumps(record)):
         failures.append("pseudonymised")
-    return failures
+    return failures, errors
 
 
 def _digest(data: bytes) -> str:
@@ -131,8 +181,7 @@ def near_key(record: dict[str, Any]) -> str:
             function = call.get("function") or {}
             parts.append(str(function.get("name")))
             parts.append(canonical_arguments(function.get("arguments")))
-    text = _NON_WORD.sub(" ", " | ".join(parts).lower()).strip()
-    return _digest(text.encode())
+    return _digest(words_only(" | ".join(parts).lower()).encode())
 
 
 class Judged(NamedTuple):
@@ -150,12 +199,10 @@ def judge_chunk(args: tuple[list[str], CurateParams, ToolErrorRule]) -> list[Jud
     out = []
     for line in lines:
         record = orjson.loads(line)
-        failures = golden_failures(record, params, line, rule)
+        failures, errors = _judge_record(record, params, line, rule)
         golden = not failures  # only golden trajectories take part in dedupe: key them alone
         exact = exact_key(record) if golden and params.dedupe_exact else ""
         near = near_key(record) if golden and params.dedupe_near else ""
-        messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
-        errors = rule.count(messages)
         out.append(Judged(str(record.get("family")), failures, exact, near, errors))
     return out
 
@@ -209,35 +256,49 @@ def curate(
 
     try:
         for judged in ordered_map(judge_chunk, jobs(), workers):
-            for line, item in zip(sent.popleft(), judged, strict=True):
-                _keep_or_drop(line, item, params, exact_seen, near_seen, report, out)
+            duplicate = _duplicates(judged, params, exact_seen, near_seen)
+            for line, item, dup in zip(sent.popleft(), judged, duplicate, strict=True):
+                _keep_or_drop(line, item, dup, report, out)
     finally:
         exact_seen.close()
         near_seen.close()
     return report
 
 
+def _duplicates(
+    judged: list[Judged], params: CurateParams, exact_seen: DiskSet, near_seen: DiskSet
+) -> list[str]:
+    """Per verdict of a chunk, in order: "exact_duplicate", "near_duplicate" or "" (new, or
+    not golden: only golden trajectories take part in dedupe). A near key is looked up only
+    when the exact key was new, as one trajectory at a time did; each key set is asked once
+    per chunk (`DiskSet.add_many`)."""
+    out = [""] * len(judged)
+    golden = [i for i, item in enumerate(judged) if not item.failures]
+    if params.dedupe_exact:
+        fresh = exact_seen.add_many([judged[i].exact for i in golden])
+        for i, new in zip(golden, fresh, strict=True):
+            if not new:
+                out[i] = "exact_duplicate"
+        golden = [i for i, new in zip(golden, fresh, strict=True) if new]
+    if params.dedupe_near:
+        fresh = near_seen.add_many([judged[i].near for i in golden])
+        for i, new in zip(golden, fresh, strict=True):
+            if not new:
+                out[i] = "near_duplicate"
+    return out
+
+
 def _keep_or_drop(
-    line: str,
-    item: Judged,
-    params: CurateParams,
-    exact_seen: DiskSet,
-    near_seen: DiskSet,
-    report: CurateReport,
-    out: TextIO,
+    line: str, item: Judged, duplicate: str, report: CurateReport, out: TextIO
 ) -> None:
     report.input += 1
     report.families_in[item.family] += 1
     report.with_tool_errors += item.tool_errors > 0
-    failures = list(item.failures)
-    if not failures:  # only golden trajectories take part in dedupe
-        if params.dedupe_exact and not exact_seen.add(item.exact):
-            failures.append("exact_duplicate")
-        elif params.dedupe_near and not near_seen.add(item.near):
-            failures.append("near_duplicate")
+    failures = [*item.failures, duplicate] if duplicate else item.failures
     if failures:
         report.dropped[failures[0]] += 1
-        report.failing.update(failures)
+        for rule in failures:  # not Counter.update: its Mapping check cost more than the count
+            report.failing[rule] += 1
         return
     report.kept += 1
     report.families_kept[item.family] += 1

@@ -118,6 +118,23 @@ class DiskSet:
         cur = self.conn.execute(f"INSERT OR IGNORE INTO {self.table} VALUES (?)", (key,))
         return cur.rowcount == 1
 
+    def add_many(self, keys: list[str]) -> list[bool]:
+        """`add` for each of `keys` in order (a repeat within the list is False after its
+        first), in one lookup per 500 keys and one insert: a statement per key was most of the
+        caller's share of the work (curation's dedupe in the main process)."""
+        seen: set[str] = set()
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            query = f"SELECT k FROM {self.table} WHERE k IN ({','.join('?' * len(part))})"
+            seen.update(row[0] for row in self.conn.execute(query, part))
+        fresh = []
+        for key in keys:
+            fresh.append(key not in seen)
+            seen.add(key)
+        new = [(key,) for key, ok in zip(keys, fresh, strict=True) if ok]
+        self.conn.executemany(f"INSERT INTO {self.table} VALUES (?)", new)
+        return fresh
+
     def __contains__(self, key: object) -> bool:
         row = self.conn.execute(f"SELECT 1 FROM {self.table} WHERE k=?", (key,)).fetchone()
         return row is not None
