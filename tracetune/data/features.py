@@ -184,7 +184,7 @@ def raw_row(
     Estimated usage and cost (ingest fills them in for logs without any) are NULL here: range
     checks skip NULLs, so a gate never fails a row for a number tracetune estimated itself.
     The message columns come from one pass over the messages (`_message_columns`), the same
-    values as the column functions above give (`_raw_row_reference`, compared in tests).
+    values as the column functions above give (compared in tests/unit/test_raw_row.py).
     """
     messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
     columns = _message_columns(messages, known_tools, rule)
@@ -256,47 +256,6 @@ def _message_columns(
     unanswered = sum(1 for call_id in call_ids if call_id not in answered)
     roles = int(roles_known and assistants > 0)
     return roles, n_calls, bad, unknown, unanswered, orphans, errors, assistants
-
-
-def _raw_row_reference(
-    record: dict[str, Any],
-    known_tools: frozenset[str],
-    line: int = 0,
-    rule: ToolErrorRule = DEFAULT_RULE,
-    source: str = "",
-) -> dict[str, Any]:
-    """`raw_row` column by column, as it was first written (the reference its tests compare
-    with)."""
-    messages = [m for m in record.get("messages") or () if isinstance(m, dict)]
-    calls = tool_calls(messages)
-    usage = record.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
-    estimated = bool(usage.get("estimated"))
-    tokens = [_number(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")]
-    logged_tokens = int(sum(tokens)) if None not in tokens else None  # type: ignore[arg-type]
-    steps = record.get("steps")
-    return {
-        "source": source,
-        "line": line,
-        "trajectory_id": record.get("trajectory_id"),
-        "task_id": record.get("task_id"),
-        "family": record.get("family"),
-        "missing_fields": missing_fields(record),
-        "roles_ok": int(roles_ok(messages)),
-        "tool_calls": len(calls),
-        "bad_arguments": bad_arguments(calls),
-        "unknown_tools": unknown_tools(calls, known_tools),
-        "unanswered_calls": unanswered_calls(messages),
-        "orphan_tool_messages": orphan_tool_messages(messages),
-        "tool_errors": rule.count(messages),
-        "steps": steps if isinstance(steps, int) else None,
-        "steps_consistent": int(steps == sum(1 for m in messages if m.get("role") == "assistant")),
-        "usage_estimated": int(estimated),
-        "total_tokens": None if estimated else logged_tokens,
-        "cost_usd": None if record.get("cost_estimated") else _number(record.get("cost_usd")),
-        "latency_s": _number(record.get("latency_s")),
-        "timestamp": iso_timestamp(record.get("timestamp")),
-    }
 
 
 def _raw_rows_chunk(
