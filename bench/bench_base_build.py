@@ -197,18 +197,14 @@ def lm_loss(model: Any, input_ids: Any, labels: Any, real: Any, prompt_weight: f
 
 def run_batches(arm: dict[str, Any], batches: list[Any], build: Any) -> tuple[float, list[float]]:
     """Wall seconds and losses of `pretrain`'s optimizer step on each (ids, labels, real) batch."""
-    import torch
+    from tracetune.agent.base_model import update
 
     model, loss_of, optimizer = arm["model"], arm["loss"], arm["optimizer"]
     losses: list[float] = []
     started = time.perf_counter()
     for input_ids, labels, real in batches:
         loss = loss_of(model, input_ids, labels, real, build.prompt_loss_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(update(model, optimizer, loss))
     return time.perf_counter() - started, losses
 
 

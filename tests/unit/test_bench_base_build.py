@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_support import import_bench
 
 
 @pytest.fixture()
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("bench_base_build", None)
-    import bench_base_build
-
-    return bench_base_build
+    return import_bench(monkeypatch, "bench_base_build")
 
 
 def _details(compile_s: float) -> dict[str, Any]:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_support import import_bench
 
 
 @pytest.fixture()
 def bench_sft(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("bench_sft", None)
-    import bench_sft
-
-    return bench_sft
+    return import_bench(monkeypatch, "bench_sft")
 
 
 def _run(curve: list[tuple[float, float]], seconds: float, covered: int, computed: int) -> dict:

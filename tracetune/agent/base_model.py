@@ -301,6 +301,20 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> floa
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def update(model: PreTrainedModel, optimizer: Any, loss: Any) -> float:
+    """One pre-training update from `loss` (gradients clipped at norm 1); the loss's value.
+
+    One function so that bench/bench_base_build.py times the very update `pretrain` makes.
+    """
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.item())
+
+
 def pretrain(
     model: PreTrainedModel,
     examples: Sequence[tuple[list[int], list[int]]],
@@ -345,11 +359,7 @@ def pretrain(
                 group["lr"] = lr_at(step, steps, build.lr)
             logits = model(input_ids=input_ids, use_cache=False).logits
             loss = weighted_lm_loss(logits, input_ids, labels, real, build.prompt_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(update(model, optimizer, loss))
             tokens += input_ids.numel()
             supervised += int((labels != IGNORE).sum())
             bar.update(1)
