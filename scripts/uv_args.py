@@ -24,21 +24,26 @@ _FLAGS = {
 }
 
 
+# What overrides what for `pip install`: the environment (PIP_*) over the files' [install]
+# section over their [global] one. Other sections (e.g. [download]) do not apply to installs.
+_PRECEDENCE = {"global": 0, "install": 1, ":env:": 2}
+
+
 def parse_config_list(lines: list[str]) -> dict[str, list[str]]:
     """`pip config list` lines (`global.find-links='/opt/wheels'`) -> option -> values.
 
-    Later lines win for the same option, as in pip (the environment's `:env:` lines come after
-    the files'); pip separates several values of one option by whitespace.
+    For one option the section with the higher precedence wins, whatever order pip lists them
+    in (pip versions differ); pip separates several values of one option by whitespace.
     """
-    options: dict[str, list[str]] = {}
+    found: list[tuple[int, str, list[str]]] = []
     for line in lines:
         key, sep, raw = line.strip().partition("=")
-        if not sep:
+        section, dot, option = key.rpartition(".")
+        if not sep or not dot or section not in _PRECEDENCE:
             continue
-        option = key.rpartition(".")[2]
-        values = shlex.split(raw)
-        options[option] = " ".join(values).split()
-    return options
+        found.append((_PRECEDENCE[section], option, " ".join(shlex.split(raw)).split()))
+    found.sort(key=lambda item: item[0])  # stable: pip's order within a section
+    return {option: values for _, option, values in found}
 
 
 def uv_args(options: dict[str, list[str]]) -> list[str]:

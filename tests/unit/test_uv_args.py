@@ -78,3 +78,16 @@ def test_no_configuration_means_no_flags(tmp_path: Path) -> None:
     uv_args = _module()
     lines = _pip_config_list(tmp_path, "", PIP_CONFIG_FILE=os.devnull)  # pip: no file at all
     assert uv_args.uv_args(uv_args.parse_config_list(lines)) == []
+
+
+def test_precedence_does_not_depend_on_the_order_pip_lists_in() -> None:
+    """pip versions list `:env:` lines before or after the files' sections."""
+    uv_args = _module()
+    env = ":env:.index-url='https://env.example/simple'"
+    glob = "global.index-url='https://file.example/simple'"
+    install = "install.index-url='https://install.example/simple'"
+    for lines in ([env, glob], [glob, env]):
+        assert uv_args.parse_config_list(lines)["index-url"] == ["https://env.example/simple"]
+    for lines in ([install, glob], [glob, install]):
+        assert uv_args.parse_config_list(lines)["index-url"] == ["https://install.example/simple"]
+    assert uv_args.parse_config_list(["download.index-url='https://d.example'"]) == {}
