@@ -201,6 +201,13 @@ class SFTParams(Section):
         " its cache for every row: same loss and gradients, about half the compute"
         " (tracetune/training/prefix.py); ignored with batching: packed",
     )
+    trained_positions_only: bool = Field(
+        False,
+        description="on CPU, TRL's LM head projects only the positions that have a label (TRL"
+        " does so on GPUs only): same loss and gradients up to float order, the step 1.33x"
+        " faster on the embedded default; off by default: one run's held-out TSR fell (docs/"
+        "benchmarks.md, Demo time)",
+    )
     max_examples: int = Field(0, ge=0, description="0: all curated train examples")
     exclude_families: list[str] = Field(
         default_factory=list,

@@ -327,7 +327,9 @@ def score_only_trained_positions() -> None:
     rest afterwards), to spare compiled backends a new tile shape per batch. Eager CPU has no
     such cost, and an agent's SFT rows are mostly untrained tokens (system turn, user text,
     tool results): the same loss and gradients, up to float summation order, for an SFT step
-    1.33x faster on the embedded default (docs/benchmarks.md "Demo time"). The switch is TRL's
+    1.33x faster on the embedded default (docs/benchmarks.md "Demo time"). Opt-in
+    (`sft.trained_positions_only`): a different float order is a different training run, and
+    the one measured scored lower on the tiny model's fragile families. The switch is TRL's
     module-level choice; a TRL without it is left as it is.
     """
     import trl.trainer.utils as trl_utils
@@ -434,7 +436,8 @@ def train_sft(
     with _main_process_first():  # under `accelerate launch`, rank 0 alone may wipe checkpoints
         resume = prepare_checkpoints(checkpoint_dir, run_id)
     cuda = next(model.parameters()).device.type == "cuda"
-    score_only_trained_positions()
+    if params.trained_positions_only:
+        score_only_trained_positions()
     trainer_class = prefix_sharing_trainer() if params.share_prefix else SFTTrainer
     trainer = trainer_class(
         model=model,
