@@ -205,8 +205,8 @@ class SFTParams(Section):
         False,
         description="on CPU, TRL's LM head projects only the positions that have a label (TRL"
         " does so on GPUs only): same loss and gradients up to float order, the step 1.33x"
-        " faster on the embedded default; off by default: one run's held-out TSR fell (docs/"
-        "benchmarks.md, Demo time)",
+        " faster on the embedded default; off by default until more runs than two decide its"
+        " effect on held-out TSR (docs/benchmarks.md, Demo time)",
     )
     max_examples: int = Field(0, ge=0, description="0: all curated train examples")
     exclude_families: list[str] = Field(

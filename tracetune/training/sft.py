@@ -329,7 +329,7 @@ def score_only_trained_positions() -> None:
     tool results): the same loss and gradients, up to float summation order, for an SFT step
     1.33x faster on the embedded default (docs/benchmarks.md "Demo time"). Opt-in
     (`sft.trained_positions_only`): a different float order is a different training run, and
-    the one measured scored lower on the tiny model's fragile families. The switch is TRL's
+    two runs cannot yet tell its held-out TSR from the default's. The switch is TRL's
     module-level choice; a TRL without it is left as it is.
     """
     import trl.trainer.utils as trl_utils
